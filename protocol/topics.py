@@ -1,0 +1,236 @@
+"""The whole MQTT topic tree, in one place.
+
+Every topic names its scope, its sending role and its receiving end::
+
+    tp/v1/dev/{device}/{src}/{dst}     links on or from one device
+    tp/v1/plat/{src}/{dst}             the platform's internal link
+
+``dst`` is a role short name for a link, or one of the channels ``ev`` (signed
+step events), ``status`` (retained signed status) and ``ops`` (replies to the
+operator). The operator writes to ``.../ops/{role}``. Because the device id and
+the sending role are in the topic, a broker ACL can confine each identity to
+its own device and its own direction, and a receiver can check that the signer
+of a frame is who the topic says sent it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import WrongTopic
+
+PREFIX = "tp/v1"
+
+
+class Role(str, Enum):
+    TRUST_MODULE = "trust-module"
+    CHIP = "chip"
+    CLIENT = "client"
+    TRUST_SERVER = "trust-server"
+    PAYMENT_SERVER = "payment-server"
+    OPERATOR = "operator"
+    MONITOR = "monitor"
+
+    @property
+    def short(self) -> str:
+        return _SHORT[self]
+
+    @property
+    def on_device(self) -> bool:
+        return self in DEVICE_ROLES
+
+
+_SHORT = {
+    Role.TRUST_MODULE: "tm",
+    Role.CHIP: "chip",
+    Role.CLIENT: "client",
+    Role.TRUST_SERVER: "ts",
+    Role.PAYMENT_SERVER: "ps",
+    Role.OPERATOR: "ops",
+    Role.MONITOR: "mon",
+}
+_BY_SHORT = {v: k for k, v in _SHORT.items()}
+
+DEVICE_ROLES = (Role.TRUST_MODULE, Role.CHIP, Role.CLIENT)
+SERVER_ROLES = (Role.TRUST_SERVER, Role.PAYMENT_SERVER)
+NODE_ROLES = DEVICE_ROLES + SERVER_ROLES
+
+CHANNEL_EVENTS = "ev"
+CHANNEL_STATUS = "status"
+CHANNEL_OPS = "ops"
+
+
+@dataclass(frozen=True)
+class Link:
+    """One direction of one link of the patent, with its purpose."""
+
+    src: Role
+    dst: Role
+    name: str
+    wireless: bool
+
+
+LINKS: tuple[Link, ...] = (
+    # claim 1: the two long-range wireless links
+    Link(Role.TRUST_MODULE, Role.TRUST_SERVER, "trust module -> platform trust server", True),
+    Link(Role.TRUST_SERVER, Role.TRUST_MODULE, "platform trust server -> trust module", True),
+    Link(Role.CHIP, Role.PAYMENT_SERVER, "payment application -> application server", True),
+    Link(Role.PAYMENT_SERVER, Role.CHIP, "application server -> payment application", True),
+    # local links inside a device
+    Link(Role.TRUST_MODULE, Role.CHIP, "trust module -> chip", False),
+    Link(Role.CHIP, Role.TRUST_MODULE, "chip -> trust module", False),
+    Link(Role.TRUST_MODULE, Role.CLIENT, "trust module -> client", False),
+    Link(Role.CLIENT, Role.TRUST_MODULE, "client -> trust module", False),
+    Link(Role.CLIENT, Role.CHIP, "client -> chip", False),
+    Link(Role.CHIP, Role.CLIENT, "chip -> client", False),
+    # the platform's internal link
+    Link(Role.TRUST_SERVER, Role.PAYMENT_SERVER, "trust server -> payment server", False),
+    Link(Role.PAYMENT_SERVER, Role.TRUST_SERVER, "payment server -> trust server", False),
+)
+
+_LINK_BY_PAIR = {(link.src, link.dst): link for link in LINKS}
+
+
+def link_for(src: Role, dst: Role) -> Link:
+    try:
+        return _LINK_BY_PAIR[(src, dst)]
+    except KeyError:
+        raise WrongTopic(f"there is no link from {src.value} to {dst.value}") from None
+
+
+def _scope(role: Role, device: str | None) -> str:
+    if role.on_device or (role is Role.OPERATOR and device):
+        if not device:
+            raise WrongTopic(f"a {role.value} topic needs a device id")
+        return f"{PREFIX}/dev/{device}"
+    return f"{PREFIX}/plat"
+
+
+def link_topic(src: Role, dst: Role, device: str | None = None) -> str:
+    """The topic that carries frames from ``src`` to ``dst``.
+
+    A link between a device and the platform lives in the device's scope, so
+    ``device`` is needed whenever either end is on a device.
+    """
+    link_for(src, dst)
+    on_device = src.on_device or dst.on_device
+    if on_device:
+        if not device:
+            raise WrongTopic("a device link needs a device id")
+        return f"{PREFIX}/dev/{device}/{src.short}/{dst.short}"
+    return f"{PREFIX}/plat/{src.short}/{dst.short}"
+
+
+def channel_topic(role: Role, channel: str, device: str | None = None) -> str:
+    """Events, status or operator replies published by ``role``."""
+    if channel not in (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_OPS):
+        raise WrongTopic(f"unknown channel {channel!r}")
+    return f"{_scope(role, device)}/{role.short}/{channel}"
+
+
+def operator_topic(role: Role, device: str | None = None) -> str:
+    """Where the operator (health checks, releases) writes to a node."""
+    return f"{_scope(role, device)}/{CHANNEL_OPS}/{role.short}"
+
+
+def check_device_id(device: str) -> str:
+    if not device or len(device) > 64 or not all(c.isalnum() or c in "-_" for c in device):
+        raise WrongTopic(f"device id {device!r} must be 1-64 letters, digits, '-' or '_'")
+    return device
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    """What a topic says about who sent a frame and who should get it."""
+
+    device: str | None
+    src: Role
+    dst: Role | None  # None for a channel
+    channel: str | None  # set for ev / status / ops
+
+
+def parse_topic(topic: str) -> ParsedTopic:
+    parts = topic.split("/")
+    if parts[:2] != PREFIX.split("/"):
+        raise WrongTopic(f"{topic!r} is not a trustpay topic")
+    rest = parts[2:]
+    device: str | None
+    if len(rest) == 4 and rest[0] == "dev":
+        device, src_s, dst_s = check_device_id(rest[1]), rest[2], rest[3]
+    elif len(rest) == 3 and rest[0] == "plat":
+        device, src_s, dst_s = None, rest[1], rest[2]
+    else:
+        raise WrongTopic(f"{topic!r} has the wrong shape")
+    src = _BY_SHORT.get(src_s)
+    if src is None:
+        raise WrongTopic(f"{topic!r}: unknown sender role {src_s!r}")
+    if dst_s in (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_OPS) and src is not Role.OPERATOR:
+        return ParsedTopic(device, src, None, dst_s)
+    dst = _BY_SHORT.get(dst_s)
+    if dst is None:
+        raise WrongTopic(f"{topic!r}: unknown receiver {dst_s!r}")
+    if src is Role.OPERATOR:
+        return ParsedTopic(device, src, dst, CHANNEL_OPS)
+    link_for(src, dst)
+    if (src.on_device or dst.on_device) != (device is not None):
+        raise WrongTopic(f"{topic!r}: link and scope disagree")
+    return ParsedTopic(device, src, dst, None)
+
+
+def inbound_filters(role: Role, device: str | None = None) -> tuple[str, ...]:
+    """Topic filters a node of ``role`` subscribes to.
+
+    Servers take every device with ``+``; a later replicated deployment puts a
+    ``$share/{group}/`` in front of the same filters.
+    """
+    if role.on_device:
+        base = f"{PREFIX}/dev/{check_device_id(device or '')}"
+        return (f"{base}/+/{role.short}",)
+    filters = [f"{PREFIX}/dev/+/+/{role.short}", f"{PREFIX}/plat/+/{role.short}"]
+    return tuple(filters)
+
+
+@dataclass(frozen=True)
+class AclRule:
+    access: str  # "read" | "write"
+    pattern: str
+
+
+def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
+    """The broker rules of one identity: its own device, its own direction."""
+    if role is Role.MONITOR:
+        return (AclRule("read", f"{PREFIX}/#"),)
+    if role is Role.OPERATOR:
+        return (
+            AclRule("write", f"{PREFIX}/dev/+/ops/+"),
+            AclRule("write", f"{PREFIX}/plat/ops/+"),
+            AclRule("read", f"{PREFIX}/dev/+/+/ops"),
+            AclRule("read", f"{PREFIX}/plat/+/ops"),
+            AclRule("read", f"{PREFIX}/dev/+/+/status"),
+            AclRule("read", f"{PREFIX}/plat/+/status"),
+            AclRule("read", f"{PREFIX}/dev/+/+/ev"),
+            AclRule("read", f"{PREFIX}/plat/+/ev"),
+        )
+    dev = check_device_id(device) if role.on_device and device else "+"
+    writes = [link_topic(link.src, link.dst, dev) for link in LINKS if link.src is role]
+    writes += [channel_topic(role, ch, dev) for ch in (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_OPS)]
+    reads = [f"{PREFIX}/dev/{dev}/+/{role.short}"]
+    if not role.on_device:
+        reads.append(f"{PREFIX}/plat/+/{role.short}")
+    return tuple(AclRule("write", t) for t in writes) + tuple(AclRule("read", t) for t in reads)
+
+
+def role_from_name(name: str) -> Role:
+    try:
+        return Role(name)
+    except ValueError:
+        choices = ", ".join(r.value for r in Role)
+        raise WrongTopic(f"unknown role {name!r}; choose one of {choices}") from None
+
+
+def node_id(role: Role, device: str | None = None) -> str:
+    """A node's identity: ``{device}.{short}`` on a device, the role name on the platform."""
+    if role.on_device:
+        return f"{check_device_id(device or '')}.{role.short}"
+    return role.value
