@@ -90,7 +90,6 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Value:
             strict_map_key=True,
             use_list=True,
             ext_hook=_refuse_ext,
-            max_buffer_size=limits.max_bytes,
             max_str_len=limits.max_str,
             max_bin_len=limits.max_bin,
             max_array_len=limits.max_array,

@@ -16,14 +16,14 @@ of a frame is who the topic says sent it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .errors import WrongTopic
 
 PREFIX = "tp/v1"
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     TRUST_MODULE = "trust-module"
     CHIP = "chip"
     CLIENT = "client"

@@ -1,0 +1,328 @@
+"""Every message type: its body, the links it may travel on, and whether it is sealed.
+
+Request/response pairs share the envelope's ``session``; a response names the
+request's message id in ``reply_to``. Any request may be answered by an
+``error`` (a typed refusal) instead of its normal response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .measure import LogEntry
+from .topics import CHANNEL_EVENTS, CHANNEL_OPS, CHANNEL_STATUS, LINKS, Role
+
+Body = Any  # an instance of one of the body dataclasses below
+
+TM, CHIP, CLIENT = Role.TRUST_MODULE, Role.CHIP, Role.CLIENT
+TS, PS, OPS = Role.TRUST_SERVER, Role.PAYMENT_SERVER, Role.OPERATOR
+ALL_LINKS = frozenset((link.src, link.dst) for link in LINKS)
+FROM_OPERATOR = frozenset((OPS, role) for role in (TM, CHIP, CLIENT, TS, PS))
+
+
+# -- generic ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Empty:
+    pass
+
+
+@dataclass(frozen=True)
+class Ping:
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Pong:
+    nonce: bytes
+    node: str
+    role: str
+    uptime_ms: int
+    state: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A typed refusal: ``code`` is stable for programs, ``reason`` is for people."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Status:
+    node: str
+    role: str
+    state: str  # "online" | "offline"
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One step of a flow, as it happened (A1..A5, B1..B5, C1..C7)."""
+
+    device: str
+    node: str
+    flow: str
+    step: str
+    outcome: str  # "ok" | "refused" | "failed" | "deleted" | "disabled" ...
+    reason: str
+    session: bytes
+    order_id: str
+
+
+# -- A: start-up, trust module <-> chip --------------------------------------
+@dataclass(frozen=True)
+class AppInfo:
+    name: str
+    version: str
+    counter: int
+
+
+@dataclass(frozen=True)
+class ChipState:
+    enabled: bool
+    open: bool
+    apps: tuple[AppInfo, ...]
+    update_cert: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetEnabled:
+    enabled: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeleteApp:
+    app: str
+    reason: str
+
+
+# -- B: client <-> chip, client <-> trust module ------------------------------
+@dataclass(frozen=True)
+class Report:
+    at_ms: int
+    step: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Reports:
+    payment_enabled: bool
+    items: tuple[Report, ...]
+
+
+# -- C: a payment --------------------------------------------------------------
+@dataclass(frozen=True)
+class PayStart:
+    """Client -> chip (B3 starting C): pay ``amount`` minor units to ``payee``."""
+
+    app: str
+    amount: int
+    currency: str
+    payee: str
+    client_dyn_next: bytes  # digest of the client's dynamic data once this payment is recorded
+
+
+@dataclass(frozen=True)
+class PayResult:
+    status: str  # "confirmed" | "refused" | "unknown"
+    code: str
+    reason: str
+    order_id: str
+    receipt: bytes  # signed receipt, empty if none
+    session: bytes
+
+
+@dataclass(frozen=True)
+class AttestRequest:
+    """Chip -> trust module: attest this device for this order before the app pays."""
+
+    app: str
+    order_id: str
+    order_hash: bytes
+    app_dyn_next: bytes  # digest of the app's dynamic data after the payment
+    client_dyn_next: bytes
+
+
+@dataclass(frozen=True)
+class AttestResult:
+    trusted: bool
+    reason: str
+    verdict: bytes  # the trust-server's signed verdict
+    payment_chain: tuple[bytes, ...]  # payment-server certificate, then platform certificate
+
+
+@dataclass(frozen=True)
+class PlatformCheck:
+    """C1: the platform certificate the trust module holds."""
+
+    serial: int
+    fingerprint: bytes
+
+
+@dataclass(frozen=True)
+class PlatformResult:
+    trusted: bool
+    reason: str
+    platform_cert: bytes  # the platform's current certificate
+
+
+@dataclass(frozen=True)
+class NonceRequest:
+    order_hash: bytes
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+    expires_ms: int
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """C2: the quote over the nonce and the measurement log it covers."""
+
+    nonce: bytes
+    quote: bytes
+    log: tuple[LogEntry, ...]
+
+
+@dataclass(frozen=True)
+class VerdictMessage:
+    verdict: bytes  # signed Verdict
+    payment_chain: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Trust-server -> payment-server: this device may pay this order until then."""
+
+    device: str
+    order_hash: bytes
+    verdict: bytes
+    expires_ms: int
+
+
+@dataclass(frozen=True)
+class PayOrder:
+    order: bytes  # signed Order
+
+
+@dataclass(frozen=True)
+class PayReceipt:
+    receipt: bytes  # signed Receipt
+
+
+@dataclass(frozen=True)
+class SessionDone:
+    """C6 (chip) / C7 (client): my dynamic data is written; measure and store it."""
+
+    session: bytes
+
+
+@dataclass(frozen=True)
+class Measured:
+    component: str
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class AccountQuery:
+    app: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class PaymentLine:
+    order_id: str
+    payee: str
+    amount: int
+    currency: str
+    status: str
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    account: str
+    balance: int
+    currency: str
+    payments: tuple[PaymentLine, ...]
+
+
+# -- operator ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReleaseUpdate:
+    release: bytes  # signed Release
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    name: str
+    body: type
+    links: frozenset[tuple[Role, Role]] = frozenset()
+    channels: frozenset[str] = frozenset()
+    sealed: bool = False
+
+
+def _spec(
+    name: str,
+    body: type,
+    *links: tuple[Role, Role],
+    channels: tuple[str, ...] = (),
+    sealed: bool = False,
+) -> MessageSpec:
+    return MessageSpec(name, body, frozenset(links), frozenset(channels), sealed)
+
+
+_OPS_REPLY = (CHANNEL_OPS,)
+
+MESSAGE_TYPES: dict[str, MessageSpec] = {
+    s.name: s
+    for s in (
+        MessageSpec("ping", Ping, ALL_LINKS | FROM_OPERATOR),
+        MessageSpec("pong", Pong, ALL_LINKS, frozenset(_OPS_REPLY)),
+        MessageSpec("error", Refusal, ALL_LINKS, frozenset(_OPS_REPLY)),
+        _spec("status", Status, channels=(CHANNEL_STATUS,)),
+        _spec("event", StepEvent, channels=(CHANNEL_EVENTS,)),
+        # A
+        _spec("chip.info", Empty, (TM, CHIP)),
+        _spec("chip.state", ChipState, (CHIP, TM), (CHIP, CLIENT)),
+        _spec("chip.enable", SetEnabled, (TM, CHIP)),
+        _spec("app.delete", DeleteApp, (TM, CHIP)),
+        # B
+        _spec("chip.open", Empty, (CLIENT, CHIP)),
+        _spec("chip.close", Empty, (CLIENT, CHIP)),
+        _spec("reports.get", Empty, (CLIENT, TM)),
+        _spec("reports", Reports, (TM, CLIENT)),
+        # C
+        _spec("pay.start", PayStart, (CLIENT, CHIP), sealed=True),
+        _spec("pay.result", PayResult, (CHIP, CLIENT), sealed=True),
+        _spec("attest.request", AttestRequest, (CHIP, TM)),
+        _spec("attest.result", AttestResult, (TM, CHIP)),
+        _spec("c1.check", PlatformCheck, (TM, TS)),
+        _spec("c1.result", PlatformResult, (TS, TM)),
+        _spec("c2.nonce", NonceRequest, (TM, TS)),
+        _spec("c2.challenge", Challenge, (TS, TM)),
+        _spec("c2.evidence", Evidence, (TM, TS), sealed=True),
+        _spec("c4.verdict", VerdictMessage, (TS, TM)),
+        _spec("trust.grant", Grant, (TS, PS)),
+        _spec("trust.granted", Empty, (PS, TS)),
+        _spec("pay.order", PayOrder, (CHIP, PS), sealed=True),
+        _spec("pay.receipt", PayReceipt, (PS, CHIP), sealed=True),
+        _spec("c6.done", SessionDone, (CHIP, TM)),
+        _spec("c7.done", SessionDone, (CLIENT, TM)),
+        _spec("measured", Measured, (TM, CHIP), (TM, CLIENT)),
+        _spec("account.query", AccountQuery, (CLIENT, CHIP), (CHIP, PS), sealed=True),
+        _spec("account.info", AccountInfo, (PS, CHIP), (CHIP, CLIENT), sealed=True),
+        # operator
+        _spec("release.update", ReleaseUpdate, (OPS, TM), (OPS, TS)),
+        _spec("release.ok", Empty, channels=_OPS_REPLY),
+        _spec("keys.reload", Empty, (OPS, TS), (OPS, PS)),
+        _spec("keys.reloaded", Empty, channels=_OPS_REPLY),
+    )
+}
