@@ -154,7 +154,9 @@ class SubprocessBroker(ABC):
 
     def client(self, identity: BrokerIdentity, **kwargs: object) -> aiomqtt.Client:
         """An aiomqtt client for ``identity`` with this broker's protocol version."""
-        proto = aiomqtt.ProtocolVersion.V5 if self.mqtt_version == "5" else aiomqtt.ProtocolVersion.V311
+        proto = (
+            aiomqtt.ProtocolVersion.V5 if self.mqtt_version == "5" else aiomqtt.ProtocolVersion.V311
+        )
         opts: dict[str, object] = {
             "hostname": self.host,
             "port": self.port,
@@ -313,6 +315,8 @@ def _with_health(
     for ident in identities:
         if ident.username == health.username:
             if ident != health:
-                raise BrokerError(f"health identity {health.username!r} differs from the listed one")
+                raise BrokerError(
+                    f"health identity {health.username!r} differs from the listed one"
+                )
             return check_unique(identities)
     return check_unique([*identities, health])

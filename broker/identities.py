@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, WrongTopic
 from protocol.topics import (
     DEVICE_ROLES,
     SERVER_ROLES,
@@ -66,7 +66,10 @@ class BrokerIdentity:
             # device ("+"): refuse that here instead of granting it.
             if self.device is None:
                 raise ConfigError(f"identity {self.username!r}: a {self.role.value} needs a device")
-            check_device_id(self.device)
+            try:
+                check_device_id(self.device)
+            except WrongTopic as exc:
+                raise ConfigError(f"identity {self.username!r}: {exc.reason}") from None
         elif self.device is not None:
             raise ConfigError(f"identity {self.username!r}: a {self.role.value} has no device")
 

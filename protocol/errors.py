@@ -112,3 +112,26 @@ class SealError(Rejected):
 
 class MeasurementMismatch(Rejected):
     code = "measurement_mismatch"
+
+
+class TransportError(TrustpayError):
+    """The broker could not be reached, or a publish was not acknowledged."""
+
+    code = "transport"
+
+
+class RequestTimeout(TrustpayError):
+    """No response arrived after every retry: the outcome is unknown."""
+
+    code = "timeout"
+
+
+class Refused(TrustpayError):
+    """The peer answered a request with a signed, typed refusal."""
+
+    code = "refused"
+
+    def __init__(self, refusal_code: str, reason: str) -> None:
+        super().__init__(f"{refusal_code}: {reason}")
+        self.refusal_code = refusal_code
+        self.refusal_reason = reason

@@ -119,6 +119,7 @@ class Reports:
 class PayStart:
     """Client -> chip (B3 starting C): pay ``amount`` minor units to ``payee``."""
 
+    order_id: str
     app: str
     amount: int
     currency: str

@@ -1,0 +1,469 @@
+"""The small runtime every role stands on: verify, dispatch, request/response, status, events.
+
+A role subclasses ``Node``, registers handlers with ``route`` and may override
+``main`` (its start-up flow). ``run`` holds one ``asyncio.TaskGroup`` with the
+bus connection, the role's ``main`` and every handler task; ``stop`` ends it.
+
+Frames are verified as they arrive, by the bus's single reader (verification
+is CPU work of ~60 us, no I/O). A response completes the request waiting for
+it; a request starts its handler as its own task (bounded by a semaphore), or
+goes to a per-link lane when the handler asked for order. So a slow or failing
+handler never stalls the connection, and a rejection of any kind is counted,
+logged with its typed code, and never reaches a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from protocol.certs import Certificate, CertStore, RevocationList
+from protocol.envelope import Envelope, Received, Verifier, new_id, sign_frame
+from protocol.errors import (
+    Duplicate,
+    Malformed,
+    Refused,
+    Rejected,
+    RequestTimeout,
+    TransportError,
+    TrustpayError,
+)
+from protocol.keys import KeyPair
+from protocol.messages import MESSAGE_TYPES, Body, Ping, Pong, Refusal, Status, StepEvent
+from protocol.replay import ReplayGuard
+from protocol.topics import (
+    CHANNEL_EVENTS,
+    CHANNEL_OPS,
+    CHANNEL_STATUS,
+    Role,
+    channel_topic,
+    inbound_filters,
+    link_topic,
+    operator_topic,
+)
+
+from .bus import Bus
+
+Handler = Callable[[Received], Awaitable[tuple[str, Body] | None]]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Identity:
+    node_id: str
+    role: Role
+    device: str | None
+    keys: KeyPair
+    cert: Certificate
+    chain: tuple[bytes, ...]  # own certificate first, then the platform's for servers
+
+
+@dataclass(frozen=True)
+class Anchors:
+    root: Certificate
+    update: Certificate | None = None
+    platform: Certificate | None = None
+    crl: RevocationList | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    request_timeout_s: float = 3.0
+    request_attempts: int = 4
+    skew_ms: int = 30_000
+    max_handlers: int = 256
+    response_cache: int = 4096
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    identity: Identity
+    anchors: Anchors
+    state_dir: Path
+    settings: Settings = field(default_factory=Settings)
+
+
+@dataclass(frozen=True)
+class _Route:
+    handler: Handler
+    ordered: bool
+
+
+def _next_epoch(state_dir: Path) -> int:
+    """Bump and persist the boot epoch, so (epoch, seq) never repeats across restarts."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / "epoch"
+    try:
+        epoch = int(path.read_text()) + 1
+    except (FileNotFoundError, ValueError):
+        epoch = 1
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        f.write(str(epoch))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return epoch
+
+
+class Node:
+    """One trustpay node: identity, verifier, bus, handlers."""
+
+    role: Role
+
+    def __init__(self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger) -> None:
+        ident = config.identity
+        self.config = config
+        self.id = ident.node_id
+        self.role = ident.role
+        self.device = ident.device
+        self.keys = ident.keys
+        self.bus = bus
+        self.log = log
+        self.settings = config.settings
+        self.certs = CertStore(config.anchors.root, config.anchors.update)
+        if config.anchors.platform is not None:
+            self.certs.accept_platform(config.anchors.platform, now_ms() // 1000)
+        if config.anchors.crl is not None:
+            self.certs.set_revocations(config.anchors.crl)
+        self.counters: Counter[str] = Counter()
+        self.peers: dict[str, Certificate] = {}
+        self.connected = asyncio.Event()
+        self.started_ms = now_ms()
+        self.epoch = 0
+        self._seq = 0
+        self._verifier: Verifier | None = None
+        self._routes: dict[str, _Route] = {}
+        self._pending: dict[bytes, asyncio.Future[Received]] = {}
+        self._responses: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+        self._lanes: dict[str, asyncio.Queue[Received]] = {}
+        self._slots = asyncio.Semaphore(self.settings.max_handlers)
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self.route("ping", self._on_ping)
+
+    # -- wiring ------------------------------------------------------------
+    def route(self, msg_type: str, handler: Handler, ordered: bool = False) -> None:
+        if msg_type not in MESSAGE_TYPES:
+            raise Malformed(f"no such message type {msg_type!r}")
+        self._routes[msg_type] = _Route(handler, ordered)
+
+    def subscriptions(self) -> tuple[str, ...]:
+        return inbound_filters(self.role, self.device)
+
+    async def main(self) -> None:
+        """The role's start-up flow; the default does nothing."""
+
+    def state(self) -> str:
+        """One word for pings and status: what this node is doing."""
+        return "ready"
+
+    # -- life cycle --------------------------------------------------------
+    async def run(self) -> None:
+        self.epoch = await asyncio.to_thread(_next_epoch, self.config.state_dir)
+        self.started_ms = now_ms()
+        guard = ReplayGuard(floor_ms=self.started_ms, skew_ms=self.settings.skew_ms)
+        self._verifier = Verifier(frozenset({self.id}), self.certs, guard, keys=self.keys)
+        self.log.info("node.starting", role=self.role.value, epoch=self.epoch)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                bus_task = tg.create_task(
+                    self.bus.run(self.subscriptions(), self._on_frame, self.connected), name=f"{self.id}:bus"
+                )
+                self._tasks.add(tg.create_task(self._start(), name=f"{self.id}:main"))
+                await self._stop.wait()
+                await self._say_goodbye()
+                bus_task.cancel()
+                for task in list(self._tasks):
+                    task.cancel()
+        finally:
+            self._tg = None
+            self.log.info("node.stopped", counters=dict(self.counters))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _start(self) -> None:
+        async with asyncio.timeout(60):
+            await self.connected.wait()
+        await self.publish_status("online")
+        await self.main()
+
+    async def _say_goodbye(self) -> None:
+        try:
+            async with asyncio.timeout(2):
+                await self.publish_status("offline")
+        except (TimeoutError, TrustpayError) as exc:
+            self.log.warning("status.offline_not_sent", reason=str(exc))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` in the node's task group; an error is logged, never fatal."""
+        if self._tg is None:
+            coro.close()
+            raise TransportError("node is not running")
+        task = self._tg.create_task(self._guarded(coro, name), name=f"{self.id}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guarded(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except TrustpayError as exc:
+            self.counters[f"task_error.{exc.code}"] += 1
+            self.log.warning("task.failed", task=name, code=exc.code, reason=exc.reason)
+        except Exception as exc:  # a bug in a handler must not take the node down
+            self.counters["task_error.internal"] += 1
+            self.log.exception("task.crashed", task=name, error=repr(exc))
+
+    # -- sending -----------------------------------------------------------
+    def _envelope(
+        self, msg_type: str, body: Body, recipient: str, session: bytes, reply_to: bytes, message_id: bytes
+    ) -> Envelope:
+        self._seq += 1
+        return Envelope(
+            type=msg_type,
+            message_id=message_id,
+            sender=self.id,
+            recipient=recipient,
+            session=session,
+            reply_to=reply_to,
+            ts_ms=now_ms(),
+            epoch=self.epoch,
+            seq=self._seq,
+            chain=self.config.identity.chain,
+            body=body,
+        )
+
+    def link(self, dst: Role, device: str | None = None) -> str:
+        return link_topic(self.role, dst, device or self.device)
+
+    def frame(
+        self,
+        topic: str,
+        msg_type: str,
+        body: Body,
+        recipient: str,
+        session: bytes = b"",
+        reply_to: bytes = b"",
+        peer: Certificate | None = None,
+        message_id: bytes | None = None,
+    ) -> bytes:
+        env = self._envelope(msg_type, body, recipient, session, reply_to, message_id or new_id())
+        return sign_frame(env, topic, self.keys, peer.body.box_key if peer else None)
+
+    async def send(
+        self,
+        topic: str,
+        msg_type: str,
+        body: Body,
+        recipient: str = "*",
+        session: bytes = b"",
+        retain: bool = False,
+    ) -> None:
+        await self.bus.publish(topic, self.frame(topic, msg_type, body, recipient, session), retain=retain)
+
+    async def request(
+        self,
+        topic: str,
+        msg_type: str,
+        body: Body,
+        *,
+        recipient: str,
+        expect: str,
+        session: bytes = b"",
+        peer: Certificate | None = None,
+        timeout_s: float | None = None,
+        attempts: int | None = None,
+    ) -> Received:
+        """Send a request and wait for its response, retrying with the same message id.
+
+        Each attempt is re-stamped and re-signed (fresh time and sequence) but keeps
+        its message id, so the receiver treats a retry as a duplicate and answers
+        from its response cache. A typed refusal raises ``Refused``; no answer at
+        all raises ``RequestTimeout`` (the outcome is unknown).
+        """
+        timeout_s = timeout_s or self.settings.request_timeout_s
+        attempts = attempts or self.settings.request_attempts
+        message_id = new_id()
+        future: asyncio.Future[Received] = asyncio.get_running_loop().create_future()
+        self._pending[message_id] = future
+        try:
+            for attempt in range(1, attempts + 1):
+                frame = self.frame(
+                    topic, msg_type, body, recipient, session, peer=peer, message_id=message_id
+                )
+                try:
+                    await self.bus.publish(topic, frame)
+                except TransportError as exc:
+                    self.log.warning("request.unsent", type=msg_type, attempt=attempt, reason=exc.reason)
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        answer = await asyncio.shield(future)
+                except TimeoutError:
+                    self.counters["request_retry"] += 1
+                    self.log.info("request.retry", type=msg_type, to=recipient, attempt=attempt)
+                    continue
+                if answer.envelope.type == "error":
+                    refusal: Refusal = answer.envelope.body
+                    raise Refused(refusal.code, refusal.reason)
+                if answer.envelope.type != expect:
+                    raise Malformed(
+                        f"{recipient} answered {msg_type} with {answer.envelope.type}, not {expect}"
+                    )
+                return answer
+            raise RequestTimeout(f"no answer to {msg_type} from {recipient} after {attempts} attempts")
+        finally:
+            self._pending.pop(message_id, None)
+            if not future.done():
+                future.cancel()
+
+    async def reply(self, request: Received, msg_type: str, body: Body) -> None:
+        src = request.topic.src
+        if src is Role.OPERATOR:
+            topic = channel_topic(self.role, CHANNEL_OPS, self.device)
+        else:
+            topic = link_topic(self.role, src, request.topic.device)
+        env = request.envelope
+        frame = self.frame(
+            topic, msg_type, body, env.sender, env.session, env.message_id, peer=request.sender_cert
+        )
+        self._responses[env.message_id] = (topic, frame)
+        while len(self._responses) > self.settings.response_cache:
+            self._responses.popitem(last=False)
+        await self.bus.publish(topic, frame)
+
+    async def publish_status(self, state: str) -> None:
+        topic = channel_topic(self.role, CHANNEL_STATUS, self.device)
+        await self.send(topic, "status", Status(self.id, self.role.value, state, now_ms()), retain=True)
+
+    def will(self) -> tuple[str, bytes]:
+        """The signed 'offline' status the broker publishes if we vanish (made at connect time)."""
+        topic = channel_topic(self.role, CHANNEL_STATUS, self.device)
+        return topic, self.frame(topic, "status", Status(self.id, self.role.value, "offline", now_ms()), "*")
+
+    def step(
+        self,
+        flow: str,
+        step: str,
+        outcome: str,
+        reason: str = "",
+        session: bytes = b"",
+        order_id: str = "",
+        device: str | None = None,
+        **fields: Any,
+    ) -> None:
+        """Log a step of the patent's flows and publish it as a signed step event."""
+        device = device or self.device or ""
+        level = self.log.info if outcome in ("ok", "done", "trusted") else self.log.warning
+        level(
+            f"step.{step}",
+            flow=flow,
+            outcome=outcome,
+            reason=reason,
+            device=device,
+            session=session.hex(),
+            order=order_id,
+            **fields,
+        )
+        body = StepEvent(device, self.id, flow, step, outcome, reason, session, order_id)
+        topic = channel_topic(self.role, CHANNEL_EVENTS, self.device)
+        if self._tg is not None:
+            self.spawn(self.send(topic, "event", body), name=f"event:{step}")
+
+    # -- receiving ---------------------------------------------------------
+    def _on_frame(self, topic: str, frame: bytes) -> None:
+        assert self._verifier is not None
+        try:
+            received = self._verifier.open(frame, topic, now_ms())
+        except Duplicate as exc:
+            self.counters["duplicate"] += 1
+            cached = self._responses.get(exc.message_id)
+            if cached is not None:
+                self.counters["reanswered"] += 1
+                self.spawn(self.bus.publish(*cached), name="reanswer")
+            self.log.debug("frame.duplicate", topic=topic, reason=exc.reason)
+            return
+        except Rejected as exc:
+            self.counters[f"rejected.{exc.code}"] += 1
+            self.log.warning("frame.rejected", code=exc.code, reason=exc.reason, topic=topic, size=len(frame))
+            return
+        self.counters["accepted"] += 1
+        env = received.envelope
+        self.peers[env.sender] = received.sender_cert
+        if env.reply_to:
+            future = self._pending.get(env.reply_to)
+            if future is not None and not future.done():
+                future.set_result(received)
+            else:
+                self.counters["late_answer"] += 1
+            return
+        route = self._routes.get(env.type)
+        if route is None:
+            self.counters["unhandled"] += 1
+            self.log.warning("frame.unhandled", type=env.type, sender=env.sender)
+            self.spawn(
+                self._refuse(received, "unsupported", f"{self.role.value} does not handle {env.type}"),
+                name="refuse",
+            )
+            return
+        if route.ordered:
+            lane = self._lanes.get(topic)
+            if lane is None:
+                lane = self._lanes[topic] = asyncio.Queue()
+                self.spawn(self._drain_lane(lane), name=f"lane:{topic}")
+            lane.put_nowait(received)
+        else:
+            self.spawn(self._handle(route, received), name=f"handle:{env.type}")
+
+    async def _drain_lane(self, lane: asyncio.Queue[Received]) -> None:
+        while True:
+            received = await lane.get()
+            await self._handle(self._routes[received.envelope.type], received)
+
+    async def _handle(self, route: _Route, received: Received) -> None:
+        async with self._slots:
+            try:
+                answer = await route.handler(received)
+            except Refused as exc:
+                await self._refuse(received, exc.refusal_code, exc.refusal_reason)
+                return
+            except TrustpayError as exc:
+                await self._refuse(received, exc.code, exc.reason)
+                return
+            if answer is not None:
+                await self.reply(received, *answer)
+
+    async def _refuse(self, received: Received, code: str, reason: str) -> None:
+        self.counters[f"refused.{code}"] += 1
+        await self.reply(received, "error", Refusal(code, reason))
+
+    async def _on_ping(self, received: Received) -> tuple[str, Body]:
+        ping: Ping = received.envelope.body
+        return "pong", Pong(ping.nonce, self.id, self.role.value, now_ms() - self.started_ms, self.state())
+
+
+async def ping(node: Node, role: Role, recipient: str, device: str | None = None) -> Pong:
+    """Ping another node (or, from an operator node, any node) and return its signed pong."""
+    nonce = os.urandom(16)
+    topic = operator_topic(role, device) if node.role is Role.OPERATOR else node.link(role, device)
+    answer = await node.request(topic, "ping", Ping(nonce), recipient=recipient, expect="pong")
+    pong: Pong = answer.envelope.body
+    if pong.nonce != nonce:
+        raise Malformed("pong echoes another nonce")
+    return pong

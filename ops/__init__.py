@@ -1,0 +1,1 @@
+"""Operator tooling: provisioning a deployment and the ``trustpay`` command line."""

@@ -1,0 +1,333 @@
+"""``trustpay provision``: create a whole deployment directory, offline.
+
+One run makes the key hierarchy of :mod:`protocol.certs` (root, update,
+platform, issuer, then one certificate per node), installs the client and the
+payment apps on every device, signs their packages and reference releases,
+writes each login's broker credentials and the broker's password/ACL files,
+and records it all in ``manifest.json`` (layout: :mod:`nodes.deployment`).
+
+The directory is built next to ``out`` and renamed into place at the end, so an
+interrupted run never leaves a half-provisioned deployment behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from broker import BACKENDS, HOST, default_backend, free_port
+from broker.identities import BrokerIdentity, write_amqtt_auth, write_mosquitto_auth
+from nodes.deployment import (
+    MANIFEST_FORMAT,
+    AccountEntry,
+    BrokerSettings,
+    Deployment,
+    DeviceEntry,
+    Manifest,
+    canonical_json,
+    keys_to_bytes,
+    make_private_dir,
+    parse_node_id,
+    write_file,
+    write_secret,
+)
+from protocol.certs import ISSUER_ROLE, PLATFORM, ROOT, UPDATE, CertBody, Certificate, issue, sign_revocations
+from protocol.errors import ConfigError
+from protocol.keys import KeyPair
+from protocol.measure import APP, CLIENT, measure
+from protocol.records import PACKAGE_DOMAIN, RELEASE_DOMAIN, Package, Release, sign_record
+from protocol.topics import DEVICE_ROLES, SERVER_ROLES, node_id
+
+CURRENCY, EXPONENT = "EUR", 2
+DEFAULT_APPS = ("wallet", "transit")
+MERCHANTS = ("shop-1", "shop-2", "shop-3")
+DEFAULT_OPENING_BALANCE = 100_000  # 1000.00 EUR
+DEFAULT_VALIDITY_DAYS = 365
+APP_LIMIT = 50_000  # per payment, minor units
+CLIENT_NAME, INITIAL_VERSION = "trustpay-client", "1.0.0"
+CLOCK_SKEW_S = 60  # certificates start a minute early so a slightly slow clock accepts them
+DATABASES = {"trust": "platform/trust.sqlite", "ledger": "platform/ledger.sqlite"}
+
+
+def device_ids(count: int) -> list[str]:
+    return [f"dev-{i:04d}" for i in range(1, count + 1)]
+
+
+def provision(
+    out: Path,
+    devices: int,
+    *,
+    apps: Sequence[str] = DEFAULT_APPS,
+    broker_port: int | None = None,
+    backend: str | None = None,
+    opening_balance: int = DEFAULT_OPENING_BALANCE,
+    validity_days: int = DEFAULT_VALIDITY_DAYS,
+    force: bool = False,
+    now_ms: int | None = None,
+) -> Manifest:
+    """Create the deployment ``out`` and return its manifest.
+
+    A non-empty ``out`` is refused unless ``force`` (then it is replaced).
+    """
+    out = Path(out)
+    backend = backend or default_backend()
+    _check_options(devices, apps, broker_port, backend, opening_balance, validity_days)
+    _check_target(out, force)
+    now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    manifest = _manifest(now_ms, devices, apps, backend, broker_port or free_port(), opening_balance)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".provisioning", dir=out.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it 0700; secrets are guarded by their own 0700 dirs
+        _build(Deployment(staging), manifest, now_ms // 1000, validity_days)
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)  # empty, or force was given
+        elif out.exists() or out.is_symlink():
+            out.unlink()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _check_options(
+    devices: int, apps: Sequence[str], port: int | None, backend: str, balance: int, days: int
+) -> None:
+    if not 1 <= devices <= 99_999:
+        raise ConfigError(f"--devices must be between 1 and 99999, not {devices}")
+    if not apps or len(set(apps)) != len(apps):
+        raise ConfigError("give at least one app, each once")
+    for app in apps:
+        # an app name becomes a directory and part of an account and a release file name
+        if not app or not all(c.isalnum() or c == "_" for c in app):
+            raise ConfigError(f"app name {app!r} must be letters, digits or '_'")
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"--broker-port {port} is not a TCP port (1-65535)")
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if balance < 0:
+        raise ConfigError(f"--opening-balance must not be negative, not {balance}")
+    if days < 1:
+        raise ConfigError(f"certificate validity must be at least one day, not {days}")
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    if not force:
+        raise ConfigError(f"{out} exists and is not empty; choose another --out or pass --force to replace")
+    resolved = out.resolve()
+    # --force deletes a tree: never one that holds the caller, their home or the filesystem
+    if resolved in (Path("/"), Path.home().resolve()) or resolved in Path.cwd().resolve().parents:
+        raise ConfigError(f"refusing to replace {out}: it contains the current directory or is a home/root")
+    if resolved == Path.cwd().resolve():
+        raise ConfigError(f"refusing to replace {out}: it is the current directory")
+
+
+def _manifest(
+    now_ms: int, count: int, apps: Sequence[str], backend: str, port: int, balance: int
+) -> Manifest:
+    devices = tuple(
+        DeviceEntry(
+            device=dev,
+            nodes={role.value: node_id(role, dev) for role in DEVICE_ROLES},
+            apps=tuple(apps),
+            accounts={app: f"{dev}:{app}" for app in apps},
+        )
+        for dev in device_ids(count)
+    )
+    payers = tuple(
+        AccountEntry(account, "payer", CURRENCY, balance) for d in devices for account in d.accounts.values()
+    )
+    return Manifest(
+        format=MANIFEST_FORMAT,
+        created_ms=now_ms,
+        currency=CURRENCY,
+        exponent=EXPONENT,
+        broker=BrokerSettings(backend, HOST, port),
+        devices=devices,
+        servers={role.value: node_id(role) for role in SERVER_ROLES},
+        accounts=payers,
+        merchants=tuple(AccountEntry(m, "merchant", CURRENCY, 0) for m in MERCHANTS),
+        databases=dict(DATABASES),
+    )
+
+
+@dataclass
+class _Authority:
+    """Issues certificates with unique, increasing serials and one validity window."""
+
+    not_before: int
+    not_after: int
+    serial: int = 0
+    issued: dict[str, tuple[Certificate, KeyPair]] = field(default_factory=dict)
+
+    def issue(self, subject: str, role: str, device: str = "") -> tuple[Certificate, KeyPair]:
+        keys = KeyPair.generate()
+        self.serial += 1
+        if role == ROOT:
+            issuer_name, issuer_serial, issuer_keys = subject, self.serial, keys  # self-issued
+        else:
+            # the offline certificates' subjects are their role names, so the issuer is found by role
+            issuer_name = ISSUER_ROLE[role]
+            issuer_cert, issuer_keys = self.issued[issuer_name]
+            issuer_serial = issuer_cert.serial
+        body = CertBody(
+            serial=self.serial,
+            subject=subject,
+            role=role,
+            device=device,
+            sign_key=keys.sign_public,
+            box_key=keys.box_public,
+            not_before=self.not_before,
+            not_after=self.not_after,
+            issuer=issuer_name,
+            issuer_serial=issuer_serial,
+        )
+        cert = issue(body, issuer_keys)
+        self.issued[subject] = (cert, keys)
+        return cert, keys
+
+
+def _build(dep: Deployment, manifest: Manifest, now_s: int, days: int) -> None:
+    for directory in (dep.public_dir, dep.certs_dir, dep.nodes_dir, dep.devices_dir, dep.releases_dir):
+        directory.mkdir(parents=True)
+    for directory in (dep.private_dir, dep.broker_dir, dep.platform_dir, dep.logs_dir):
+        make_private_dir(directory)
+    ca = _Authority(now_s - CLOCK_SKEW_S, now_s + days * 86_400)
+    # issuers first, in chain order: each one's certificate is needed to issue the next
+    for name, role in ((ROOT, ROOT), (UPDATE, UPDATE), (PLATFORM, PLATFORM), ("issuer", "issuer")):
+        cert, keys = ca.issue(name, role)
+        write_file(dep.public_dir / f"{name}.cert", cert.to_bytes())
+        write_secret(dep.private_dir / f"{name}.key", keys_to_bytes(keys))
+    _, root_keys = ca.issued[ROOT]
+    write_file(dep.crl_path, sign_revocations(0, now_s, (), root_keys).to_bytes())
+    identities = [_install_node(dep, ca, nid) for nid in manifest.login_ids()]
+    update_cert, _ = ca.issued[UPDATE]
+    _, issuer_keys = ca.issued["issuer"]
+    for device in manifest.devices:
+        write_file(dep.update_cert_path(device.device), update_cert.to_bytes())
+        _install_payloads(dep, device, issuer_keys)
+    _write_releases(dep, manifest, issuer_keys, now_s * 1000)
+    if manifest.broker.backend == "mosquitto":
+        write_mosquitto_auth(dep.broker_dir, identities)
+    else:
+        # amqtt keeps its topic ACL in the config the broker writes at start (broker.embedded)
+        write_amqtt_auth(dep.broker_dir, identities)
+    write_file(dep.manifest_path, manifest.to_text().encode())
+
+
+def _install_node(dep: Deployment, ca: _Authority, nid: str) -> BrokerIdentity:
+    role, device = parse_node_id(nid)
+    cert, keys = ca.issue(nid, role.value, device or "")
+    make_private_dir(dep.node_dir(nid))
+    make_private_dir(dep.state_dir(nid))
+    write_secret(dep.node_key_path(nid), keys_to_bytes(keys))
+    write_file(dep.node_cert_path(nid), cert.to_bytes())
+    write_file(dep.cert_path(nid), cert.to_bytes())
+    identity = BrokerIdentity.for_node(role, device)
+    creds = {"username": identity.username, "password": identity.password}
+    write_secret(dep.broker_credentials_path(nid), json.dumps(creds).encode() + b"\n")
+    return identity
+
+
+def _payload(name: str) -> bytes:
+    return resources.files("ops.payload").joinpath(name).read_bytes()
+
+
+def client_static() -> dict[str, object]:
+    return {
+        "name": CLIENT_NAME,
+        "version": INITIAL_VERSION,
+        "currency": CURRENCY,
+        "exponent": EXPONENT,
+        "default_app": DEFAULT_APPS[0],
+    }
+
+
+def app_static(app: str) -> dict[str, object]:
+    return {"name": app, "version": INITIAL_VERSION, "currency": CURRENCY, "limit": APP_LIMIT}
+
+
+def _install_payloads(dep: Deployment, device: DeviceEntry, issuer_keys: KeyPair) -> None:
+    client = dep.client_dir(device.device)
+    client.mkdir(parents=True)
+    write_file(client / "code.py", _payload("client_code.py"))
+    write_file(client / "static.json", canonical_json(client_static()))
+    write_file(client / "dynamic.json", canonical_json({"payments": 0, "attempts": 0, "last_order": ""}))
+    code = _payload("app_code.py")
+    for app in device.apps:
+        app_dir = dep.app_dir(device.device, app)
+        app_dir.mkdir(parents=True)
+        static = canonical_json(app_static(app))
+        write_file(app_dir / "code.py", code)
+        write_file(app_dir / "static.json", static)
+        write_file(app_dir / "dynamic.json", canonical_json({"counter": 0, "last_order": ""}))
+        m = measure(APP, app, INITIAL_VERSION, code, static, b"")
+        package = Package(app, INITIAL_VERSION, m.code, m.static)
+        write_file(app_dir / "package.sig", sign_record(package, PACKAGE_DOMAIN, issuer_keys).to_bytes())
+
+
+def _write_releases(dep: Deployment, manifest: Manifest, issuer_keys: KeyPair, now_ms: int) -> None:
+    """One reference measurement per released component, from the bytes just installed."""
+    first = manifest.devices[0].device
+    components = [(CLIENT, CLIENT_NAME, dep.read_client(first))]
+    components += [(APP, app, dep.read_app(first, app)) for app in manifest.devices[0].apps]
+    for kind, name, files in components:
+        m = measure(kind, name, INITIAL_VERSION, files.code, files.static, files.dynamic)
+        release = Release(kind, name, INITIAL_VERSION, m.code, m.static, False, now_ms)
+        blob = sign_record(release, RELEASE_DOMAIN, issuer_keys).to_bytes()
+        write_file(dep.release_path(kind, name, INITIAL_VERSION), blob)
+
+
+# -- command line (registered in ops.cli) ---------------------------------------------
+
+HELP = "create a deployment directory: keys, certificates, devices, broker logins"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="directory to create")
+    parser.add_argument("--devices", type=int, required=True, help="number of devices")
+    parser.add_argument("--broker-port", type=int, default=None, help="default: a free port now")
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help="default: mosquitto if installed")
+    parser.add_argument(
+        "--opening-balance",
+        type=int,
+        default=DEFAULT_OPENING_BALANCE,
+        help=f"minor units per payer account (default {DEFAULT_OPENING_BALANCE})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = provision(
+        args.out,
+        args.devices,
+        broker_port=args.broker_port,
+        backend=args.backend,
+        opening_balance=args.opening_balance,
+        force=args.force,
+    )
+    if args.json:
+        print(manifest.to_text(), end="")
+        return 0
+    b = manifest.broker
+    devices = [d.device for d in manifest.devices]
+    shown = ", ".join(devices[:3]) + (", ..." if len(devices) > 3 else "")
+    print(f"provisioned {args.out}")
+    print(f"  devices:  {len(devices)} ({shown}), apps {', '.join(manifest.devices[0].apps)}")
+    print(f"  accounts: {len(manifest.accounts)} payers, {len(manifest.merchants)} merchants ({CURRENCY})")
+    print(f"  broker:   {b.backend} on {b.host}:{b.port}")
+    print(f"  offline keys (root, update, platform, issuer): {Deployment(args.out).private_dir}")
+    return 0
