@@ -43,11 +43,15 @@ __all__ = [
 class Broker(Protocol):
     """What the node runtime and the tests rely on, whatever the backend."""
 
-    backend: str
-    mqtt_version: str  # "5" or "3.1.1": pick aiomqtt's ProtocolVersion from it
     host: str
     port: int
     data_dir: Path
+
+    @property
+    def backend(self) -> str: ...  # "mosquitto" | "amqtt"
+
+    @property
+    def mqtt_version(self) -> str: ...  # "5" | "3.1.1": pick aiomqtt's ProtocolVersion by it
 
     @property
     def url(self) -> str: ...

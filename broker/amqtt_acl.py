@@ -19,7 +19,7 @@ from amqtt.plugins.topic_checking import TopicAccessControlListPlugin
 from amqtt.session import Session
 
 
-class TopicAclPlugin(BaseTopicPlugin):
+class TopicAclPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no types
     @dataclass
     class Config:
         publish_acl: dict[str, list[str]] = field(default_factory=dict)

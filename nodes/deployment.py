@@ -32,7 +32,7 @@ from typing import Any, Literal, overload
 from broker.identities import BrokerIdentity
 from protocol.certs import Certificate, RevocationList
 from protocol.codec import pack, unpack
-from protocol.errors import ConfigError, Malformed, TrustpayError
+from protocol.errors import ConfigError, Malformed, TrustpayError, WrongTopic
 from protocol.keys import KeyPair
 from protocol.topics import DEVICE_ROLES, Role, check_device_id, node_id
 
@@ -99,7 +99,7 @@ def parse_node_id(nid: str) -> tuple[Role, str | None]:
         role = _ROLE_BY_SHORT.get(short)
         if role is None or not role.on_device:
             raise ConfigError(f"node id {nid!r}: {short!r} is not a device role (tm, chip, client)")
-        return role, check_device_id(device)
+        return role, _device_id(device)
     try:
         role = Role(nid)
     except ValueError:
@@ -107,6 +107,13 @@ def parse_node_id(nid: str) -> tuple[Role, str | None]:
     if role.on_device:
         raise ConfigError(f"node id {nid!r}: a {role.value} node id is DEVICE.{role.short}")
     return role, None
+
+
+def _device_id(device: str) -> str:
+    try:
+        return check_device_id(device)
+    except WrongTopic as exc:  # a bad id here is a bad deployment or argument, not a bad frame
+        raise ConfigError(exc.reason) from exc
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -389,10 +396,10 @@ class Deployment:
         return self.logs_dir / f"{nid}.log"
 
     def update_cert_path(self, device: str) -> Path:
-        return self.node_dir(node_id(Role.CHIP, device)) / "update.cert"
+        return self.node_dir(node_id(Role.CHIP, _device_id(device))) / "update.cert"
 
     def device_dir(self, device: str) -> Path:
-        return self.devices_dir / check_device_id(device)
+        return self.devices_dir / _device_id(device)
 
     def client_dir(self, device: str) -> Path:
         return self.device_dir(device) / "client"

@@ -76,7 +76,7 @@ def provision(
 
     A non-empty ``out`` is refused unless ``force`` (then it is replaced).
     """
-    out = Path(out)
+    out = Path(out).absolute()  # so "." still has a name and a parent to stage beside
     backend = backend or default_backend()
     _check_options(devices, apps, broker_port, backend, opening_balance, validity_days)
     _check_target(out, force)
@@ -86,7 +86,7 @@ def provision(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".provisioning", dir=out.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it 0700; secrets are guarded by their own 0700 dirs
-        _build(Deployment(staging), manifest, now_ms // 1000, validity_days)
+        _build(Deployment(staging), manifest, now_ms, validity_days)
         if out.is_dir() and not out.is_symlink():
             shutil.rmtree(out)  # empty, or force was given
         elif out.exists() or out.is_symlink():
@@ -199,7 +199,8 @@ class _Authority:
         return cert, keys
 
 
-def _build(dep: Deployment, manifest: Manifest, now_s: int, days: int) -> None:
+def _build(dep: Deployment, manifest: Manifest, now_ms: int, days: int) -> None:
+    now_s = now_ms // 1000
     for directory in (dep.public_dir, dep.certs_dir, dep.nodes_dir, dep.devices_dir, dep.releases_dir):
         directory.mkdir(parents=True)
     for directory in (dep.private_dir, dep.broker_dir, dep.platform_dir, dep.logs_dir):
@@ -218,7 +219,7 @@ def _build(dep: Deployment, manifest: Manifest, now_s: int, days: int) -> None:
     for device in manifest.devices:
         write_file(dep.update_cert_path(device.device), update_cert.to_bytes())
         _install_payloads(dep, device, issuer_keys)
-    _write_releases(dep, manifest, issuer_keys, now_s * 1000)
+    _write_releases(dep, manifest, issuer_keys, now_ms)
     if manifest.broker.backend == "mosquitto":
         write_mosquitto_auth(dep.broker_dir, identities)
     else:
@@ -245,13 +246,13 @@ def _payload(name: str) -> bytes:
     return resources.files("ops.payload").joinpath(name).read_bytes()
 
 
-def client_static() -> dict[str, object]:
+def client_static(default_app: str = DEFAULT_APPS[0]) -> dict[str, object]:
     return {
         "name": CLIENT_NAME,
         "version": INITIAL_VERSION,
         "currency": CURRENCY,
         "exponent": EXPONENT,
-        "default_app": DEFAULT_APPS[0],
+        "default_app": default_app,
     }
 
 
@@ -263,8 +264,8 @@ def _install_payloads(dep: Deployment, device: DeviceEntry, issuer_keys: KeyPair
     client = dep.client_dir(device.device)
     client.mkdir(parents=True)
     write_file(client / "code.py", _payload("client_code.py"))
-    write_file(client / "static.json", canonical_json(client_static()))
-    write_file(client / "dynamic.json", canonical_json({"payments": 0, "attempts": 0, "last_order": ""}))
+    write_file(client / "static.json", canonical_json(client_static(device.apps[0])))
+    write_file(client / "dynamic.json", canonical_json({"attempts": 0, "last_order": ""}))
     code = _payload("app_code.py")
     for app in device.apps:
         app_dir = dep.app_dir(device.device, app)

@@ -48,12 +48,10 @@ def format_amount(minor: int, currency: str, exponent: int) -> str:
     return f"{sign}{digits[:-exponent]}.{digits[-exponent:]} {currency}"
 
 
-def record_payment(dynamic: dict[str, Any], order_id: str, status: str) -> dict[str, Any]:
-    """The client's new dynamic data after a payment attempt; only a confirmed one counts as paid."""
-    paid = 1 if status == "confirmed" else 0
-    return {
-        **dynamic,
-        "payments": int(dynamic.get("payments", 0)) + paid,
-        "attempts": int(dynamic.get("attempts", 0)) + 1,
-        "last_order": order_id,
-    }
+def record_payment(dynamic: dict[str, Any], order_id: str) -> dict[str, Any]:
+    """The client's new dynamic data once a payment attempt is recorded.
+
+    It does not depend on the outcome, so the client can announce the digest of
+    what it will write before the payment runs (the trust module journals it).
+    """
+    return {**dynamic, "attempts": int(dynamic.get("attempts", 0)) + 1, "last_order": order_id}

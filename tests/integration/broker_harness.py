@@ -72,7 +72,7 @@ async def running_broker(
 def persistent_client(broker: Broker, ident: BrokerIdentity, client_id: str) -> aiomqtt.Client:
     """A client whose session (subscriptions, queued QoS 1) outlives its connection."""
     if broker.mqtt_version == "5":
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         return broker.client(ident, identifier=client_id, clean_start=False, properties=props)
     return broker.client(ident, identifier=client_id, clean_session=False)

@@ -1,0 +1,100 @@
+"""Build a node's configuration, bus and logging from a deployment directory.
+
+This is where a deployment's files become the frozen, typed objects the
+runtime works with; it is done once, at the entry point.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+from urllib.parse import urlsplit
+
+from protocol.certs import ROOT
+from protocol.errors import ConfigError
+from protocol.topics import DEVICE_ROLES, Role
+
+from .bus import BrokerAddress, MqttBus, WillFactory
+from .deployment import Deployment, parse_node_id
+from .logs import NodeLogging
+from .runtime import Anchors, Identity, NodeConfig, Settings
+
+
+def identity(dep: Deployment, node_id: str) -> Identity:
+    role, device = parse_node_id(node_id)
+    cert = dep.load_cert(node_id)
+    if cert.subject != node_id or cert.role != role.value:
+        raise ConfigError(f"{dep.node_cert_path(node_id)} is not {node_id}'s {role.value} certificate")
+    chain: tuple[bytes, ...] = (cert.to_bytes(),)
+    if cert.body.issuer != ROOT:  # servers: their certificate, then the platform's
+        chain += (dep.load_public("platform").to_bytes(),)
+    return Identity(node_id, role, device, dep.load_keys(node_id), cert, chain)
+
+
+def anchors(dep: Deployment, role: Role, device: str | None) -> Anchors:
+    """What a node trusts. The trust module gets its update certificate from the chip (claim 3)."""
+    update = None
+    if role is Role.CHIP and device is not None:
+        update = dep.load_update_cert(device)
+    elif role not in DEVICE_ROLES:
+        update = dep.load_public("update")
+    return Anchors(
+        root=dep.load_public("root"),
+        update=update,
+        platform=dep.load_public("platform"),
+        crl=dep.load_public("crl"),
+    )
+
+
+def node_config(dep: Deployment, node_id: str, settings: Settings | None = None) -> NodeConfig:
+    ident = identity(dep, node_id)
+    return NodeConfig(
+        identity=ident,
+        anchors=anchors(dep, ident.role, ident.device),
+        state_dir=dep.state_dir(node_id),
+        settings=settings or Settings(),
+    )
+
+
+def broker_address(dep: Deployment, node_id: str, url: str | None = None) -> BrokerAddress:
+    """The manifest's broker, or ``url`` (mqtt://host:port[?v=5|3.1.1]) when given."""
+    creds = dep.load_broker_credentials(node_id)
+    manifest = dep.load_manifest()
+    host, port = manifest.broker.host, manifest.broker.port
+    version = "5" if manifest.broker.backend == "mosquitto" else "3.1.1"
+    if url:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise ConfigError(f"broker URL {url!r} must look like mqtt://127.0.0.1:1883")
+        host, port = parts.hostname, parts.port or 1883
+        version = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("v", "auto")
+    return BrokerAddress(host, port, creds.username, creds.password, version)
+
+
+@dataclass
+class Assembled:
+    config: NodeConfig
+    bus: MqttBus
+    logging: NodeLogging
+
+
+def assemble(
+    dep: Deployment,
+    node_id: str,
+    broker_url: str | None = None,
+    console: TextIO | None = sys.stderr,
+    console_level: str = "info",
+    will: WillFactory | None = None,
+) -> Assembled:
+    config = node_config(dep, node_id)
+    logging = NodeLogging(
+        node_id,
+        dep.log_path(node_id),
+        console=console,
+        console_level=console_level,
+        role=config.identity.role.value,
+        device=config.identity.device or "",
+    )
+    bus = MqttBus(broker_address(dep, node_id, broker_url), node_id, will=will, log=logging.logger)
+    return Assembled(config, bus, logging)
