@@ -557,9 +557,8 @@ def test_random_byte_edits_only_raise_rejected(frame, data):
         verifier(PKI, TS).open(frame[:pos] + repl + frame[pos + 1 :], TM_TS, NOW_MS)
 
 
-scalar = (
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.binary(max_size=20) | st.text(max_size=8)
-)
+int64 = st.integers(-(2**63), 2**63 - 1)
+scalar = st.none() | st.booleans() | int64 | st.binary(max_size=20) | st.text(max_size=8)
 field = scalar | st.lists(scalar, max_size=3) | st.dictionaries(st.text(max_size=5), scalar, max_size=3)
 
 
