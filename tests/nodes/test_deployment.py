@@ -111,7 +111,7 @@ def test_components_and_releases(dep: Deployment) -> None:
     assert load_json(files.static, "static")["limit"] == 50000
     assert files.code.startswith(b'"""A payment application')
     assert load_json(dep.read_client("dev-0001").dynamic, "dynamic") == {
-        "attempts": 0, "last_order": "", "payments": 0,
+        "attempts": 0, "last_order": "",
     }  # fmt: skip
     assert dep.installed_apps("dev-0001") == ["transit", "wallet"]
     shutil.rmtree(dep.app_dir("dev-0001", "transit"))  # what the trust module does in A3
