@@ -134,7 +134,7 @@ class Node:
         self.settings = config.settings
         self.certs = CertStore(config.anchors.root, config.anchors.update)
         if config.anchors.platform is not None:
-            self.certs.accept_platform(config.anchors.platform, now_ms() // 1000)
+            self.certs.install_platform(config.anchors.platform)
         if config.anchors.crl is not None:
             self.certs.set_revocations(config.anchors.crl)
         self.counters: Counter[str] = Counter()
@@ -445,6 +445,11 @@ class Node:
                 return
             except TrustpayError as exc:
                 await self._refuse(received, exc.code, exc.reason)
+                return
+            except Exception as exc:  # a bug: say so to the requester instead of leaving it waiting
+                self.counters["handler_crash"] += 1
+                self.log.exception("handler.crashed", type=received.envelope.type, error=repr(exc))
+                await self._refuse(received, "internal", f"{self.id} failed to handle {received.envelope.type}")
                 return
             if answer is not None:
                 await self.reply(received, *answer)

@@ -103,7 +103,7 @@ class TrustModule(Node):
         if self.data["platform_cert"]:
             held = Certificate.from_bytes(bytes.fromhex(self.data["platform_cert"]))
             if self.certs.platform is None or held.serial > self.certs.platform.serial:
-                self.certs.platform = held  # validated when it was accepted
+                self.certs.install_platform(held)  # validated when it was accepted
 
     async def _save(self) -> None:
         if self.certs.platform is not None:

@@ -162,6 +162,18 @@ class CertStore:
         self._check_issued_by(update, self.root, UPDATE)
         self.update = update
 
+    def install_platform(self, cert: Certificate) -> None:
+        """Hold ``cert`` as the platform certificate because it was written in (claim 3).
+
+        Like the root, a written-in certificate is trusted by configuration: at
+        provisioning, or from the holder's own protected storage. Every later
+        platform certificate must come through ``accept_platform``.
+        """
+        if cert.role != PLATFORM:
+            raise WrongRole(f"expected a platform certificate, got {cert.role}")
+        self.platform = cert
+        self._valid.clear()
+
     def accept_platform(self, cert: Certificate, now_s: int) -> bool:
         """Accept ``cert`` as the platform certificate if the update key signed it.
 

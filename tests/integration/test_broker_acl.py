@@ -6,15 +6,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from broker_harness import (
-    BACKENDS,
-    Cast,
-    granted,
-    next_message,
-    refused,
-    running_broker,
-    until_marker,
-)
 
 from broker import Broker, BrokerIdentity
 from protocol.topics import (
@@ -29,6 +20,16 @@ from protocol.topics import (
     link_topic,
     node_id,
     operator_topic,
+)
+
+from .broker_harness import (
+    BACKENDS,
+    Cast,
+    granted,
+    next_message,
+    refused,
+    running_broker,
+    until_marker,
 )
 
 

@@ -11,18 +11,6 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from broker_harness import (
-    BACKENDS,
-    HAVE_MOSQUITTO,
-    WAIT_S,
-    Cast,
-    granted,
-    next_message,
-    persistent_client,
-    refused,
-    running_broker,
-    until_marker,
-)
 
 from broker import (
     AmqttBroker,
@@ -34,6 +22,19 @@ from broker import (
     make_broker,
 )
 from protocol.topics import Role, link_topic
+
+from .broker_harness import (
+    BACKENDS,
+    HAVE_MOSQUITTO,
+    WAIT_S,
+    Cast,
+    granted,
+    next_message,
+    persistent_client,
+    refused,
+    running_broker,
+    until_marker,
+)
 
 DOWN = link_topic(Role.TRUST_SERVER, Role.TRUST_MODULE, "dev-a")
 

@@ -1,0 +1,108 @@
+"""The shared runtime on the in-memory bus: verified ping, retries, dedup, rejections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodes.bus import FakeBroker
+from nodes.runtime import Node, ping
+from protocol.errors import Refused, RequestTimeout
+from protocol.topics import Role
+
+from .harness import make_node, provisioned, running
+
+
+@pytest.fixture
+def dep(tmp_path: Path):
+    return provisioned(tmp_path)
+
+
+async def test_two_nodes_ping_each_other(dep) -> None:
+    broker = FakeBroker()
+    tm = make_node(Node, dep, "dev-0001.tm", broker)
+    ts = make_node(Node, dep, "trust-server", broker)
+    async with running(tm, ts):
+        pong = await ping(tm, Role.TRUST_SERVER, "trust-server")
+        back = await ping(ts, Role.TRUST_MODULE, "dev-0001.tm", device="dev-0001")
+    assert (pong.node, pong.role) == ("trust-server", "trust-server")
+    assert (back.node, back.role) == ("dev-0001.tm", "trust-module")
+    assert ts.counters["accepted"] >= 1 and tm.counters["accepted"] >= 2
+
+
+async def test_lost_answer_is_resent_from_the_cache(dep) -> None:
+    broker = FakeBroker()
+    tm = make_node(Node, dep, "dev-0001.tm", broker)
+    ts = make_node(Node, dep, "trust-server", broker)
+    dropped: list[str] = []
+
+    def drop_first_pong(topic: str, payload: bytes) -> list[bytes]:
+        if topic.endswith("/ts/tm") and not dropped:
+            dropped.append(topic)
+            return []
+        return [payload]
+
+    broker.tap = drop_first_pong
+    async with running(tm, ts):
+        pong = await ping(tm, Role.TRUST_SERVER, "trust-server")
+    assert pong.node == "trust-server"
+    assert dropped
+    assert ts.counters["duplicate"] == 1 and ts.counters["reanswered"] == 1
+    assert tm.counters["request_retry"] == 1
+
+
+async def test_duplicated_and_altered_frames_are_counted_not_handled(dep) -> None:
+    broker = FakeBroker()
+    tm = make_node(Node, dep, "dev-0001.tm", broker)
+    ts = make_node(Node, dep, "trust-server", broker)
+
+    def duplicate_and_corrupt(topic: str, payload: bytes) -> list[bytes]:
+        if topic.endswith("/tm/ts"):
+            altered = bytearray(payload)
+            altered[len(altered) // 2] ^= 0x01
+            return [payload, payload, bytes(altered), b"\xc1garbage"]
+        return [payload]
+
+    broker.tap = duplicate_and_corrupt
+    async with running(tm, ts):
+        await ping(tm, Role.TRUST_SERVER, "trust-server")
+        await ping(tm, Role.TRUST_SERVER, "trust-server")
+    assert ts.counters["accepted"] == 2
+    assert ts.counters["duplicate"] == 2
+    rejected = sum(v for k, v in ts.counters.items() if k.startswith("rejected."))
+    assert rejected == 4
+    assert ts.counters["rejected.malformed"] >= 2
+
+
+async def test_request_to_nobody_times_out_with_a_typed_error(dep) -> None:
+    broker = FakeBroker()
+    tm = make_node(Node, dep, "dev-0001.tm", broker)
+    async with running(tm):
+        with pytest.raises(RequestTimeout, match="after 3 attempts"):
+            await ping(tm, Role.TRUST_SERVER, "trust-server")
+    assert tm.counters["request_retry"] == 3
+
+
+async def test_a_crashing_handler_does_not_stop_the_node(dep) -> None:
+    broker = FakeBroker()
+    tm = make_node(Node, dep, "dev-0001.tm", broker)
+    ts = make_node(Node, dep, "trust-server", broker)
+    calls = 0
+
+    async def broken(rx):
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("bug")
+
+    ts.route("c1.check", broken)
+    from protocol.messages import PlatformCheck
+
+    async with running(tm, ts):
+        with pytest.raises(Refused, match="internal"):
+            await tm.request(tm.link(Role.TRUST_SERVER), "c1.check", PlatformCheck(1, b""),
+                             recipient="trust-server", expect="c1.result")
+        pong = await ping(tm, Role.TRUST_SERVER, "trust-server")
+    assert pong.node == "trust-server"
+    assert calls == 1
+    assert ts.counters["handler_crash"] == 1
