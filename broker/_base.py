@@ -3,6 +3,11 @@
 Both brokers run out of process so a test can stop, SIGKILL and restart them
 exactly like a deployed broker, and so a broker bug cannot stall the caller's
 event loop.
+
+Cleanup: ``stop()``/``kill()`` reap the child; pids not yet reaped are
+SIGKILLed at interpreter exit. If the parent is SIGKILLed, an amqtt child
+notices and exits by itself; a Mosquitto child keeps running. Start and stop
+a broker from the same event loop (asyncio ties the child to it).
 """
 
 from __future__ import annotations
@@ -174,6 +179,8 @@ class SubprocessBroker(ABC):
     async def start(self) -> None:
         if self.is_running:
             raise BrokerError(f"{self.backend} broker on port {self.port} is already running")
+        if self._proc is not None:  # it died on its own: drop what is left of it
+            self._forget(self._proc)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         argv = self._prepare()
         check_port_free(self.port)

@@ -6,37 +6,42 @@ config: one TCP listener on 127.0.0.1 only (amqtt's default binds 0.0.0.0),
 ``FileAuthPlugin`` with Argon2id hashes of the same credentials, and
 :class:`broker.amqtt_acl.TopicAclPlugin` with the same ``acl_for`` patterns.
 
-Limits compared to Mosquitto 2.0.11, measured with amqtt 0.12.1 here
-(tests/integration/test_broker_*.py pin the ones marked [tested]):
+Limits compared to Mosquitto 2.0.11, with amqtt 0.12.1 on this machine.
+[tested] = pinned by tests/integration/test_broker_*.py; [measured] = seen
+in a one-off run; [source] = read in amqtt's code, not observable with our ACL.
 
-* MQTT 3.1.1 only: it refuses MQTT 5 connections, so no session expiry or
-  reason codes on the wire; ``mqtt_version`` is "3.1.1". [tested]
+* MQTT 3.1.1 only: an MQTT 5 CONNECT is dropped without a CONNACK, so an
+  aiomqtt v5 client just hangs until its timeout. Connect with
+  ``ProtocolVersion.V311`` (``mqtt_version`` says "3.1.1"). [tested]
 * No persistence: sessions, subscriptions, queued QoS 1 messages and
-  retained messages live in memory and are gone after a stop or a crash. A
-  persistent (clean_session=False) subscriber reconnecting after a restart
-  gets session_present=0 and nothing it missed. [tested] amqtt's optional
-  ``contrib.persistence.SessionDBPlugin`` needs SQLAlchemy and aiosqlite (not
-  installed) and stores queued payloads with ``bytes.decode()``, which cannot
-  hold binary (msgpack) frames.
-* Messages queued for an offline session are delivered with the RETAIN flag
-  set, although they were not retained messages. [tested]
-* A message is delivered at the *subscription's* QoS, not min(publish,
-  subscription): a QoS 0 publish reaches a QoS 1 subscriber as QoS 1 (and is
-  queued for it while offline).
-* ``$share/group/filter`` subscriptions are accepted but deliver nothing
-  (FIELD-NOTES), so servers cannot be load-balanced on it.
-* ACL precision: publish, subscribe and delivery are all checked against the
-  ``acl_for`` patterns, so denied publishes are dropped and another device's
-  traffic is never delivered [tested]. Differences: a denied SUBSCRIBE gets
-  0x80 while Mosquitto grants it and filters at delivery; retained messages
-  sent on SUBSCRIBE are checked only against the subscription filter, not
-  the receive table; amqtt's matcher lets a ``+`` in a pattern accept a
-  ``#`` in a filter at the same, last level (none of our read patterns ends
-  in ``+``, so this widens nothing today); ``a/#`` does not match ``a``.
-* No queue limit per session (Mosquitto: ``max_queued_messages``) and no
-  expiry unless ``session_expiry_interval`` is set (we set it to 1 day).
+  retained messages live in memory and are gone after any stop or crash. A
+  persistent (clean_session=False) subscriber that reconnects after a
+  restart has no subscription and gets nothing it missed [tested]; a
+  retained message is gone too [measured]. amqtt's optional
+  ``contrib.persistence.SessionDBPlugin`` needs SQLAlchemy + aiosqlite (not
+  installed), writes from fire-and-forget tasks, and stores queued payloads
+  with ``bytes.decode()``, which cannot hold binary (msgpack) frames [source].
+* Offline queueing works within one run [tested], but a queued message may
+  arrive with the RETAIN flag set [measured; racy, so not asserted], and
+  the queue per session is unbounded (Mosquitto: ``max_queued_messages``)
+  [source]. Sessions expire after ``session_expiry_interval`` (we set 1 d).
+* Delivery uses the *subscription's* QoS, not min(publish, subscription): a
+  QoS 0 publish reaches a QoS 1 subscriber as QoS 1, and is queued for it
+  while offline (Mosquitto drops it) [measured].
+* ``$share/group/filter``: refused (0x80) by our ACL plugin, since no pattern
+  starts with ``$share`` [measured]; without the ACL it is accepted and
+  delivers nothing (FIELD-NOTES). Servers cannot be load-balanced on it.
+* ACL: publish, subscribe and delivery are each checked against the
+  ``acl_for`` patterns; denied publishes are dropped (still acknowledged)
+  and another device's traffic is never delivered [tested]. Differences from
+  Mosquitto: a denied SUBSCRIBE gets 0x80 where Mosquitto grants it and
+  filters at delivery [tested]; retained messages sent on SUBSCRIBE are
+  checked against the subscription filter only, not per topic; a ``+`` in a
+  pattern accepts a ``#`` at the same, last filter level (none of our read
+  patterns ends in ``+``, so nothing is widened today); ``a/#`` does not
+  match ``a`` [source].
 * Password checks run Argon2 on the broker's event loop at every CONNECT;
-  we write cheap Argon2 parameters (random passwords need no stretching).
+  we write cheap Argon2 parameters (our passwords are random, not stretched).
 * About half Mosquitto's throughput (FIELD-NOTES).
 """
 

@@ -2,7 +2,11 @@
 
 Everything it needs (config, password and ACL files, persistence database,
 log) is written to ``data_dir``, so a restart with the same directory resumes
-the persistent sessions and their queued QoS 1 messages.
+the persistent sessions, their queued QoS 1 messages and retained messages
+(a SIGKILL loses at most the last ``autosave_interval`` seconds).
+
+ACL behaviour seen here: a forbidden SUBSCRIBE is granted and every message
+is then checked at delivery; a forbidden PUBLISH is acknowledged and dropped.
 """
 
 from __future__ import annotations

@@ -151,6 +151,7 @@ class Node:
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._outbox: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self.route("ping", self._on_ping)
 
@@ -163,8 +164,11 @@ class Node:
     def subscriptions(self) -> tuple[str, ...]:
         return inbound_filters(self.role, self.device)
 
+    async def prepare(self) -> None:
+        """Load state and open databases; runs before any frame is received."""
+
     async def main(self) -> None:
-        """The role's start-up flow; the default does nothing."""
+        """The role's start-up flow, once connected; the default does nothing."""
 
     def state(self) -> str:
         """One word for pings and status: what this node is doing."""
@@ -177,6 +181,7 @@ class Node:
         guard = ReplayGuard(floor_ms=self.started_ms, skew_ms=self.settings.skew_ms)
         self._verifier = Verifier(frozenset({self.id}), self.certs, guard, keys=self.keys)
         self.log.info("node.starting", role=self.role.value, epoch=self.epoch)
+        await self.prepare()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -185,6 +190,8 @@ class Node:
                 )
                 self._tasks.add(tg.create_task(self._start(), name=f"{self.id}:main"))
                 await self._stop.wait()
+                if self._outbox:  # step events already logged should also reach the bus
+                    await asyncio.wait(self._outbox, timeout=2)
                 await self._say_goodbye()
                 bus_task.cancel()
                 for task in list(self._tasks):
@@ -384,7 +391,9 @@ class Node:
         body = StepEvent(device, self.id, flow, step, outcome, reason, session, order_id)
         topic = channel_topic(self.role, CHANNEL_EVENTS, self.device)
         if self._tg is not None:
-            self.spawn(self.send(topic, "event", body), name=f"event:{step}")
+            task = self.spawn(self.send(topic, "event", body), name=f"event:{step}")
+            self._outbox.add(task)
+            task.add_done_callback(self._outbox.discard)
 
     # -- receiving ---------------------------------------------------------
     def _on_frame(self, topic: str, frame: bytes) -> None:

@@ -157,8 +157,10 @@ class TrustModule(Node):
         }
 
     # -- A: start-up -----------------------------------------------------------
-    async def main(self) -> None:
+    async def prepare(self) -> None:
         await self._load()
+
+    async def main(self) -> None:
         await self.start_up()
 
     async def start_up(self) -> None:
@@ -177,7 +179,8 @@ class TrustModule(Node):
             await self._finish_start_up()
             return
         self._store(client.measurement)
-        for app in list(self.apps):
+        apps = list(self.apps)
+        for i, app in enumerate(apps):
             check = await self._check(f"{APP}:{app}")
             if check.ok:
                 self._store(check.measurement)
@@ -185,7 +188,7 @@ class TrustModule(Node):
             else:
                 self.step("A", "A2", "failed", check.reason, app=app)
                 await self._delete_app(app, check.reason)
-            self.step("A", "A4", "ok", "next application" if app != self.apps[-1:] else "all checked")
+            self.step("A", "A4", "ok", "another application left" if i < len(apps) - 1 else "no application left")
         self.data["sessions"] = {}  # every interrupted session is settled by the checks above
         await self._set_chip(True, "start-up checks passed")
         self.payment_enabled = True

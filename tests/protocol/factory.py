@@ -2,12 +2,8 @@
 
 Every key pair comes from a fixed label (``keypair("root")`` is the same on
 every run), every certificate from fixed serials and a fixed clock, so a
-failing example reproduces exactly. Nothing here does I/O.
-
-This directory deliberately has no ``__init__.py``: with pytest's default
-``prepend`` import mode and no ``tests/__init__.py``, a package here would be
-named ``protocol`` and shadow the real one. The test modules import this file
-as the top-level module ``factory``.
+failing example reproduces exactly. Nothing here does I/O. The test modules
+import it as ``from .factory import ...`` (``tests`` is a package).
 """
 
 from __future__ import annotations

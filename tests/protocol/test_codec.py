@@ -8,12 +8,13 @@ import struct
 
 import msgpack
 import pytest
-from factory import exactly
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.codec import DEFAULT_LIMITS, MAX_INT, MIN_INT, Limits, pack, unpack
 from protocol.errors import Malformed, Rejected, TooLarge
+
+from .factory import exactly
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 L = DEFAULT_LIMITS
