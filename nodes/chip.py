@@ -66,8 +66,9 @@ ATTEST_PATIENCE = 4  # an attestation spans several platform round trips: wait t
 
 
 class Chip(Node):
-    def __init__(self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger,
-                 deployment: Deployment) -> None:
+    def __init__(
+        self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger, deployment: Deployment
+    ) -> None:
         super().__init__(config, bus, log)
         assert self.device is not None
         self.dep = deployment
@@ -90,13 +91,21 @@ class Chip(Node):
 
     # -- start-up ---------------------------------------------------------------
     async def prepare(self) -> None:
-        self.data = self.store.load({"enabled": False, "reason": "not yet checked by the trust module",
-                                     "apps": {}, "pending": {}, "receipts": {}})
+        self.data = self.store.load(
+            {
+                "enabled": False,
+                "reason": "not yet checked by the trust module",
+                "apps": {},
+                "pending": {},
+                "receipts": {},
+            }
+        )
         if not self.data["apps"]:
             await self._install_from_packages()
         try:
             self.payment_server = self.certs.resolve(
-                [self.dep.load_cert(PS).to_bytes(), self.dep.load_public("platform").to_bytes()], now_ms() // 1000
+                [self.dep.load_cert(PS).to_bytes(), self.dep.load_public("platform").to_bytes()],
+                now_ms() // 1000,
             )
         except TrustpayError as exc:
             self.log.warning("chip.no_payment_server_cert", reason=str(exc))
@@ -124,15 +133,22 @@ class Chip(Node):
         apps = []
         for name in sorted(self.data["apps"]):
             try:
-                dynamic = load_json((await asyncio.to_thread(self.dep.read_app, self.device or "", name)).dynamic,
-                                    f"{name} dynamic data")
+                dynamic = load_json(
+                    (await asyncio.to_thread(self.dep.read_app, self.device or "", name)).dynamic,
+                    f"{name} dynamic data",
+                )
                 counter = int(dynamic.get("counter", 0))
             except (ConfigError, ValueError):
                 counter = -1
             apps.append(AppInfo(name, self.data["apps"][name]["version"], counter))
         update = self.certs.update
-        return ChipState(bool(self.data["enabled"]), self.is_open, tuple(apps),
-                         update.to_bytes() if update else b"", self.data["reason"])
+        return ChipState(
+            bool(self.data["enabled"]),
+            self.is_open,
+            tuple(apps),
+            update.to_bytes() if update else b"",
+            self.data["reason"],
+        )
 
     # -- the trust module's commands (A) ------------------------------------------
     async def info(self, rx: Any) -> tuple[str, Body]:
@@ -190,7 +206,9 @@ class Chip(Node):
     def _load_app(self, app: str, code: bytes) -> types.ModuleType:
         """Run the app's installed code, the very bytes the trust module measures."""
         module = types.ModuleType(f"trustpay_app_{app}")
-        exec(compile(code, str(self.dep.app_dir(self.device or "", app) / "code.py"), "exec"), module.__dict__)
+        exec(
+            compile(code, str(self.dep.app_dir(self.device or "", app) / "code.py"), "exec"), module.__dict__
+        )
         return module
 
     async def _pay(self, req: PayStart, session: bytes) -> PayResult:
@@ -198,9 +216,14 @@ class Chip(Node):
         try:
             app = self._load_app(req.app, files.code)
             fields, next_dynamic = app.make_order(
-                load_json(files.static, "static data"), load_json(files.dynamic, "dynamic data"),
-                device=self.device, payee=req.payee, amount=req.amount, currency=req.currency,
-                order_id=req.order_id, now_ms=now_ms(),
+                load_json(files.static, "static data"),
+                load_json(files.dynamic, "dynamic data"),
+                device=self.device,
+                payee=req.payee,
+                amount=req.amount,
+                currency=req.currency,
+                order_id=req.order_id,
+                now_ms=now_ms(),
             )
             order = sign_record(Order(**fields), ORDER_DOMAIN, self.keys)
         except (ValueError, TypeError, KeyError, ConfigError) as exc:
@@ -209,11 +232,17 @@ class Chip(Node):
             raise Refused("app_failed", f"{req.app} failed to make the order: {exc!r}") from exc
         order_hash = record_hash(order.data)
         next_bytes = canonical_json(next_dynamic)
-        attest = AttestRequest(req.app, req.order_id, order_hash, dynamic_digest(next_bytes), req.client_dyn_next)
+        attest = AttestRequest(
+            req.app, req.order_id, order_hash, dynamic_digest(next_bytes), req.client_dyn_next
+        )
         try:
             answer = await self.request(
-                self.link(Role.TRUST_MODULE), "attest.request", attest, recipient=self.tm_id,
-                expect="attest.result", session=session,
+                self.link(Role.TRUST_MODULE),
+                "attest.request",
+                attest,
+                recipient=self.tm_id,
+                expect="attest.result",
+                session=session,
                 timeout_s=self.settings.request_timeout_s * self.settings.request_attempts * ATTEST_PATIENCE,
                 attempts=1,
             )
@@ -237,27 +266,49 @@ class Chip(Node):
         status = await self._send_order(req.order_id, order.to_bytes(), order_hash, session)
         # C6: the trust module measures the app's new state and stores it
         try:
-            await self.request(self.link(Role.TRUST_MODULE), "c6.done", SessionDone(session),
-                               recipient=self.tm_id, expect="measured", session=session)
+            await self.request(
+                self.link(Role.TRUST_MODULE),
+                "c6.done",
+                SessionDone(session),
+                recipient=self.tm_id,
+                expect="measured",
+                session=session,
+            )
         except TrustpayError as exc:
             self.log.warning("c6.not_confirmed", reason=str(exc))
         receipt = bytes.fromhex(self.data["receipts"].get(req.order_id, ""))
         return PayResult(*status, req.order_id, receipt, session)
 
-    async def _send_order(self, order_id: str, blob: bytes, order_hash: bytes,
-                          session: bytes) -> tuple[str, str, str]:
+    async def _send_order(
+        self, order_id: str, blob: bytes, order_hash: bytes, session: bytes
+    ) -> tuple[str, str, str]:
         """Send the sealed order and check the receipt: (status, code, reason)."""
         assert self.payment_server is not None
         try:
-            answer = await self.request(self.link(Role.PAYMENT_SERVER), "pay.order", PayOrder(blob),
-                                        recipient=PS, expect="pay.receipt", session=session,
-                                        peer=self.payment_server)
-            receipt_blob = answer.envelope.body.receipt if isinstance(answer.envelope.body, PayReceipt) else b""
-            receipt = open_record(Receipt, receipt_blob, RECEIPT_DOMAIN, answer.sender_cert.body.sign_key,
-                                  "receipt").body
+            answer = await self.request(
+                self.link(Role.PAYMENT_SERVER),
+                "pay.order",
+                PayOrder(blob),
+                recipient=PS,
+                expect="pay.receipt",
+                session=session,
+                peer=self.payment_server,
+            )
+            receipt_blob = (
+                answer.envelope.body.receipt if isinstance(answer.envelope.body, PayReceipt) else b""
+            )
+            receipt = open_record(
+                Receipt, receipt_blob, RECEIPT_DOMAIN, answer.sender_cert.body.sign_key, "receipt"
+            ).body
         except RequestTimeout as exc:
-            self.step("C", "C5", "unknown", f"no receipt yet; the order will be re-sent: {exc}",
-                      session=session, order_id=order_id)
+            self.step(
+                "C",
+                "C5",
+                "unknown",
+                f"no receipt yet; the order will be re-sent: {exc}",
+                session=session,
+                order_id=order_id,
+            )
             return "unknown", "no_receipt", "no receipt from the payment server yet; it will be re-sent"
         except TrustpayError as exc:
             self.step("C", "C5", "refused", str(exc), session=session, order_id=order_id)
@@ -270,9 +321,14 @@ class Chip(Node):
         while len(self.data["receipts"]) > 100:
             self.data["receipts"].pop(next(iter(self.data["receipts"])))
         await self.store.save(self.data)
-        self.step("C", "C5", "ok" if receipt.status == "confirmed" else "refused",
-                  receipt.reason or f"paid {receipt.amount} to {receipt.payee}", session=session,
-                  order_id=order_id)
+        self.step(
+            "C",
+            "C5",
+            "ok" if receipt.status == "confirmed" else "refused",
+            receipt.reason or f"paid {receipt.amount} to {receipt.payee}",
+            session=session,
+            order_id=order_id,
+        )
         return receipt.status, receipt.code, receipt.reason or "payment confirmed"
 
     async def _resend_pending(self) -> None:
@@ -287,9 +343,14 @@ class Chip(Node):
         self._check_usable(query.app)
         if self.payment_server is None:
             raise Refused("platform_untrusted", "no verified payment-server certificate")
-        answer = await self.request(self.link(Role.PAYMENT_SERVER), "account.query", query, recipient=PS,
-                                    expect="account.info", peer=self.payment_server,
-                                    session=rx.envelope.session)
+        answer = await self.request(
+            self.link(Role.PAYMENT_SERVER),
+            "account.query",
+            query,
+            recipient=PS,
+            expect="account.info",
+            peer=self.payment_server,
+            session=rx.envelope.session,
+        )
         info: AccountInfo = answer.envelope.body
         return "account.info", info
-

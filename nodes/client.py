@@ -26,7 +26,16 @@ import structlog
 
 from protocol.errors import Refused, RequestTimeout, TrustpayError
 from protocol.measure import dynamic_digest
-from protocol.messages import AccountInfo, AccountQuery, ChipState, Empty, PayResult, PayStart, Reports, SessionDone
+from protocol.messages import (
+    AccountInfo,
+    AccountQuery,
+    ChipState,
+    Empty,
+    PayResult,
+    PayStart,
+    Reports,
+    SessionDone,
+)
 from protocol.records import RECEIPT_DOMAIN, Receipt, open_record
 from protocol.topics import Role, node_id
 
@@ -48,9 +57,17 @@ class Outcome:
 
 
 class Client(Node):
-    def __init__(self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger,
-                 deployment: Deployment, command: list[str] | None = None, out: TextIO = sys.stdout,
-                 as_json: bool = False, interactive: bool = False) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        bus: Bus,
+        log: structlog.typing.FilteringBoundLogger,
+        deployment: Deployment,
+        command: list[str] | None = None,
+        out: TextIO = sys.stdout,
+        as_json: bool = False,
+        interactive: bool = False,
+    ) -> None:
         super().__init__(config, bus, log)
         assert self.device is not None
         self.dep = deployment
@@ -73,13 +90,21 @@ class Client(Node):
     async def session(self) -> int:
         await self._show_reports()
         try:  # B1
-            answer = await self.request(self.link(Role.CHIP), "chip.open", Empty(), recipient=self.chip_id,
-                                        expect="chip.state")
+            answer = await self.request(
+                self.link(Role.CHIP), "chip.open", Empty(), recipient=self.chip_id, expect="chip.state"
+            )
         except (Refused, RequestTimeout) as exc:  # B5
-            reason = exc.refusal_reason if isinstance(exc, Refused) else f"the payment chip does not answer: {exc}"
+            reason = (
+                exc.refusal_reason if isinstance(exc, Refused) else f"the payment chip does not answer: {exc}"
+            )
             self.step("B", "B5", "disabled", reason)
-            self._emit(Outcome(EXIT_DISABLED, f"Payment functions are disabled: {reason}",
-                               {"status": "disabled", "reason": reason}))
+            self._emit(
+                Outcome(
+                    EXIT_DISABLED,
+                    f"Payment functions are disabled: {reason}",
+                    {"status": "disabled", "reason": reason},
+                )
+            )
             return EXIT_DISABLED
         self.chip_state = answer.envelope.body
         self.step("B", "B1", "ok", "payment chip opened")
@@ -94,8 +119,9 @@ class Client(Node):
                 code = EXIT_USAGE
         finally:  # B4
             try:
-                await self.request(self.link(Role.CHIP), "chip.close", Empty(), recipient=self.chip_id,
-                                   expect="chip.state")
+                await self.request(
+                    self.link(Role.CHIP), "chip.close", Empty(), recipient=self.chip_id, expect="chip.state"
+                )
                 self.step("B", "B4", "ok", "client closed; payment functions disabled until the next start")
             except TrustpayError as exc:
                 self.step("B", "B4", "failed", f"could not close the chip: {exc}")
@@ -132,8 +158,11 @@ class Client(Node):
             else:
                 outcome = Outcome(EXIT_USAGE, f"unknown command {' '.join(words)!r}; {USAGE}")
         except Refused as exc:
-            outcome = Outcome(EXIT_REFUSED, f"Refused ({exc.refusal_code}): {exc.refusal_reason}",
-                              {"status": "refused", "code": exc.refusal_code, "reason": exc.refusal_reason})
+            outcome = Outcome(
+                EXIT_REFUSED,
+                f"Refused ({exc.refusal_code}): {exc.refusal_reason}",
+                {"status": "refused", "code": exc.refusal_code, "reason": exc.refusal_reason},
+            )
         except RequestTimeout as exc:
             outcome = Outcome(EXIT_UNKNOWN, f"No answer: {exc}", {"status": "unknown", "reason": str(exc)})
         self.step("B", "B3", "ok" if outcome.code == EXIT_OK else "failed", outcome.text.splitlines()[0])
@@ -156,36 +185,65 @@ class Client(Node):
             return Outcome(EXIT_USAGE, str(exc), {"status": "invalid", "reason": str(exc)})
         app = app or str(static["default_app"])
         order_id = f"ord-{uuid.uuid4().hex}"
-        next_dynamic = canonical_json(code.record_payment(load_json(files.dynamic, "client dynamic data"), order_id))
+        next_dynamic = canonical_json(
+            code.record_payment(load_json(files.dynamic, "client dynamic data"), order_id)
+        )
         start = PayStart(order_id, app, amount, str(static["currency"]), payee, dynamic_digest(next_dynamic))
         answer = await self.request(
-            self.link(Role.CHIP), "pay.start", start, recipient=self.chip_id, expect="pay.result",
-            session=uuid.uuid4().bytes, peer=self._chip_cert(),
-            timeout_s=self.settings.request_timeout_s * self.settings.request_attempts * PAY_PATIENCE, attempts=1,
+            self.link(Role.CHIP),
+            "pay.start",
+            start,
+            recipient=self.chip_id,
+            expect="pay.result",
+            session=uuid.uuid4().bytes,
+            peer=self._chip_cert(),
+            timeout_s=self.settings.request_timeout_s * self.settings.request_attempts * PAY_PATIENCE,
+            attempts=1,
         )
         result: PayResult = answer.envelope.body
         if result.session:  # the trust module journalled this digest: record the attempt, then C7
             path = self.dep.client_dir(self.device or "") / "dynamic.json"
             await asyncio.to_thread(write_atomic, path, next_dynamic, 0o644)
             try:
-                await self.request(self.link(Role.TRUST_MODULE), "c7.done", SessionDone(result.session),
-                                   recipient=self.tm_id, expect="measured", session=result.session)
+                await self.request(
+                    self.link(Role.TRUST_MODULE),
+                    "c7.done",
+                    SessionDone(result.session),
+                    recipient=self.tm_id,
+                    expect="measured",
+                    session=result.session,
+                )
             except TrustpayError as exc:
                 self.log.warning("c7.not_confirmed", reason=str(exc))
         shown = code.format_amount(amount, str(static["currency"]), int(static["exponent"]))
-        data = {"status": result.status, "code": result.code, "reason": result.reason, "order_id": order_id,
-                "amount": amount, "currency": static["currency"], "payee": payee, "app": app}
+        data = {
+            "status": result.status,
+            "code": result.code,
+            "reason": result.reason,
+            "order_id": order_id,
+            "amount": amount,
+            "currency": static["currency"],
+            "payee": payee,
+            "app": app,
+        }
         if result.status == "confirmed":
             receipt = self._verify_receipt(result.receipt, order_id)
             if receipt is None:
-                return Outcome(EXIT_UNKNOWN, f"Paid {shown} to {payee}? The receipt does not verify.",
-                               {**data, "status": "unknown", "reason": "receipt does not verify"})
+                return Outcome(
+                    EXIT_UNKNOWN,
+                    f"Paid {shown} to {payee}? The receipt does not verify.",
+                    {**data, "status": "unknown", "reason": "receipt does not verify"},
+                )
             balance = code.format_amount(receipt.balance_after, receipt.currency, int(static["exponent"]))
-            return Outcome(EXIT_OK, f"Paid {shown} to {payee} with {app} (order {order_id}); balance {balance}",
-                           {**data, "balance_after": receipt.balance_after})
+            return Outcome(
+                EXIT_OK,
+                f"Paid {shown} to {payee} with {app} (order {order_id}); balance {balance}",
+                {**data, "balance_after": receipt.balance_after},
+            )
         exit_code = EXIT_UNKNOWN if result.status == "unknown" else EXIT_REFUSED
-        return Outcome(exit_code, f"Payment of {shown} to {payee} {result.status} ({result.code}): {result.reason}",
-                       data)
+        return Outcome(
+            exit_code, f"Payment of {shown} to {payee} {result.status} ({result.code}): {result.reason}", data
+        )
 
     def _chip_cert(self) -> Any:
         return self.peers.get(self.chip_id) or self.dep.load_cert(self.chip_id)
@@ -204,52 +262,75 @@ class Client(Node):
         static = load_json(files.static, "client static data")
         code = self._code(files.code)
         app = app or str(static["default_app"])
-        answer = await self.request(self.link(Role.CHIP), "account.query", AccountQuery(app, 20),
-                                    recipient=self.chip_id, expect="account.info", peer=self._chip_cert())
+        answer = await self.request(
+            self.link(Role.CHIP),
+            "account.query",
+            AccountQuery(app, 20),
+            recipient=self.chip_id,
+            expect="account.info",
+            peer=self._chip_cert(),
+        )
         info: AccountInfo = answer.envelope.body
         exp = int(static["exponent"])
         balance = code.format_amount(info.balance, info.currency, exp)
         data: dict[str, Any] = {"account": info.account, "balance": info.balance, "currency": info.currency}
         if what == "balance":
             return Outcome(EXIT_OK, f"{info.account}: {balance}", data)
-        lines = [f"{p.order_id}  {p.status:<9} {code.format_amount(p.amount, p.currency, exp):>14}  {p.payee}"
-                 for p in info.payments]
+        lines = [
+            f"{p.order_id}  {p.status:<9} {code.format_amount(p.amount, p.currency, exp):>14}  {p.payee}"
+            for p in info.payments
+        ]
         data["payments"] = [p.__dict__ for p in info.payments]
         return Outcome(EXIT_OK, "\n".join([f"{info.account}: {balance}", *lines]), data)
 
     def apps(self) -> Outcome:
         apps = self.chip_state.apps if self.chip_state else ()
         data = {"apps": [{"name": a.name, "version": a.version, "counter": a.counter} for a in apps]}
-        text = "\n".join(f"{a.name} {a.version} (transactions: {a.counter})" for a in apps) or "no payment apps"
+        text = (
+            "\n".join(f"{a.name} {a.version} (transactions: {a.counter})" for a in apps) or "no payment apps"
+        )
         return Outcome(EXIT_OK, text, data)
 
     def status(self) -> Outcome:
         state = self.chip_state
         enabled = bool(state and state.enabled)
-        return Outcome(EXIT_OK, f"device {self.device}: payment functions {'enabled' if enabled else 'disabled'}",
-                       {"device": self.device, "enabled": enabled, "apps": [a.name for a in state.apps] if state
-                        else []})
+        return Outcome(
+            EXIT_OK,
+            f"device {self.device}: payment functions {'enabled' if enabled else 'disabled'}",
+            {
+                "device": self.device,
+                "enabled": enabled,
+                "apps": [a.name for a in state.apps] if state else [],
+            },
+        )
 
     # -- output -------------------------------------------------------------------------
     async def _show_reports(self) -> None:
         """Every report the trust module left for the user (deleted apps, disabled payment)."""
         try:
-            answer = await self.request(self.link(Role.TRUST_MODULE), "reports.get", Empty(),
-                                        recipient=self.tm_id, expect="reports")
+            answer = await self.request(
+                self.link(Role.TRUST_MODULE), "reports.get", Empty(), recipient=self.tm_id, expect="reports"
+            )
         except TrustpayError as exc:
             self.log.warning("reports.unavailable", reason=str(exc))
             return
         reports: Reports = answer.envelope.body
         for report in reports.items:
             if self.as_json:
-                print(json.dumps({"report": report.text, "step": report.step, "at_ms": report.at_ms}),
-                      file=self.out, flush=True)
+                print(
+                    json.dumps({"report": report.text, "step": report.step, "at_ms": report.at_ms}),
+                    file=self.out,
+                    flush=True,
+                )
             else:
                 print(f"[trust module, {report.step}] {report.text}", file=self.out, flush=True)
 
     def _emit(self, outcome: Outcome) -> None:
         if self.as_json:
-            print(json.dumps({"exit": outcome.code, "message": outcome.text, **outcome.data}), file=self.out,
-                  flush=True)
+            print(
+                json.dumps({"exit": outcome.code, "message": outcome.text, **outcome.data}),
+                file=self.out,
+                flush=True,
+            )
         else:
             print(outcome.text, file=self.out, flush=True)

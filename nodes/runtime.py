@@ -458,7 +458,9 @@ class Node:
             except Exception as exc:  # a bug: say so to the requester instead of leaving it waiting
                 self.counters["handler_crash"] += 1
                 self.log.exception("handler.crashed", type=received.envelope.type, error=repr(exc))
-                await self._refuse(received, "internal", f"{self.id} failed to handle {received.envelope.type}")
+                await self._refuse(
+                    received, "internal", f"{self.id} failed to handle {received.envelope.type}"
+                )
                 return
             if answer is not None:
                 await self.reply(received, *answer)

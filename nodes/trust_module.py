@@ -66,8 +66,9 @@ def component_of(kind: str, name: str) -> str:
 
 
 class TrustModule(Node):
-    def __init__(self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger,
-                 deployment: Deployment) -> None:
+    def __init__(
+        self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger, deployment: Deployment
+    ) -> None:
         super().__init__(config, bus, log)
         assert self.device is not None
         self.dep = deployment
@@ -141,7 +142,9 @@ class TrustModule(Node):
         try:
             m = await self._measure(component)
         except (ConfigError, OSError) as exc:
-            return Check(False, f"{component} cannot be read: {exc}", measure(APP, component, "?", b"", b"", b""))
+            return Check(
+                False, f"{component} cannot be read: {exc}", measure(APP, component, "?", b"", b"", b"")
+            )
         ok, reason = self.book.check(m)
         if ok:
             allowed = self._allowed_dynamic(component)
@@ -153,7 +156,10 @@ class TrustModule(Node):
 
     def _store(self, m: Measurement) -> None:
         self.data["measurements"][m.component] = {
-            "version": m.version, "code": m.code.hex(), "static": m.static.hex(), "dynamic": m.dynamic.hex(),
+            "version": m.version,
+            "code": m.code.hex(),
+            "static": m.static.hex(),
+            "dynamic": m.dynamic.hex(),
         }
 
     # -- A: start-up -----------------------------------------------------------
@@ -188,7 +194,9 @@ class TrustModule(Node):
             else:
                 self.step("A", "A2", "failed", check.reason, app=app)
                 await self._delete_app(app, check.reason)
-            self.step("A", "A4", "ok", "another application left" if i < len(apps) - 1 else "no application left")
+            self.step(
+                "A", "A4", "ok", "another application left" if i < len(apps) - 1 else "no application left"
+            )
         self.data["sessions"] = {}  # every interrupted session is settled by the checks above
         await self._set_chip(True, "start-up checks passed")
         self.payment_enabled = True
@@ -197,13 +205,21 @@ class TrustModule(Node):
     async def _finish_start_up(self) -> None:
         await self._save()
         self.started.set()
-        self.step("A", "A", "done" if self.payment_enabled else "disabled",
-                  "start-up complete" + ("" if self.payment_enabled else ": payment functions disabled"))
+        self.step(
+            "A",
+            "A",
+            "done" if self.payment_enabled else "disabled",
+            "start-up complete" + ("" if self.payment_enabled else ": payment functions disabled"),
+        )
 
     async def _chip_info(self) -> ChipState | None:
         try:
             answer = await self.request(
-                self.link(Role.CHIP), "chip.info", Empty(), recipient=self.chip_id, expect="chip.state",
+                self.link(Role.CHIP),
+                "chip.info",
+                Empty(),
+                recipient=self.chip_id,
+                expect="chip.state",
                 attempts=CHIP_WAIT_ATTEMPTS,
             )
         except TrustpayError as exc:
@@ -226,8 +242,13 @@ class TrustModule(Node):
     async def _delete_app(self, app: str, reason: str) -> None:
         """A3: delete the application from the chip and tell the user."""
         try:
-            await self.request(self.link(Role.CHIP), "app.delete", DeleteApp(app, reason),
-                               recipient=self.chip_id, expect="chip.state")
+            await self.request(
+                self.link(Role.CHIP),
+                "app.delete",
+                DeleteApp(app, reason),
+                recipient=self.chip_id,
+                expect="chip.state",
+            )
         except TrustpayError as exc:
             self.step("A", "A3", "failed", f"could not delete {app}: {exc}", app=app)
             await self._disable(f"tampered app {app} could not be deleted")
@@ -239,15 +260,22 @@ class TrustModule(Node):
 
     async def _set_chip(self, enabled: bool, reason: str) -> None:
         try:
-            await self.request(self.link(Role.CHIP), "chip.enable", SetEnabled(enabled, reason),
-                               recipient=self.chip_id, expect="chip.state")
+            await self.request(
+                self.link(Role.CHIP),
+                "chip.enable",
+                SetEnabled(enabled, reason),
+                recipient=self.chip_id,
+                expect="chip.state",
+            )
         except TrustpayError as exc:
             self.log.warning("chip.enable_failed", enabled=enabled, reason=str(exc))
 
     # -- B: the client reads what happened -------------------------------------
     async def reports(self, rx: Any) -> tuple[str, Body]:
         await self.started.wait()
-        items = tuple(Report(r["at_ms"], r["step"], r["text"]) for r in self.data["reports"] if not r["delivered"])
+        items = tuple(
+            Report(r["at_ms"], r["step"], r["text"]) for r in self.data["reports"] if not r["delivered"]
+        )
         for r in self.data["reports"]:
             r["delivered"] = True
         if items:
@@ -275,8 +303,12 @@ class TrustModule(Node):
         for component, new in ((f"{APP}:{req.app}", req.app_dyn_next), (CLIENT, req.client_dyn_next)):
             stored = self.data["measurements"].get(component, {}).get("dynamic", "")
             pending[component] = [d for d in (stored, new.hex()) if d]
-        self.data["sessions"][session.hex()] = {"app": req.app, "order": req.order_id, "pending": pending,
-                                                "opened_ms": now_ms()}
+        self.data["sessions"][session.hex()] = {
+            "app": req.app,
+            "order": req.order_id,
+            "pending": pending,
+            "opened_ms": now_ms(),
+        }
         await self._save()
 
     def _untrusted(self, step: str, reason: str, session: bytes, order: str) -> AttestResult:
@@ -290,9 +322,14 @@ class TrustModule(Node):
         held = self.certs.platform
         assert held is not None
         try:
-            answer = await self.request(self.link(Role.TRUST_SERVER), "c1.check",
-                                        PlatformCheck(held.serial, held.fingerprint), recipient=ts,
-                                        expect="c1.result", session=session)
+            answer = await self.request(
+                self.link(Role.TRUST_SERVER),
+                "c1.check",
+                PlatformCheck(held.serial, held.fingerprint),
+                recipient=ts,
+                expect="c1.result",
+                session=session,
+            )
             c1 = answer.envelope.body
             if not c1.trusted:
                 return self._untrusted("C1", c1.reason, session, order)
@@ -302,14 +339,29 @@ class TrustModule(Node):
             return self._untrusted("C1", f"platform certificate not verified: {exc}", session, order)
         if rotated or self.data["platform_cert"] != self.certs.platform.to_bytes().hex():
             await self._save()
-            self.step("C", "C1", "trusted", f"platform certificate rotated to {presented.serial} "
-                      "(accepted through the update certificate)", session=session, order_id=order)
+            self.step(
+                "C",
+                "C1",
+                "trusted",
+                f"platform certificate rotated to {presented.serial} "
+                "(accepted through the update certificate)",
+                session=session,
+                order_id=order,
+            )
         else:
-            self.step("C", "C1", "trusted", "platform certificate is current", session=session, order_id=order)
+            self.step(
+                "C", "C1", "trusted", "platform certificate is current", session=session, order_id=order
+            )
         # C2: a fresh nonce bound to this order, then the signed quote and log
         try:
-            answer = await self.request(self.link(Role.TRUST_SERVER), "c2.nonce", NonceRequest(req.order_hash),
-                                        recipient=ts, expect="c2.challenge", session=session)
+            answer = await self.request(
+                self.link(Role.TRUST_SERVER),
+                "c2.nonce",
+                NonceRequest(req.order_hash),
+                recipient=ts,
+                expect="c2.challenge",
+                session=session,
+            )
             nonce = answer.envelope.body.nonce
             log = MeasurementLog()
             for component in [CLIENT] + [f"{APP}:{a}" for a in self.apps]:
@@ -317,19 +369,31 @@ class TrustModule(Node):
                 stored = self.data["measurements"].get(component, {}).get("dynamic")
                 log.append(LogEntry(check.measurement, stored == check.measurement.dynamic.hex()))
             quote = make_quote(self.device or "", nonce, log, self.keys, now_ms())
-            self.step("C", "C2", "ok", f"quote over {len(log.entries)} measurements", session=session,
-                      order_id=order)
+            self.step(
+                "C",
+                "C2",
+                "ok",
+                f"quote over {len(log.entries)} measurements",
+                session=session,
+                order_id=order,
+            )
             answer = await self.request(
-                self.link(Role.TRUST_SERVER), "c2.evidence", Evidence(nonce, quote.to_bytes(), log.entries),
-                recipient=ts, expect="c4.verdict", session=session, peer=self.peers.get(ts),
+                self.link(Role.TRUST_SERVER),
+                "c2.evidence",
+                Evidence(nonce, quote.to_bytes(), log.entries),
+                recipient=ts,
+                expect="c4.verdict",
+                session=session,
+                peer=self.peers.get(ts),
             )
         except TrustpayError as exc:
             return self._untrusted("C2", f"attestation did not complete: {exc}", session, order)
         # C4: the verdict
         message = answer.envelope.body
         try:
-            verdict = open_record(Verdict, message.verdict, VERDICT_DOMAIN, answer.sender_cert.body.sign_key,
-                                  "verdict").body
+            verdict = open_record(
+                Verdict, message.verdict, VERDICT_DOMAIN, answer.sender_cert.body.sign_key, "verdict"
+            ).body
         except TrustpayError as exc:
             return self._untrusted("C4", f"verdict does not verify: {exc}", session, order)
         if (verdict.nonce, verdict.order_hash, verdict.device) != (nonce, req.order_hash, self.device):
@@ -382,6 +446,11 @@ class TrustModule(Node):
         self.book.add(release)
         self.data["releases"].append(blob.hex())
         await self._save()
-        self.log.info("release.added", kind=release.kind, name=release.name, version=release.version,
-                      withdrawn=release.withdrawn)
+        self.log.info(
+            "release.added",
+            kind=release.kind,
+            name=release.name,
+            version=release.version,
+            withdrawn=release.withdrawn,
+        )
         return "release.ok", Empty()

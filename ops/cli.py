@@ -22,6 +22,9 @@ EXIT_ERROR, EXIT_CONFIG = 1, 2  # 2 is also what argparse uses for a bad command
 # subcommand name -> module implementing it
 COMMANDS: dict[str, str] = {
     "provision": "ops.provision",
+    "node": "ops.node_cmd",
+    "client": "ops.client_cmd",
+    "broker": "ops.broker_cmd",
 }
 
 

@@ -413,3 +413,12 @@ def test_cert_body_is_what_is_signed():
     check_signature(cert, PKI.root)
     with exactly(CertificateInvalid):
         check_signature(cert, PKI.update)
+
+
+def test_install_platform_written_in():
+    store = PKI.store(platform=False)
+    with exactly(WrongRole):
+        store.install_platform(PKI.update)
+    store.install_platform(PKI.platform)
+    assert store.platform == PKI.platform
+    assert resolve(store, TS.chain, accept_rotation=False) == TS.cert

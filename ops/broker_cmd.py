@@ -1,0 +1,49 @@
+"""``trustpay broker --deploy DIR``: run the deployment's MQTT broker until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from broker import BACKENDS, Broker, make_broker
+from nodes.deployment import Deployment
+
+HELP = "run the deployment's broker (Mosquitto, or the embedded amqtt) with its logins and ACL"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    parser.add_argument("--backend", choices=BACKENDS, help="default: the manifest's")
+    parser.add_argument("--port", type=int, help="default: the manifest's")
+
+
+def broker_for(dep: Deployment, backend: str | None = None, port: int | None = None) -> Broker:
+    """The deployment's broker (not started), its data kept under DIR/broker/."""
+    manifest = dep.load_manifest()
+    identities = dep.broker_identities(manifest)
+    health = next(i for i in identities if i.username == "monitor")
+    return make_broker(
+        backend or manifest.broker.backend,
+        dep.broker_dir / "data",
+        port or manifest.broker.port,
+        identities,
+        health,
+    )
+
+
+async def serve(broker: Broker) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with broker:
+        print(f"broker {broker.backend} up at {broker.url} (pid {broker.pid}); Ctrl-C stops it", flush=True)
+        await stop.wait()
+    print("broker stopped", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(serve(broker_for(Deployment(args.deploy), args.backend, args.port)))
+    return 0

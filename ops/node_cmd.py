@@ -1,0 +1,34 @@
+"""``trustpay node ROLE --deploy DIR``: run one node of a deployment as this process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from nodes.deployment import Deployment
+from protocol.topics import NODE_ROLES, role_from_name
+
+from .roles import resolve_node_id, run_node
+
+HELP = "run one node (trust-module, chip, client, trust-server, payment-server) until stopped"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("role", choices=[r.value for r in NODE_ROLES])
+    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    parser.add_argument("--device", help="device id, for device roles (default: the only device)")
+    parser.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883 (default: the manifest's)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="console log level (the JSON log file gets everything)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    dep = Deployment(args.deploy)
+    nid = resolve_node_id(dep, role_from_name(args.role), args.device)
+    asyncio.run(run_node(dep, nid, args.broker, console_level=args.log_level))
+    return 0

@@ -1,0 +1,79 @@
+"""Role name -> the class that implements it, and running one node process to completion."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any, TextIO
+
+from nodes.assemble import assemble
+from nodes.deployment import Deployment
+from nodes.runtime import Node
+from protocol.errors import ConfigError
+from protocol.topics import Role, node_id
+
+
+def role_class(role: Role) -> type[Node]:
+    # imported here so that starting one role does not load the others' dependencies
+    if role is Role.TRUST_MODULE:
+        from nodes.trust_module import TrustModule
+
+        return TrustModule
+    if role is Role.CHIP:
+        from nodes.chip import Chip
+
+        return Chip
+    if role is Role.CLIENT:
+        from nodes.client import Client
+
+        return Client
+    if role is Role.TRUST_SERVER:
+        from nodes.trust_server import TrustServer
+
+        return TrustServer
+    if role is Role.PAYMENT_SERVER:
+        from nodes.payment_server import PaymentServer
+
+        return PaymentServer
+    raise ConfigError(
+        f"{role.value} is not a node role; choose one of trust-module, chip, client, "
+        "trust-server, payment-server"
+    )
+
+
+def resolve_node_id(dep: Deployment, role: Role, device: str | None) -> str:
+    manifest = dep.load_manifest()
+    if role.on_device:
+        if device is None:
+            if len(manifest.devices) != 1:
+                raise ConfigError(f"--device is needed: this deployment has {len(manifest.devices)} devices")
+            device = manifest.devices[0].device
+        manifest.device(device)  # raises a ConfigError naming the known devices
+        return node_id(role, device)
+    return manifest.servers.get(role.value, role.value)
+
+
+async def run_node(
+    dep: Deployment,
+    nid: str,
+    broker_url: str | None = None,
+    console: TextIO | None = sys.stderr,
+    console_level: str = "info",
+    **extra: Any,
+) -> Node:
+    """Run one node until it stops by itself or SIGINT/SIGTERM arrives; return it."""
+    parts = assemble(dep, nid, broker_url, console=console, console_level=console_level)
+    cls = role_class(parts.config.identity.role)
+    node = cls(parts.config, parts.bus, parts.logging.logger, deployment=dep, **extra)
+    parts.bus.will = node.will
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.stop)
+    try:
+        await node.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        parts.logging.close()
+    return node
