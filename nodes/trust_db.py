@@ -258,7 +258,8 @@ class TrustDb:
     ) -> None:
         async with self._tx() as tx:
             await tx.execute(
-                "INSERT INTO nonces (nonce, device, order_hash, issued_ms, expires_ms) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO nonces (nonce, device, order_hash, issued_ms, expires_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
                 (nonce, device, order_hash, issued_ms, expires_ms),
             )
 

@@ -184,6 +184,8 @@ class CertStore:
             return False
         if self.update is None:
             raise CertificateInvalid("no update certificate: cannot accept a platform certificate")
+        self._check_time(self.update, now_s)
+        self._check_revoked(self.update)
         self._check_issued_by(cert, self.update, PLATFORM)
         self._check_time(cert, now_s)
         self._check_revoked(cert)
@@ -220,6 +222,8 @@ class CertStore:
         cached = self._valid.get(leaf_bytes)
         if cached is not None:
             self._check_time(cached, now_s)
+            if ISSUER_ROLE.get(cached.role) == PLATFORM and self.platform is not None:
+                self._check_time(self.platform, now_s)
             return cached
         leaf = Certificate.from_bytes(leaf_bytes)
         issuer_role = ISSUER_ROLE.get(leaf.role)
@@ -237,6 +241,8 @@ class CertStore:
                 self.accept_platform(platform, now_s)
             assert self.platform is not None
             issuer = self.platform
+            self._check_time(issuer, now_s)
+            self._check_revoked(issuer)
         else:
             raise WrongRole(f"a {leaf.role} certificate cannot sign frames")
         self._check_issued_by(leaf, issuer, leaf.role)

@@ -67,6 +67,10 @@ def _check_tree(value: Value, depth: int, limit: int) -> None:
         raise Malformed(f"nested deeper than {limit} levels")
     if isinstance(value, float):
         raise Malformed("floats are not allowed")
+    if isinstance(value, int) and not isinstance(value, bool) and not MIN_INT <= value <= MAX_INT:
+        raise Malformed("integer outside the signed 64-bit range")
+    if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+        raise Malformed("map keys must be strings")
     if isinstance(value, list):
         for v in value:
             _check_tree(v, depth + 1, limit)

@@ -78,7 +78,8 @@ class ReplayGuard:
             raise Replayed(f"boot epoch {epoch} is older than {sender}'s current {win.epoch}")
         if seq > win.top:
             shift = seq - win.top
-            win.bits = ((win.bits << shift) | 1) & ((1 << WINDOW_BITS) - 1)
+            # a jump past the window resets it: shifting by a huge jump would allocate gigabytes
+            win.bits = 1 if shift >= WINDOW_BITS else ((win.bits << shift) | 1) & ((1 << WINDOW_BITS) - 1)
             win.top = seq
             return
         offset = win.top - seq

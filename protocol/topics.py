@@ -166,11 +166,15 @@ def parse_topic(topic: str) -> ParsedTopic:
     if src is None:
         raise WrongTopic(f"{topic!r}: unknown sender role {src_s!r}")
     if dst_s in (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_OPS) and src is not Role.OPERATOR:
+        if src.on_device != (device is not None):
+            raise WrongTopic(f"{topic!r}: a {src.value} channel is not in this scope")
         return ParsedTopic(device, src, None, dst_s)
     dst = _BY_SHORT.get(dst_s)
     if dst is None:
         raise WrongTopic(f"{topic!r}: unknown receiver {dst_s!r}")
     if src is Role.OPERATOR:
+        if dst not in NODE_ROLES or dst.on_device != (device is not None):
+            raise WrongTopic(f"{topic!r}: the operator reaches a {dst.value} in another scope")
         return ParsedTopic(device, src, dst, CHANNEL_OPS)
     link_for(src, dst)
     if (src.on_device or dst.on_device) != (device is not None):
@@ -203,7 +207,7 @@ def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
         return (AclRule("read", f"{PREFIX}/#"),)
     if role is Role.OPERATOR:
         return (
-            AclRule("write", f"{PREFIX}/dev/+/ops/+"),
+            *(AclRule("write", f"{PREFIX}/dev/+/ops/{r.short}") for r in DEVICE_ROLES),
             AclRule("write", f"{PREFIX}/plat/ops/+"),
             AclRule("read", f"{PREFIX}/dev/+/+/ops"),
             AclRule("read", f"{PREFIX}/plat/+/ops"),
@@ -212,6 +216,8 @@ def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
             AclRule("read", f"{PREFIX}/dev/+/+/ev"),
             AclRule("read", f"{PREFIX}/plat/+/ev"),
         )
+    if role.on_device and not device:
+        raise WrongTopic(f"a {role.value} identity needs its device id: it may reach only its own device")
     dev = check_device_id(device) if role.on_device and device else "+"
     writes = [link_topic(link.src, link.dst, dev) for link in LINKS if link.src is role]
     writes += [channel_topic(role, ch, dev) for ch in (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_OPS)]

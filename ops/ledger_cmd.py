@@ -1,0 +1,97 @@
+"""``trustpay ledger``: balances and payments, read from the payment-server's ledger.
+
+The database is opened read-only; thanks to WAL this works while the
+payment-server runs and never blocks it. Amounts are stored in integer minor
+units; the text view formats them with the manifest's currency exponent, the
+JSON view keeps the integers. A deployment whose payment-server never started
+has no ledger yet: that is an error (exit 1) naming what to do, not a guess
+from the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from nodes.deployment import Deployment
+from nodes.ledger import Snapshot, read_snapshot
+
+HELP = "show the ledger: every account's balance and every payment"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deploy", type=Path, required=True, help="the deployment directory")
+    parser.add_argument("--json", action="store_true", help="print JSON, amounts in integer minor units")
+
+
+def run(args: argparse.Namespace) -> int:
+    dep = Deployment(args.deploy)
+    manifest = dep.load_manifest()
+    snapshot = asyncio.run(read_snapshot(dep.ledger_db))
+    if args.json:
+        print(json.dumps(to_json(snapshot), indent=2))
+    else:
+        print(to_text(snapshot, manifest.exponent, dep.ledger_db), end="")
+    return 0
+
+
+def to_json(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "accounts": [
+            {"account": a.account, "kind": a.kind, "currency": a.currency, "balance": a.balance,
+             "opening_balance": a.opening_balance}
+            for a in snapshot.accounts
+        ],
+        "payments": [
+            {"order_id": p.order_id, "device": p.device, "app": p.app, "payer": p.payer, "payee": p.payee,
+             "amount": p.amount, "currency": p.currency, "status": p.status, "code": p.code,
+             "created_ms": p.created_ms}
+            for p in snapshot.payments
+        ],
+        "total": sum(a.balance for a in snapshot.accounts),
+    }
+
+
+def money(minor: int, exponent: int, currency: str) -> str:
+    """Integer minor units as a decimal: 100000, 2, "EUR" -> "1000.00 EUR" (no float rounding)."""
+    sign = "-" if minor < 0 else ""
+    whole, frac = divmod(abs(minor), 10**exponent)
+    decimals = f".{frac:0{exponent}d}" if exponent else ""
+    return f"{sign}{whole}{decimals} {currency}"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: frozenset[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for row in [header, *rows]:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def to_text(snapshot: Snapshot, exponent: int, path: Path) -> str:
+    lines = [f"ledger {path}", ""]
+    rows = [(a.account, a.kind, money(a.balance, exponent, a.currency), money(a.opening_balance, exponent,
+             a.currency)) for a in snapshot.accounts]
+    lines += _table(("account", "kind", "balance", "opening"), rows, frozenset({2, 3}))
+    # totals per currency: money is only conserved (and only summable) within one currency
+    for currency in sorted({a.currency for a in snapshot.accounts}):
+        held = [a for a in snapshot.accounts if a.currency == currency]
+        total, opening = sum(a.balance for a in held), sum(a.opening_balance for a in held)
+        note = "conserved" if total == opening else f"differs from the opening total by {total - opening}"
+        lines.append(f"total {money(total, exponent, currency)} (opening {money(opening, exponent, currency)}, "
+                     f"{note})")
+    statuses = Counter(p.status for p in snapshot.payments)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+    lines += ["", f"payments: {len(snapshot.payments)}" + (f" ({summary})" if summary else "")]
+    if snapshot.payments:
+        rows = [(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.created_ms / 1000)), p.order_id, p.payer or
+                 f"{p.device}:{p.app}", p.payee, money(p.amount, exponent, p.currency),
+                 p.status + (f" ({p.code})" if p.code else "")) for p in snapshot.payments]
+        lines += _table(("time (UTC)", "order", "payer", "payee", "amount", "status"), rows, frozenset({4}))
+    return "\n".join(lines) + "\n"
