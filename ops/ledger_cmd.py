@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,28 @@ def run(args: argparse.Namespace) -> int:
 def to_json(snapshot: Snapshot) -> dict[str, Any]:
     return {
         "accounts": [
-            {"account": a.account, "kind": a.kind, "currency": a.currency, "balance": a.balance,
-             "opening_balance": a.opening_balance}
+            {
+                "account": a.account,
+                "kind": a.kind,
+                "currency": a.currency,
+                "balance": a.balance,
+                "opening_balance": a.opening_balance,
+            }
             for a in snapshot.accounts
         ],
         "payments": [
-            {"order_id": p.order_id, "device": p.device, "app": p.app, "payer": p.payer, "payee": p.payee,
-             "amount": p.amount, "currency": p.currency, "status": p.status, "code": p.code,
-             "created_ms": p.created_ms}
+            {
+                "order_id": p.order_id,
+                "device": p.device,
+                "app": p.app,
+                "payer": p.payer,
+                "payee": p.payee,
+                "amount": p.amount,
+                "currency": p.currency,
+                "status": p.status,
+                "code": p.code,
+                "created_ms": p.created_ms,
+            }
             for p in snapshot.payments
         ],
         "total": sum(a.balance for a in snapshot.accounts),
@@ -65,33 +80,48 @@ def money(minor: int, exponent: int, currency: str) -> str:
     return f"{sign}{whole}{decimals} {currency}"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: frozenset[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    out = []
-    for row in [header, *rows]:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        out.append("  ".join(cells).rstrip())
-    return out
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], right: frozenset[int]) -> list[str]:
+    """Columns padded to their widest cell; amounts (``right``) right-aligned so decimals line up."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = (c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row))
+        return "  ".join(cells).rstrip()
+
+    return [line(row) for row in (header, *rows)]
 
 
 def to_text(snapshot: Snapshot, exponent: int, path: Path) -> str:
+    def fmt(minor: int, currency: str) -> str:
+        return money(minor, exponent, currency)
+
     lines = [f"ledger {path}", ""]
-    rows = [(a.account, a.kind, money(a.balance, exponent, a.currency), money(a.opening_balance, exponent,
-             a.currency)) for a in snapshot.accounts]
-    lines += _table(("account", "kind", "balance", "opening"), rows, frozenset({2, 3}))
+    accounts = [
+        (a.account, a.kind, fmt(a.balance, a.currency), fmt(a.opening_balance, a.currency))
+        for a in snapshot.accounts
+    ]
+    lines += _table(("account", "kind", "balance", "opening"), accounts, frozenset({2, 3}))
     # totals per currency: money is only conserved (and only summable) within one currency
     for currency in sorted({a.currency for a in snapshot.accounts}):
         held = [a for a in snapshot.accounts if a.currency == currency]
         total, opening = sum(a.balance for a in held), sum(a.opening_balance for a in held)
         note = "conserved" if total == opening else f"differs from the opening total by {total - opening}"
-        lines.append(f"total {money(total, exponent, currency)} (opening {money(opening, exponent, currency)}, "
-                     f"{note})")
+        lines.append(f"total {fmt(total, currency)} (opening {fmt(opening, currency)}, {note})")
     statuses = Counter(p.status for p in snapshot.payments)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
     lines += ["", f"payments: {len(snapshot.payments)}" + (f" ({summary})" if summary else "")]
     if snapshot.payments:
-        rows = [(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.created_ms / 1000)), p.order_id, p.payer or
-                 f"{p.device}:{p.app}", p.payee, money(p.amount, exponent, p.currency),
-                 p.status + (f" ({p.code})" if p.code else "")) for p in snapshot.payments]
-        lines += _table(("time (UTC)", "order", "payer", "payee", "amount", "status"), rows, frozenset({4}))
+        payments = [
+            (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.created_ms / 1000)),
+                p.order_id,
+                p.payer or f"{p.device}:{p.app} (no account)",
+                p.payee,
+                fmt(p.amount, p.currency),
+                p.status + (f" ({p.code})" if p.code else ""),
+            )
+            for p in snapshot.payments
+        ]
+        header = ("time (UTC)", "order", "payer", "payee", "amount", "status")
+        lines += _table(header, payments, frozenset({4}))
     return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""``trustpay release``: publish (or withdraw) a version's signed reference measurements.
+
+The release record ("client trust report", claim 3) is signed with the
+issuer key, written to the deployment's releases/ (read by nodes at start)
+and sent to the running trust-server and trust modules, so devices upgraded
+to the new version stay trusted without a restart. ``--withdraw`` makes a
+version untrusted from then on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+from nodes.deployment import Deployment, write_file
+from protocol.appraisal import open_release
+from protocol.errors import ConfigError
+from protocol.measure import APP, CLIENT, measure
+from protocol.messages import ReleaseUpdate
+from protocol.records import RELEASE_DOMAIN, Release, sign_record
+from protocol.topics import Role, node_id
+
+from .operator import command, operator_node
+
+HELP = "add a client or app version's signed reference measurements, or --withdraw one"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    parser.add_argument("kind", choices=[CLIENT, APP])
+    parser.add_argument("name", help="the client's name (trustpay-client) or the app's (wallet, transit)")
+    parser.add_argument("version")
+    parser.add_argument("path", type=Path, nargs="?", help="directory holding code.py and static.json")
+    parser.add_argument("--withdraw", action="store_true", help="make this version untrusted from now on")
+    parser.add_argument("--broker", help="broker URL (default: the manifest's)")
+
+
+def make_release(
+    dep: Deployment, kind: str, name: str, version: str, path: Path | None, withdraw: bool
+) -> bytes:
+    if withdraw:
+        held = dep.release_path(kind, name, version)
+        if not held.exists():
+            raise ConfigError(f"{kind} {name} {version} was never released ({held} missing)")
+        old = open_release(held.read_bytes(), dep.load_public("issuer"))
+        code, static = old.code, old.static
+    else:
+        if path is None or not (path / "code.py").is_file() or not (path / "static.json").is_file():
+            raise ConfigError("give the directory of the new version: it must hold code.py and static.json")
+        m = measure(
+            kind, name, version, (path / "code.py").read_bytes(), (path / "static.json").read_bytes(), b""
+        )
+        code, static = m.code, m.static
+    release = Release(kind, name, version, code, static, withdraw, time.time_ns() // 1_000_000)
+    blob = sign_record(release, RELEASE_DOMAIN, dep.load_offline_keys("issuer")).to_bytes()
+    write_file(dep.release_path(kind, name, version), blob)
+    return blob
+
+
+async def distribute(dep: Deployment, blob: bytes, broker_url: str | None) -> dict[str, str]:
+    """Send the release to the trust-server and every trust module; what each answered."""
+    manifest = dep.load_manifest()
+    update = ReleaseUpdate(blob)
+    async with operator_node(dep, broker_url) as op:
+        targets = [(Role.TRUST_SERVER, Role.TRUST_SERVER.value, None)]
+        targets += [
+            (Role.TRUST_MODULE, node_id(Role.TRUST_MODULE, d.device), d.device) for d in manifest.devices
+        ]
+        answers = await asyncio.gather(
+            *(
+                command(op, role, nid, "release.update", update, "release.ok", device)
+                for role, nid, device in targets
+            )
+        )
+    return {nid: answer for (_, nid, _), answer in zip(targets, answers, strict=True)}
+
+
+def run(args: argparse.Namespace) -> int:
+    dep = Deployment(args.deploy)
+    blob = make_release(dep, args.kind, args.name, args.version, args.path, args.withdraw)
+    what = "withdrawn" if args.withdraw else "released"
+    print(
+        f"{args.kind} {args.name} {args.version} {what}: {dep.release_path(args.kind, args.name, args.version)}"
+    )
+    answers = asyncio.run(distribute(dep, blob, args.broker))
+    for nid, answer in answers.items():
+        print(f"  {nid:<24} {answer if answer != 'ok' else 'updated'}")
+    # nodes that are down read releases/ when they start; the trust-server must have it now
+    return 0 if answers.get(Role.TRUST_SERVER.value) == "ok" else 1

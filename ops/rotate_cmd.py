@@ -1,0 +1,98 @@
+"""``trustpay rotate-platform``: a new platform key, certified by the update key (claim 3).
+
+Writes the new platform certificate and re-issues the two servers'
+certificates under it, then tells the running servers to reload. Terminals
+hold the old platform key; they accept the new one at their next payment
+(C1) only because the update certificate signed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+from nodes.deployment import Deployment, keys_to_bytes, write_file, write_secret
+from protocol.certs import PLATFORM, CertBody, Certificate, issue
+from protocol.keys import KeyPair
+from protocol.messages import Empty
+from protocol.topics import Role
+
+from .operator import command, operator_node
+
+HELP = "rotate the platform key through the update certificate and reload the servers"
+SERVERS = (Role.TRUST_SERVER, Role.PAYMENT_SERVER)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    parser.add_argument("--broker", help="broker URL (default: the manifest's)")
+
+
+def _next_serial(dep: Deployment) -> int:
+    certs = [*dep.certs_dir.glob("*.cert"), *dep.public_dir.glob("*.cert")]
+    return 1 + max(Certificate.from_bytes(p.read_bytes()).serial for p in certs)
+
+
+def rotate(dep: Deployment, now_s: int | None = None) -> Certificate:
+    """Issue and write a new platform certificate and new server certificates; return the platform's."""
+    now_s = now_s or time.time_ns() // 1_000_000_000
+    old = dep.load_public("platform")
+    update_cert, update_keys = dep.load_public("update"), dep.load_offline_keys("update")
+    platform_keys = KeyPair.generate()
+    serial = _next_serial(dep)
+    platform = issue(
+        CertBody(
+            serial,
+            PLATFORM,
+            PLATFORM,
+            "",
+            platform_keys.sign_public,
+            platform_keys.box_public,
+            now_s - 60,
+            old.body.not_after,
+            update_cert.subject,
+            update_cert.serial,
+        ),
+        update_keys,
+    )
+    for offset, role in enumerate(SERVERS, start=1):
+        nid = role.value
+        held = dep.load_cert(nid)
+        body = CertBody(
+            serial + offset,
+            nid,
+            role.value,
+            "",
+            held.body.sign_key,
+            held.body.box_key,
+            now_s - 60,
+            held.body.not_after,
+            PLATFORM,
+            platform.serial,
+        )
+        cert = issue(body, platform_keys)
+        write_file(dep.node_cert_path(nid), cert.to_bytes())
+        write_file(dep.cert_path(nid), cert.to_bytes())
+    write_secret(dep.offline_key_path(PLATFORM), keys_to_bytes(platform_keys))
+    write_file(dep.public_cert_path(PLATFORM), platform.to_bytes())
+    return platform
+
+
+async def reload_servers(dep: Deployment, broker_url: str | None) -> dict[str, str]:
+    async with operator_node(dep, broker_url) as op:
+        answers = await asyncio.gather(
+            *(command(op, role, role.value, "keys.reload", Empty(), "keys.reloaded") for role in SERVERS)
+        )
+    return {role.value: answer for role, answer in zip(SERVERS, answers, strict=True)}
+
+
+def run(args: argparse.Namespace) -> int:
+    dep = Deployment(args.deploy)
+    platform = rotate(dep)
+    print(f"platform certificate {platform.serial} issued by the update key")
+    answers = asyncio.run(reload_servers(dep, args.broker))
+    for nid, answer in answers.items():
+        print(f"  {nid:<16} {'reloaded' if answer == 'ok' else answer}")
+    return 0 if all(a == "ok" for a in answers.values()) else 1
