@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "broker": "ops.broker_cmd",
     "release": "ops.release_cmd",
     "rotate-platform": "ops.rotate_cmd",
+    "bench": "ops.bench",
 }
 
 

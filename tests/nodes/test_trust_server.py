@@ -132,11 +132,11 @@ async def challenge(tm: Node, oh: bytes) -> Challenge:
 
 
 async def evidence(tm: Node, nonce: bytes, log: MeasurementLog, quoted_nonce: bytes | None = None,
-                   **request: float) -> VerdictMessage:
+                   timeout_s: float | None = None, attempts: int | None = None) -> VerdictMessage:
     quote = make_quote(DEV, quoted_nonce or nonce, log, tm.keys, now_ms())
     answer = await tm.request(tm.link(Role.TRUST_SERVER), "c2.evidence",
                               Evidence(nonce, quote.to_bytes(), log.entries), recipient=TS,
-                              expect="c4.verdict", peer=tm.peers[TS], **request)  # type: ignore[arg-type]
+                              expect="c4.verdict", peer=tm.peers[TS], timeout_s=timeout_s, attempts=attempts)
     message: VerdictMessage = answer.envelope.body
     return message
 
@@ -270,7 +270,7 @@ async def test_a_quote_over_another_nonce_is_refused_and_burns_the_nonce(dep: De
 
 
 async def test_used_nonces_stay_used_across_a_restart(dep: Deployment) -> None:
-    broker, grants = FakeBroker(), []
+    broker, grants = FakeBroker(), list[Grant]()
     tm = make_node(Node, dep, f"{DEV}.tm", broker)
     async with running(tm, payment_server(dep, broker, grants)):
         first = make_node(TrustServer, dep, TS, broker, deployment=dep)

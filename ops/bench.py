@@ -1,0 +1,216 @@
+"""``trustpay bench``: what our protocol costs, measured side by side with raw MQTT.
+
+* ``micro``: per-message CPU cost of encode, decode, sign, verify, seal, open
+  (median of several batches, microseconds per message).
+* ``rt``: request/response round trips on one broker, in one run: raw aiomqtt
+  QoS 1 echo versus trustpay's signed, verified ping, and their ratio.
+
+Speed is reported, never asserted: absolute numbers drift, ratios travel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from nodes.assemble import assemble
+from nodes.deployment import Deployment
+from nodes.runtime import Node, now_ms, ping
+from protocol.certs import CertStore
+from protocol.codec import pack, unpack
+from protocol.envelope import Envelope, Verifier, new_id, sign_frame
+from protocol.messages import Evidence, Ping
+from protocol.replay import ReplayGuard
+from protocol.topics import Role, link_topic
+
+HELP = "measure per-message costs (micro) and round trips against raw MQTT (rt)"
+
+
+def _median_us(fn: Callable[[], Any], n: int, batches: int = 7) -> float:
+    samples = []
+    for _ in range(batches):
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter_ns() - start) / n / 1000)
+    return round(statistics.median(samples), 2)
+
+
+def micro(dep: Deployment, n: int = 2000) -> dict[str, float]:
+    """Per-message costs of a device -> trust-server frame (sealed evidence) and a plain ping."""
+    device = dep.load_manifest().devices[0].device
+    tm_id = f"{device}.tm"
+    tm_keys, tm_cert = dep.load_keys(tm_id), dep.load_cert(tm_id)
+    ts_keys, ts_cert = dep.load_keys("trust-server"), dep.load_cert("trust-server")
+    topic = link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, device)
+    store = CertStore(dep.load_public("root"), dep.load_public("update"))
+    store.install_platform(dep.load_public("platform"))
+    results: dict[str, float] = {}
+    for label, body, peer in (
+        ("ping", Ping(b"\x01" * 16), None),
+        ("sealed", Evidence(b"\x02" * 32, b"\x03" * 200, ()), ts_cert.body.box_key),
+    ):
+        msg = "ping" if label == "ping" else "c2.evidence"
+        env = Envelope(
+            msg, new_id(), tm_id, "trust-server", b"s" * 16, b"", now_ms(), 1, 1, (tm_cert.to_bytes(),), body
+        )
+        frame = sign_frame(env, topic, tm_keys, peer)
+        data = frame[:-64]
+        verifier = Verifier(frozenset({"trust-server"}), store, None, keys=ts_keys)
+        verifier.open(frame, topic, now_ms())  # warm the certificate cache, as a running node has it
+        t = now_ms()
+        results[f"{label}.frame_bytes"] = len(frame)
+        results[f"{label}.encode_us"] = _median_us(lambda: pack([1, "x", b"", data]), n)  # noqa: B023
+        results[f"{label}.decode_us"] = _median_us(lambda: unpack(data), n)  # noqa: B023
+        results[f"{label}.sign_us"] = _median_us(lambda: sign_frame(env, topic, tm_keys, peer), n)  # noqa: B023
+        results[f"{label}.verify_us"] = _median_us(lambda: verifier.open(frame, topic, t), n)  # noqa: B023
+    guard_verifier = Verifier(frozenset({"trust-server"}), store, ReplayGuard(0), keys=ts_keys)
+    frames = []
+    for seq in range(n):
+        env = Envelope(
+            "ping",
+            new_id(),
+            tm_id,
+            "trust-server",
+            b"",
+            b"",
+            now_ms(),
+            1,
+            seq + 1,
+            (tm_cert.to_bytes(),),
+            Ping(b"\x01" * 16),
+        )
+        frames.append(sign_frame(env, topic, tm_keys))
+    start = time.perf_counter_ns()
+    for frame in frames:
+        guard_verifier.open(frame, topic, now_ms())
+    results["ping.verify_with_replay_guard_us"] = round((time.perf_counter_ns() - start) / n / 1000, 2)
+    return results
+
+
+async def _raw_rt(
+    host: str, port: int, creds: tuple[str, str], mqtt: aiomqtt.ProtocolVersion, rounds: int
+) -> float:
+    """Round trips per second of raw QoS 1 echo between two clients (same logins' topics)."""
+    req, rsp = "tp/v1/dev/dev-0001/tm/ts", "tp/v1/dev/dev-0001/ts/tm"
+    opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    (tm_user, tm_pw), (ts_user, ts_pw) = creds[0], creds[1]  # type: ignore[misc]
+    async with (
+        aiomqtt.Client(
+            host,
+            port,
+            username=tm_user,
+            password=tm_pw,
+            protocol=mqtt,
+            socket_options=opts,
+            identifier="bench-raw-a",
+        ) as a,
+        aiomqtt.Client(
+            host,
+            port,
+            username=ts_user,
+            password=ts_pw,
+            protocol=mqtt,
+            socket_options=opts,
+            identifier="bench-raw-b",
+        ) as b,
+    ):
+        await a.subscribe(rsp, qos=1)
+        await b.subscribe(req, qos=1)
+
+        async def echo() -> None:
+            async for message in b.messages:
+                await b.publish(rsp, message.payload, qos=1)
+
+        echo_task = asyncio.create_task(echo())
+        start = time.perf_counter()
+        async with asyncio.timeout(120):
+            for i in range(rounds):
+                await a.publish(req, str(i).encode(), qos=1)
+                await anext(aiter(a.messages))
+        elapsed = time.perf_counter() - start
+        echo_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await echo_task
+    return rounds / elapsed
+
+
+async def _node_rt(dep: Deployment, rounds: int, broker_url: str | None) -> float:
+    device = dep.load_manifest().devices[0].device
+    nodes = []
+    for nid in (f"{device}.tm", "trust-server"):
+        parts = assemble(dep, nid, broker_url, console=None)
+        node = Node(parts.config, parts.bus, parts.logging.logger)
+        parts.bus.will = node.will
+        nodes.append(node)
+    tasks = [asyncio.create_task(n.run()) for n in nodes]
+    try:
+        async with asyncio.timeout(30):
+            for n in nodes:
+                await n.connected.wait()
+        start = time.perf_counter()
+        async with asyncio.timeout(120):
+            for _ in range(rounds):
+                await ping(nodes[0], Role.TRUST_SERVER, "trust-server")
+        return rounds / (time.perf_counter() - start)
+    finally:
+        for n in nodes:
+            n.stop()
+        await asyncio.gather(*tasks)
+
+
+async def round_trips(dep: Deployment, rounds: int, backend: str) -> dict[str, Any]:
+    from ops.broker_cmd import broker_for
+
+    broker = broker_for(dep, backend)
+    async with broker:
+        version = aiomqtt.ProtocolVersion.V5 if broker.mqtt_version == "5" else aiomqtt.ProtocolVersion.V311
+        device = dep.load_manifest().devices[0].device
+        creds = []
+        for nid in (f"{device}.tm", "trust-server"):
+            c = dep.load_broker_credentials(nid)
+            creds.append((c.username, c.password))
+        url = f"mqtt://{broker.host}:{broker.port}?v={broker.mqtt_version}"
+        raw = await _raw_rt(broker.host, broker.port, tuple(creds), version, rounds)  # type: ignore[arg-type]
+        ours = await _node_rt(dep, rounds, url)
+    return {
+        "backend": backend,
+        "rounds": rounds,
+        "raw_mqtt_rt_per_s": round(raw),
+        "trustpay_rt_per_s": round(ours),
+        "ratio": round(ours / raw, 2),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=["micro", "rt"], help="micro: per-message costs; rt: round trips")
+    parser.add_argument("--backend", choices=["mosquitto", "amqtt"], default=None)
+    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--n", type=int, default=2000, help="messages per micro batch")
+
+
+def run(args: argparse.Namespace) -> int:
+    from broker import default_backend
+    from ops.provision import provision
+
+    with tempfile.TemporaryDirectory(prefix="trustpay-bench-") as tmp:
+        backend = args.backend or default_backend()
+        provision(Path(tmp) / "d", 1, backend=backend)
+        dep = Deployment(Path(tmp) / "d")
+        if args.what == "micro":
+            result: dict[str, Any] = micro(dep, args.n)
+        else:
+            result = asyncio.run(round_trips(dep, args.rounds, backend))
+    print(json.dumps(result, indent=2))
+    return 0
