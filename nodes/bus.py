@@ -53,10 +53,12 @@ class MqttBus:
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 5.0
     publish_timeout_s: float = 10.0
+    ack_timeout_s: float = 3.0
     log: structlog.typing.FilteringBoundLogger = field(default_factory=structlog.get_logger)
     _client: aiomqtt.Client | None = field(default=None, init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _version: str = field(default="", init=False)
+    _kick: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     connections: int = field(default=0, init=False)
 
     def _make_client(self, version: str) -> aiomqtt.Client:
@@ -111,37 +113,53 @@ class MqttBus:
                     connected.set()
                     delay = self.backoff_initial_s
                     self.log.info("bus.connected", mqtt=version, attempt=self.connections)
-                    async for message in client.messages:
-                        payload = message.payload
-                        if isinstance(payload, (bytes, bytearray)):
-                            on_message(str(message.topic), bytes(payload))
-                        else:
-                            on_message(str(message.topic), b"")
-            except aiomqtt.MqttError as exc:
+                    self._kick = asyncio.Event()
+                    async with asyncio.TaskGroup() as tg:
+                        reader = tg.create_task(self._read(client, on_message), name=f"{self.client_id}:read")
+                        await self._kick.wait()
+                        reader.cancel()
+                    self.log.warning("bus.reconnecting", reason="a publish was not acknowledged")
+            except* aiomqtt.MqttError as group:
+                exc = group.exceptions[0]
                 self.log.warning("bus.disconnected", reason=str(exc), retry_in_s=delay, mqtt=version)
                 if self.address.mqtt_version == "auto" and self.connections == 0:
                     # Until one connection works, alternate: amqtt refuses a v5 CONNECT.
                     version = "3.1.1" if version == "5" else "5"
             finally:
                 self._client = None
+                self._kick.set()
                 self._ready.clear()
                 connected.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max_s)
 
+    async def _read(self, client: aiomqtt.Client, on_message: OnMessage) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            on_message(str(message.topic), bytes(payload) if isinstance(payload, (bytes, bytearray)) else b"")
+        raise aiomqtt.MqttError("message stream ended")
+
     async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         try:
             async with asyncio.timeout(self.publish_timeout_s):
                 await self._ready.wait()
-                client = self._client
-                if client is None:
-                    raise TransportError("not connected to the broker")
+        except TimeoutError as exc:
+            raise TransportError(f"not connected to the broker for {self.publish_timeout_s} s") from exc
+        client, kick = self._client, self._kick
+        if client is None:
+            raise TransportError("not connected to the broker")
+        try:
+            async with asyncio.timeout(self.ack_timeout_s):
                 await client.publish(topic, payload, qos=1, retain=retain)
         except TimeoutError as exc:
-            raise TransportError(
-                f"publish to {topic} not acknowledged in {self.publish_timeout_s} s"
-            ) from exc
+            # A connection that takes publishes but acknowledges none is dead in one direction
+            # (seen with amqtt after a restart): drop it and reconnect.
+            kick.set()
+            raise TransportError(f"publish to {topic} not acknowledged in {self.ack_timeout_s} s") from exc
         except aiomqtt.MqttError as exc:
+            if client is self._client:  # the connection is going: the next publish waits for the new one
+                self._ready.clear()
+                kick.set()
             raise TransportError(f"publish to {topic} failed: {exc}") from exc
 
 

@@ -244,8 +244,22 @@ class LedgerTx:
         await self._db.execute(
             f"INSERT INTO payments ({_PAYMENT_COLUMNS}, order_hash, order_blob, receipt_blob) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (p.order_id, p.device, p.app, p.payer, p.payee, p.amount, p.currency, p.counter, p.status,
-             p.code, p.created_ms, order_hash, order_blob, receipt),
+            (
+                p.order_id,
+                p.device,
+                p.app,
+                p.payer,
+                p.payee,
+                p.amount,
+                p.currency,
+                p.counter,
+                p.status,
+                p.code,
+                p.created_ms,
+                order_hash,
+                order_blob,
+                receipt,
+            ),
         )
 
 
@@ -327,8 +341,10 @@ class Ledger:
             await db.executemany(
                 "INSERT OR IGNORE INTO accounts (account, kind, currency, balance, opening_balance) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(a.account, a.kind, a.currency, a.opening_balance, a.opening_balance)
-                 for a in (*manifest.accounts, *manifest.merchants)],
+                [
+                    (a.account, a.kind, a.currency, a.opening_balance, a.opening_balance)
+                    for a in (*manifest.accounts, *manifest.merchants)
+                ],
             )
             await db.executemany(
                 "INSERT OR IGNORE INTO app_accounts (device, app, account) VALUES (?, ?, ?)",

@@ -99,8 +99,10 @@ class PaymentServer(Node):
         grant: Grant = rx.envelope.body
         sender = rx.sender_cert
         if sender.role != Role.TRUST_SERVER.value:
-            raise Refused("not_trust_server",
-                          f"{sender.subject} is a {sender.role}; only the trust-server grants payments")
+            raise Refused(
+                "not_trust_server",
+                f"{sender.subject} is a {sender.role}; only the trust-server grants payments",
+            )
         verdict = open_record(Verdict, grant.verdict, VERDICT_DOMAIN, sender.body.sign_key, "verdict").body
         if (verdict.device, verdict.order_hash) != (grant.device, grant.order_hash):
             raise Refused("grant_mismatch", "the verdict is for another device or order than the grant names")
@@ -110,8 +112,13 @@ class PaymentServer(Node):
         if expires_ms <= self.clock():
             raise Refused("expired", "the grant or its verdict has expired; attest the terminal again")
         await self.ledger.store_grant(grant.device, grant.order_hash, grant.verdict, expires_ms)
-        self.log.info("grant.stored", device=grant.device, order_hash=grant.order_hash.hex(),
-                      status=verdict.status, expires_ms=expires_ms)
+        self.log.info(
+            "grant.stored",
+            device=grant.device,
+            order_hash=grant.order_hash.hex(),
+            status=verdict.status,
+            expires_ms=expires_ms,
+        )
         return "trust.granted", Empty()
 
     # -- C5: the payment itself ------------------------------------------------------
@@ -127,8 +134,11 @@ class PaymentServer(Node):
         signed = open_record(Order, order_blob, ORDER_DOMAIN, chip.body.sign_key, "order")
         order = signed.body
         if order.device != chip.body.device:
-            raise Refused("wrong_device", f"the order is for device {order.device!r} but was signed by "
-                          f"the chip of {chip.body.device!r}")
+            raise Refused(
+                "wrong_device",
+                f"the order is for device {order.device!r} but was signed by "
+                f"the chip of {chip.body.device!r}",
+            )
         if not 0 < len(order.order_id) <= MAX_ORDER_ID:
             raise Refused("bad_order", f"an order id must be 1-{MAX_ORDER_ID} characters")
         if not (-INT64 < order.amount < INT64 and 0 <= order.counter < INT64):
@@ -152,8 +162,11 @@ class PaymentServer(Node):
         stored = await tx.payment(order.order_id)
         if stored is not None:
             if stored.order_hash != order_hash:
-                raise Refused("order_id_reused", f"order id {order.order_id!r} was already used for another "
-                              "order; make a new order with a new id")
+                raise Refused(
+                    "order_id_reused",
+                    f"order id {order.order_id!r} was already used for another "
+                    "order; make a new order with a new id",
+                )
             # our own signed bytes from our own database: decoded for the log, sent back unchanged
             receipt = peek_record(Receipt, stored.receipt, "stored receipt")
             return Outcome(receipt, stored.receipt, repeated=True)
@@ -174,18 +187,26 @@ class PaymentServer(Node):
         balance = payer.balance if payer else 0
         refusal: tuple[str, str] | None = None
         if last is not None and order.counter <= last:
-            refusal = ("stale_counter", f"counter {order.counter} is not above the last executed {last}: "
-                       "an old order replayed, or the app's counter went back")
+            refusal = (
+                "stale_counter",
+                f"counter {order.counter} is not above the last executed {last}: "
+                "an old order replayed, or the app's counter went back",
+            )
         elif payer is None:
             refusal = ("unknown_app", f"application {order.app!r} of {order.device} has no account here")
         elif payee is None or payee.kind != MERCHANT:
             refusal = ("unknown_payee", f"{order.payee!r} is not a merchant account; check the payee")
         elif order.currency != payer.currency or order.currency != payee.currency:
-            refusal = ("currency", f"the order is in {order.currency} but the accounts are in "
-                       f"{payer.currency} and {payee.currency}")
+            refusal = (
+                "currency",
+                f"the order is in {order.currency} but the accounts are in "
+                f"{payer.currency} and {payee.currency}",
+            )
         elif not 0 < order.amount <= self.payment_limit:
-            refusal = ("limit", f"an amount must be 1 to {self.payment_limit} minor units, "
-                       f"not {order.amount}")
+            refusal = (
+                "limit",
+                f"an amount must be 1 to {self.payment_limit} minor units, not {order.amount}",
+            )
         elif payer.balance < order.amount:
             refusal = ("insufficient_funds", f"the balance {payer.balance} does not cover {order.amount}")
         if refusal is None:
@@ -197,26 +218,60 @@ class PaymentServer(Node):
             await tx.credit(payee.account, order.amount)
             if not await tx.advance_counter(order.device, order.app, order.counter):
                 raise LedgerConflict(f"the counter of {order.device}:{order.app} moved during the payment")
-            outcome = self._receipt(order, order_hash, CONFIRMED, "", "payment executed", payer_name,
-                                    new_balance, now)
+            outcome = self._receipt(
+                order, order_hash, CONFIRMED, "", "payment executed", payer_name, new_balance, now
+            )
         else:
             outcome = self._refusal(order, order_hash, *refusal, payer_name, balance, now)
         if not await tx.use_grant(order_hash, now):
             raise LedgerConflict("the grant was used by a concurrent payment")
         r = outcome.receipt
-        record = PaymentRecord(order.order_id, order.device, order.app, payer_name, order.payee, order.amount,
-                               order.currency, order.counter, r.status, r.code, now)
+        record = PaymentRecord(
+            order.order_id,
+            order.device,
+            order.app,
+            payer_name,
+            order.payee,
+            order.amount,
+            order.currency,
+            order.counter,
+            r.status,
+            r.code,
+            now,
+        )
         await tx.insert_payment(record, order_hash, blob, outcome.blob)
         return outcome
 
-    def _refusal(self, order: Order, order_hash: bytes, code: str, reason: str, payer: str, balance: int,
-                 now: int) -> Outcome:
+    def _refusal(
+        self, order: Order, order_hash: bytes, code: str, reason: str, payer: str, balance: int, now: int
+    ) -> Outcome:
         return self._receipt(order, order_hash, REFUSED, code, reason, payer, balance, now)
 
-    def _receipt(self, order: Order, order_hash: bytes, status: str, code: str, reason: str, payer: str,
-                 balance: int, now: int) -> Outcome:
-        receipt = Receipt(order.order_id, order_hash, order.device, status, code, reason, payer, order.payee,
-                          order.amount, order.currency, balance, now)
+    def _receipt(
+        self,
+        order: Order,
+        order_hash: bytes,
+        status: str,
+        code: str,
+        reason: str,
+        payer: str,
+        balance: int,
+        now: int,
+    ) -> Outcome:
+        receipt = Receipt(
+            order.order_id,
+            order_hash,
+            order.device,
+            status,
+            code,
+            reason,
+            payer,
+            order.payee,
+            order.amount,
+            order.currency,
+            balance,
+            now,
+        )
         return Outcome(receipt, sign_record(receipt, RECEIPT_DOMAIN, self.keys).to_bytes(), repeated=False)
 
     def _report(self, outcome: Outcome, order: Order, session: bytes) -> None:
@@ -243,6 +298,7 @@ class PaymentServer(Node):
         if view is None:
             raise Refused("unknown_app", f"application {query.app!r} of {device} has no account here")
         account, payments = view
-        lines = tuple(PaymentLine(p.order_id, p.payee, p.amount, p.currency, p.status, p.created_ms)
-                      for p in payments)
+        lines = tuple(
+            PaymentLine(p.order_id, p.payee, p.amount, p.currency, p.status, p.created_ms) for p in payments
+        )
         return "account.info", AccountInfo(account.account, account.balance, account.currency, lines)

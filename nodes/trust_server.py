@@ -127,9 +127,16 @@ def _summary(status: str, appraisals: tuple[Appraisal, ...]) -> str:
 
 
 class TrustServer(Node):
-    def __init__(self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger,
-                 deployment: Deployment, *, db: TrustDb | None = None,
-                 clock: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        bus: Bus,
+        log: structlog.typing.FilteringBoundLogger,
+        deployment: Deployment,
+        *,
+        db: TrustDb | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
         super().__init__(config, bus, log)
         self.dep = deployment
         self.db = db or TrustDb(deployment.trust_db)
@@ -199,8 +206,9 @@ class TrustServer(Node):
     async def _registered(self, rx: Received, device: str) -> DeviceRow:
         row = await self.db.device(device)
         if row is None:
-            raise DeviceUnknown(f"device {device} is not registered with the trust-server: "
-                                "add it to the deployment manifest")
+            raise DeviceUnknown(
+                f"device {device} is not registered with the trust-server: add it to the deployment manifest"
+            )
         if row.tm_node != rx.envelope.sender:
             raise DeviceUnknown(f"{rx.envelope.sender} is not the registered trust module of {device}")
         return row
@@ -218,8 +226,9 @@ class TrustServer(Node):
         device = self._device_of(rx)
         current = self._platform()
         trusted, reason = await self._judge_platform(check, current)
-        self.step("C", "C1", "trusted" if trusted else "refused", reason, session=rx.envelope.session,
-                  device=device)
+        self.step(
+            "C", "C1", "trusted" if trusted else "refused", reason, session=rx.envelope.session, device=device
+        )
         return "c1.result", PlatformResult(trusted, reason, current.to_bytes())
 
     async def _judge_platform(self, check: PlatformCheck, current: Certificate) -> tuple[bool, str]:
@@ -228,12 +237,16 @@ class TrustServer(Node):
         # The serial the terminal claims is only a hint; the fingerprint says which certificate it is.
         known = await self.db.platform_serial(check.fingerprint)
         if known is None:
-            return False, (f"the terminal's platform certificate (serial {check.serial}) was never this "
-                           "platform's: restore the terminal's written-in platform certificate")
+            return False, (
+                f"the terminal's platform certificate (serial {check.serial}) was never this "
+                "platform's: restore the terminal's written-in platform certificate"
+            )
         if known < current.serial:
             return True, f"rotated: accept serial {current.serial} through the update certificate"
-        return False, (f"the terminal holds platform certificate {known}, newer than the server's "
-                       f"{current.serial}: the operator must reload the trust-server's keys")
+        return False, (
+            f"the terminal holds platform certificate {known}, newer than the server's "
+            f"{current.serial}: the operator must reload the trust-server's keys"
+        )
 
     # -- C2 ------------------------------------------------------------------------
     async def c2_nonce(self, rx: Received) -> tuple[str, Body]:
@@ -244,8 +257,14 @@ class TrustServer(Node):
         await self._registered(rx, device)
         nonce, now = os.urandom(NONCE_SIZE), self.clock()
         await self.db.issue_nonce(nonce, device, req.order_hash, now, now + NONCE_TTL_MS)
-        self.step("C", "C2", "ok", f"nonce issued, valid {NONCE_TTL_MS // 1000} s",
-                  session=rx.envelope.session, device=device)
+        self.step(
+            "C",
+            "C2",
+            "ok",
+            f"nonce issued, valid {NONCE_TTL_MS // 1000} s",
+            session=rx.envelope.session,
+            device=device,
+        )
         return "c2.challenge", Challenge(nonce, now + NONCE_TTL_MS)
 
     # -- C3 / C4 -------------------------------------------------------------------
@@ -260,8 +279,9 @@ class TrustServer(Node):
             self._check_evidence(ev, rx.sender_cert, device)
         except Rejected as exc:
             await self.db.record_attestation(nonce, REFUSED, exc.reason, b"", self.clock(), passed=False)
-            self.step("C", "C3", "refused", f"evidence rejected: {exc.reason}", session=session,
-                      device=device)
+            self.step(
+                "C", "C3", "refused", f"evidence rejected: {exc.reason}", session=session, device=device
+            )
             raise
         book = ReleaseBook()
         for release in await self.db.releases():
@@ -271,8 +291,17 @@ class TrustServer(Node):
         appraisals += extra
         reason = _summary(status, appraisals)
         now = self.clock()
-        verdict = Verdict(self.id, device, status, appraisals, nonce.nonce, nonce.order_hash, POLICY,
-                          now, now + VERDICT_TTL_MS)
+        verdict = Verdict(
+            self.id,
+            device,
+            status,
+            appraisals,
+            nonce.nonce,
+            nonce.order_hash,
+            POLICY,
+            now,
+            now + VERDICT_TTL_MS,
+        )
         blob = sign_record(verdict, VERDICT_DOMAIN, self.keys).to_bytes()
         passed = status in (AFFIRMING, WARNING)
         attestation = await self.db.record_attestation(nonce, status, reason, blob, now, passed)
@@ -280,8 +309,9 @@ class TrustServer(Node):
         if passed:
             await self._grant(nonce, blob, verdict.expires_ms, session)
             await self.db.mark_granted(attestation, self.clock())
-        self.step("C", "C4", "trusted" if passed else "refused", f"verdict {status}", session=session,
-                  device=device)
+        self.step(
+            "C", "C4", "trusted" if passed else "refused", f"verdict {status}", session=session, device=device
+        )
         chain = (self._payment_cert().to_bytes(), self._platform().to_bytes())
         return "c4.verdict", VerdictMessage(blob, chain)
 
@@ -296,18 +326,34 @@ class TrustServer(Node):
     async def _grant(self, nonce: NonceRow, verdict: bytes, expires_ms: int, session: bytes) -> None:
         grant = Grant(nonce.device, nonce.order_hash, verdict, expires_ms)
         try:
-            await self.request(self.link(Role.PAYMENT_SERVER), "trust.grant", grant, recipient=PAYMENT_SERVER,
-                               expect="trust.granted", session=session)
+            await self.request(
+                self.link(Role.PAYMENT_SERVER),
+                "trust.grant",
+                grant,
+                recipient=PAYMENT_SERVER,
+                expect="trust.granted",
+                session=session,
+            )
         except Refused as exc:
-            self.step("C", "C4", "failed", f"grant refused: {exc.reason}", session=session,
-                      device=nonce.device)
-            raise GrantRefused(f"the payment-server refused the grant ({exc.reason}); the order cannot be "
-                               "paid") from exc
+            self.step(
+                "C", "C4", "failed", f"grant refused: {exc.reason}", session=session, device=nonce.device
+            )
+            raise GrantRefused(
+                f"the payment-server refused the grant ({exc.reason}); the order cannot be paid"
+            ) from exc
         except (RequestTimeout, TransportError) as exc:
-            self.step("C", "C4", "failed", f"grant not acknowledged: {exc.reason}", session=session,
-                      device=nonce.device)
-            raise PlatformUnavailable(f"the payment-server did not acknowledge the grant ({exc.reason}); "
-                                      "try the payment again later") from exc
+            self.step(
+                "C",
+                "C4",
+                "failed",
+                f"grant not acknowledged: {exc.reason}",
+                session=session,
+                device=nonce.device,
+            )
+            raise PlatformUnavailable(
+                f"the payment-server did not acknowledge the grant ({exc.reason}); "
+                "try the payment again later"
+            ) from exc
 
     def _payment_cert(self) -> Certificate:
         if self.payment_cert is None:
@@ -321,8 +367,14 @@ class TrustServer(Node):
         issuer = await asyncio.to_thread(self.dep.load_public, "issuer")
         release = open_release(update.release, issuer)
         added = await self.db.add_release(release, update.release)
-        self.log.info("release.added", kind=release.kind, name=release.name, version=release.version,
-                      withdrawn=release.withdrawn, new=added)
+        self.log.info(
+            "release.added",
+            kind=release.kind,
+            name=release.name,
+            version=release.version,
+            withdrawn=release.withdrawn,
+            new=added,
+        )
         return "release.ok", Empty()
 
     async def keys_reload(self, rx: Received) -> tuple[str, Body]:
@@ -342,8 +394,10 @@ class TrustServer(Node):
         payment = await asyncio.to_thread(self.dep.load_cert, PAYMENT_SERVER)
         current = self._platform()
         if platform.to_bytes() != current.to_bytes() and platform.serial <= current.serial:
-            raise CertificateInvalid(f"the deployment's platform certificate {platform.serial} is not newer "
-                                     f"than the one in use ({current.serial}): keys not reloaded")
+            raise CertificateInvalid(
+                f"the deployment's platform certificate {platform.serial} is not newer "
+                f"than the one in use ({current.serial}): keys not reloaded"
+            )
         self._validate(ident, platform, payment)
         # Remembered before it is used, so C1 can later call it superseded rather than unknown.
         await self.db.note_platform(platform.fingerprint, platform.serial, platform.to_bytes(), self.clock())
@@ -358,8 +412,9 @@ class TrustServer(Node):
 
     def _validate(self, ident: Identity, platform: Certificate, payment: Certificate) -> None:
         if self.certs.update is None:
-            raise ConfigError("the trust-server holds no update certificate: "
-                              "cannot check a platform certificate")
+            raise ConfigError(
+                "the trust-server holds no update certificate: cannot check a platform certificate"
+            )
         probe = CertStore(self.certs.root, self.certs.update)
         probe.revoked = self.certs.revoked
         now_s = self.clock() // 1000

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "node": "ops.node_cmd",
     "client": "ops.client_cmd",
     "broker": "ops.broker_cmd",
+    "up": "ops.up_cmd",
     "release": "ops.release_cmd",
     "rotate-platform": "ops.rotate_cmd",
     "bench": "ops.bench",

@@ -83,9 +83,7 @@ async def next_message(client: aiomqtt.Client, wait: float = WAIT_S) -> aiomqtt.
         return await anext(client.messages)
 
 
-async def until_marker(
-    client: aiomqtt.Client, marker: bytes, wait: float = WAIT_S
-) -> list[aiomqtt.Message]:
+async def until_marker(client: aiomqtt.Client, marker: bytes, wait: float = WAIT_S) -> list[aiomqtt.Message]:
     """Everything ``client`` receives up to and including the marker payload."""
     got: list[aiomqtt.Message] = []
     async with asyncio.timeout(wait):

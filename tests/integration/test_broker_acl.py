@@ -39,9 +39,7 @@ def cast() -> Cast:
 
 
 @pytest.fixture(params=BACKENDS)
-async def broker(
-    request: pytest.FixtureRequest, tmp_path: Path, cast: Cast
-) -> AsyncIterator[Broker]:
+async def broker(request: pytest.FixtureRequest, tmp_path: Path, cast: Cast) -> AsyncIterator[Broker]:
     async with running_broker(request.param, tmp_path / "broker", cast) as b:
         yield b
 
@@ -66,9 +64,7 @@ async def test_trust_module_reaches_trust_server(broker: Broker, cast: Cast) -> 
     assert (msg.topic.value, msg.payload) == (topic, b"hello")
 
 
-async def test_every_link_and_channel_allowed_by_acl_is_delivered(
-    broker: Broker, cast: Cast
-) -> None:
+async def test_every_link_and_channel_allowed_by_acl_is_delivered(broker: Broker, cast: Cast) -> None:
     """acl_for and inbound_filters agree: every link, operator and channel topic works."""
     receivers = {role: ident_of(cast, role) for role in NODE_ROLES}
     receivers[Role.OPERATOR] = cast["operator"]
@@ -87,10 +83,7 @@ async def test_every_link_and_channel_allowed_by_acl_is_delivered(
             sends.append((ident_of(cast, role), topic))
             expected[Role.OPERATOR].add(topic)
 
-    clients = {
-        role: broker.client(ident, identifier=f"rx-{role.short}")
-        for role, ident in receivers.items()
-    }
+    clients = {role: broker.client(ident, identifier=f"rx-{role.short}") for role, ident in receivers.items()}
     for client in clients.values():
         await client.__aenter__()
     try:

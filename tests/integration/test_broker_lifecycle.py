@@ -82,9 +82,7 @@ async def test_listens_on_loopback_only_and_exposes_its_address(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_stop_kill_and_restart_leave_no_process(
-    backend: str, tmp_path: Path, cast: Cast
-) -> None:
+async def test_stop_kill_and_restart_leave_no_process(backend: str, tmp_path: Path, cast: Cast) -> None:
     async with running_broker(backend, tmp_path / "b", cast) as broker:
         first = broker.pid
         assert first is not None and broker.is_running
@@ -121,9 +119,7 @@ async def test_async_with_starts_and_stops(backend: str, tmp_path: Path, cast: C
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_offline_session_gets_queued_messages(
-    backend: str, tmp_path: Path, cast: Cast
-) -> None:
+async def test_offline_session_gets_queued_messages(backend: str, tmp_path: Path, cast: Cast) -> None:
     async with running_broker(backend, tmp_path / "b", cast) as broker:
         async with persistent_client(broker, cast["dev-a.tm"], "tm-1") as tm:
             assert granted(await tm.subscribe(DOWN, qos=1))

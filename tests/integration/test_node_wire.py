@@ -27,7 +27,9 @@ IN_FLIGHT = 4
 
 
 @pytest.fixture(params=BACKENDS)
-async def deployed(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Deployment, Broker]]:
+async def deployed(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Deployment, Broker]]:
     provision(tmp_path / "d", 1, backend=request.param)
     dep = Deployment(tmp_path / "d")
     broker = broker_for(dep)
@@ -38,7 +40,8 @@ async def deployed(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
 def node(dep: Deployment, nid: str, broker: Broker) -> Node:
     url = f"mqtt://{broker.host}:{broker.port}?v={broker.mqtt_version}"
     parts = assemble(dep, nid, url, console=None)
-    settings = Settings(request_timeout_s=1.0, request_attempts=8)
+    # amqtt drains for several seconds on SIGTERM before it exits: give requests a budget to outlast it
+    settings = Settings(request_timeout_s=1.0, request_attempts=30)
     config = type(parts.config)(parts.config.identity, parts.config.anchors, parts.config.state_dir, settings)
     n = Node(config, parts.bus, parts.logging.logger)
     parts.bus.will = n.will
@@ -95,8 +98,13 @@ async def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
     async def worker() -> None:
         while not queue.empty():
             i = queue.get_nowait()
-            rx = await tm.request(tm.link(Role.TRUST_SERVER), "c2.nonce", NonceRequest(i.to_bytes(32, "big")),
-                                  recipient="trust-server", expect="c2.challenge")
+            rx = await tm.request(
+                tm.link(Role.TRUST_SERVER),
+                "c2.nonce",
+                NonceRequest(i.to_bytes(32, "big")),
+                recipient="trust-server",
+                expect="c2.challenge",
+            )
             answers[i] = rx.envelope.body.nonce
             if len(answers) >= REQUESTS // 4:
                 some_answered.set()

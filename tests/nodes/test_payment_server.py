@@ -87,8 +87,9 @@ class Platform:
         order_hash = hash_of(blob)
         expires = now_ms() + expires_in_ms
         verdict = verdict or make_verdict(self.dep, device, order_hash, expires_ms=expires)
-        await self.ts.request(self.ts.link(Role.PAYMENT_SERVER), "trust.grant",
-                              Grant(device, order_hash, verdict, expires), recipient=PS, expect="trust.granted")
+        grant = Grant(device, order_hash, verdict, expires)
+        await self.ts.request(self.ts.link(Role.PAYMENT_SERVER), "trust.grant", grant, recipient=PS,
+                              expect="trust.granted")
 
     async def pay(self, blob: bytes, device: str = DEV) -> tuple[Receipt, bytes]:
         chip = self.chips[device]
@@ -301,7 +302,8 @@ async def test_refusals_are_signed_stored_and_move_nothing(
 async def test_the_server_limit_applies_whatever_the_chip_signs(dep: Deployment) -> None:
     async with platform(dep, payment_limit=2_000) as p:
         before = await p.balances()
-        over, at = make_order(dep, "o-1", amount=2_001, counter=1), make_order(dep, "o-2", amount=2_000, counter=2)
+        over = make_order(dep, "o-1", amount=2_001, counter=1)
+        at = make_order(dep, "o-2", amount=2_000, counter=2)
         for blob in (over, at):
             await p.grant(blob)
         answers = [(await p.pay(over))[0], (await p.pay(at))[0]]
@@ -384,10 +386,11 @@ async def test_two_replicas_on_one_database_execute_each_order_once(dep: Deploym
         after = {x.account: x.balance for x in (await a.ledger.snapshot()).accounts}
     for i in range(0, len(answers), 2):
         assert answers[i] == answers[i + 1]
-    statuses = [open_record(Receipt, raw, RECEIPT_DOMAIN, a.keys.sign_public, "receipt").body for raw in answers]
-    confirmed = {r.order_id for r in statuses if r.status == "confirmed"}
-    assert after[f"{DEV}:wallet"] == OPENING - 1_000 * len(confirmed)
-    assert after[SHOP] == 1_000 * len(confirmed)
+    key = dep.load_cert(PS).body.sign_key
+    statuses = [open_record(Receipt, raw, RECEIPT_DOMAIN, key, "receipt").body for raw in answers]
+    # each replica takes its orders in turn, so o-k always finds o-(k-1) executed: all go through, once
+    assert all(r.status == "confirmed" for r in statuses)
+    assert after[f"{DEV}:wallet"] == OPENING - 5_000 and after[SHOP] == 5_000
 
 
 # -- account.query -----------------------------------------------------------------------
@@ -399,12 +402,12 @@ async def test_account_query_shows_the_balance_and_latest_payments(dep: Deployme
             blob = make_order(dep, f"o-{i}", amount=100 * i, counter=i)
             await p.grant(blob)
             await p.pay(blob)
-        chip = p.chips[DEV]
-        answer = await chip.request(chip.link(Role.PAYMENT_SERVER), "account.query", AccountQuery("wallet", 2),
-                                    recipient=PS, expect="account.info", peer=dep.load_cert(PS))
+        chip, link = p.chips[DEV], p.chips[DEV].link(Role.PAYMENT_SERVER)
+        answer = await chip.request(link, "account.query", AccountQuery("wallet", 2), recipient=PS,
+                                    expect="account.info", peer=dep.load_cert(PS))
         with pytest.raises(Refused) as info:
-            await chip.request(chip.link(Role.PAYMENT_SERVER), "account.query", AccountQuery("casino", 5),
-                               recipient=PS, expect="account.info", peer=dep.load_cert(PS))
+            await chip.request(link, "account.query", AccountQuery("casino", 5), recipient=PS,
+                               expect="account.info", peer=dep.load_cert(PS))
     account: AccountInfo = answer.envelope.body
     assert (account.account, account.balance, account.currency) == (f"{DEV}:wallet", OPENING - 600, "EUR")
     assert [(line.order_id, line.amount, line.status) for line in account.payments] == [

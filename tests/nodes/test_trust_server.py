@@ -7,7 +7,7 @@ payment-server, which records the grants it is sent.
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from nodes.bus import FakeBroker
-from nodes.deployment import Deployment, keys_to_bytes, write_file, write_secret
+from nodes.deployment import Deployment, write_file
 from nodes.runtime import Node, Settings, now_ms
 from nodes.trust_db import REVOKED, TrustDb
 from nodes.trust_server import NONCE_TTL_MS, VERDICT_TTL_MS, TrustServer
+from ops.rotate_cmd import rotate
 from protocol.appraisal import POLICY
-from protocol.certs import Certificate, issue
 from protocol.envelope import Received
 from protocol.errors import Refused
 from protocol.keys import KeyPair
@@ -87,8 +87,13 @@ def payment_server(dep: Deployment, broker: FakeBroker, grants: list[Grant]) -> 
 
 
 @asynccontextmanager
-async def platform(dep: Deployment, *, with_ps: bool = True, ts_settings: Settings | None = None,
-                   broker: FakeBroker | None = None) -> AsyncIterator[Platform]:
+async def platform(
+    dep: Deployment,
+    *,
+    with_ps: bool = True,
+    ts_settings: Settings | None = None,
+    broker: FakeBroker | None = None,
+) -> AsyncIterator[Platform]:
     broker = broker or FakeBroker()
     extra = {"settings": ts_settings} if ts_settings else {}
     ts = make_node(TrustServer, dep, TS, broker, deployment=dep, **extra)
@@ -118,25 +123,44 @@ def device_log(dep: Deployment, tamper: str = "") -> MeasurementLog:
 
 
 async def c1(tm: Node, serial: int, fingerprint: bytes) -> PlatformResult:
-    answer = await tm.request(tm.link(Role.TRUST_SERVER), "c1.check", PlatformCheck(serial, fingerprint),
-                              recipient=TS, expect="c1.result")
+    answer = await tm.request(
+        tm.link(Role.TRUST_SERVER),
+        "c1.check",
+        PlatformCheck(serial, fingerprint),
+        recipient=TS,
+        expect="c1.result",
+    )
     result: PlatformResult = answer.envelope.body
     return result
 
 
 async def challenge(tm: Node, oh: bytes) -> Challenge:
-    answer = await tm.request(tm.link(Role.TRUST_SERVER), "c2.nonce", NonceRequest(oh), recipient=TS,
-                              expect="c2.challenge")
+    answer = await tm.request(
+        tm.link(Role.TRUST_SERVER), "c2.nonce", NonceRequest(oh), recipient=TS, expect="c2.challenge"
+    )
     ch: Challenge = answer.envelope.body
     return ch
 
 
-async def evidence(tm: Node, nonce: bytes, log: MeasurementLog, quoted_nonce: bytes | None = None,
-                   timeout_s: float | None = None, attempts: int | None = None) -> VerdictMessage:
+async def evidence(
+    tm: Node,
+    nonce: bytes,
+    log: MeasurementLog,
+    quoted_nonce: bytes | None = None,
+    timeout_s: float | None = None,
+    attempts: int | None = None,
+) -> VerdictMessage:
     quote = make_quote(DEV, quoted_nonce or nonce, log, tm.keys, now_ms())
-    answer = await tm.request(tm.link(Role.TRUST_SERVER), "c2.evidence",
-                              Evidence(nonce, quote.to_bytes(), log.entries), recipient=TS,
-                              expect="c4.verdict", peer=tm.peers[TS], timeout_s=timeout_s, attempts=attempts)
+    answer = await tm.request(
+        tm.link(Role.TRUST_SERVER),
+        "c2.evidence",
+        Evidence(nonce, quote.to_bytes(), log.entries),
+        recipient=TS,
+        expect="c4.verdict",
+        peer=tm.peers[TS],
+        timeout_s=timeout_s,
+        attempts=attempts,
+    )
     message: VerdictMessage = answer.envelope.body
     return message
 
@@ -243,6 +267,20 @@ async def test_a_nonce_is_used_once(dep: Deployment) -> None:
     assert len(p.grants) == 1
 
 
+async def test_concurrent_evidence_for_one_nonce_has_one_winner(dep: Deployment) -> None:
+    async with platform(dep) as p:
+        ch = await challenge(p.tm, order_hash())
+        log = device_log(dep)
+        results = await asyncio.gather(
+            *(evidence(p.tm, ch.nonce, log) for _ in range(4)), return_exceptions=True
+        )
+        history = await p.ts.db.attestations(DEV)
+    verdicts = [r for r in results if isinstance(r, VerdictMessage)]
+    refused = [r.refusal_code for r in results if isinstance(r, Refused)]
+    assert len(verdicts) == 1 and refused == ["nonce_used"] * 3
+    assert len(history) == 1 and len(p.grants) == 1
+
+
 async def test_an_expired_nonce_is_refused(dep: Deployment) -> None:
     async with platform(dep) as p:
         ch = await challenge(p.tm, order_hash())
@@ -312,10 +350,20 @@ async def test_a_withdrawn_client_release_makes_the_terminal_contraindicated(dep
     async with platform(dep, broker=broker) as p, running(op):
         _, _, before = await attest(p, order_hash(1))
         with pytest.raises(Refused) as refused:
-            await op.request(operator_topic(Role.TRUST_SERVER), "release.update", ReleaseUpdate(forged),
-                             recipient=TS, expect="release.ok")
-        await op.request(operator_topic(Role.TRUST_SERVER), "release.update", ReleaseUpdate(blob),
-                         recipient=TS, expect="release.ok")
+            await op.request(
+                operator_topic(Role.TRUST_SERVER),
+                "release.update",
+                ReleaseUpdate(forged),
+                recipient=TS,
+                expect="release.ok",
+            )
+        await op.request(
+            operator_topic(Role.TRUST_SERVER),
+            "release.update",
+            ReleaseUpdate(blob),
+            recipient=TS,
+            expect="release.ok",
+        )
         _, _, after = await attest(p, order_hash(2))
     assert refused.value.refusal_code == "bad_signature"
     assert before.status == AFFIRMING
@@ -333,34 +381,16 @@ async def test_a_withdrawn_client_release_makes_the_terminal_contraindicated(dep
         await db.close()
 
 
-def rotate_platform(dep: Deployment) -> Certificate:
-    """Do what the ops tooling does on a rotation: new platform key, server certificates re-issued."""
-    old = dep.load_public("platform")
-    serial = old.serial + 1_000
-    platform_keys = KeyPair.generate()
-    body = dataclasses.replace(old.body, serial=serial, sign_key=platform_keys.sign_public,
-                               box_key=platform_keys.box_public)
-    new = issue(body, dep.load_offline_keys("update"))
-    write_file(dep.public_cert_path("platform"), new.to_bytes())
-    write_secret(dep.offline_key_path("platform"), keys_to_bytes(platform_keys))
-    for offset, nid in enumerate((TS, PS), start=1):
-        keys = KeyPair.generate()
-        cert_body = dataclasses.replace(dep.load_cert(nid).body, serial=serial + offset, issuer_serial=serial,
-                                        sign_key=keys.sign_public, box_key=keys.box_public)
-        write_secret(dep.node_key_path(nid), keys_to_bytes(keys))
-        write_file(dep.node_cert_path(nid), issue(cert_body, platform_keys).to_bytes())
-    return new
-
-
 async def test_keys_reload_rotates_the_platform_and_c1_says_so(dep: Deployment) -> None:
     old = dep.load_public("platform")
     broker = FakeBroker()
     op = make_node(Node, dep, "operator", broker)
     async with platform(dep, broker=broker) as p, running(op):
         p.tm.certs.set_update(dep.load_public("update"))  # the chip hands it over in a real terminal
-        new = rotate_platform(dep)
-        await op.request(operator_topic(Role.TRUST_SERVER), "keys.reload", Empty(), recipient=TS,
-                         expect="keys.reloaded")
+        new = rotate(dep)
+        await op.request(
+            operator_topic(Role.TRUST_SERVER), "keys.reload", Empty(), recipient=TS, expect="keys.reloaded"
+        )
         superseded = await c1(p.tm, old.serial, old.fingerprint)
         current = await c1(p.tm, new.serial, new.fingerprint)
         signer = p.tm.peers[TS]
@@ -378,13 +408,19 @@ async def test_keys_reload_refuses_an_older_platform_certificate(dep: Deployment
     async with platform(dep, broker=broker) as p, running(op):
         held = p.ts.certs.platform
         original = dep.public_cert_path("platform").read_bytes()
-        rotate_platform(dep)
-        await op.request(operator_topic(Role.TRUST_SERVER), "keys.reload", Empty(), recipient=TS,
-                         expect="keys.reloaded")
+        rotate(dep)
+        await op.request(
+            operator_topic(Role.TRUST_SERVER), "keys.reload", Empty(), recipient=TS, expect="keys.reloaded"
+        )
         write_file(dep.public_cert_path("platform"), original)  # someone restores an old backup
         with pytest.raises(Refused) as refused:
-            await op.request(operator_topic(Role.TRUST_SERVER), "keys.reload", Empty(), recipient=TS,
-                             expect="keys.reloaded")
+            await op.request(
+                operator_topic(Role.TRUST_SERVER),
+                "keys.reload",
+                Empty(),
+                recipient=TS,
+                expect="keys.reloaded",
+            )
         still = p.ts.certs.platform
     assert refused.value.refusal_code == "cert_invalid" and "not newer" in refused.value.refusal_reason
     assert held is not None and still is not None and still.serial > held.serial

@@ -1,0 +1,539 @@
+"""Run a whole deployment as real processes and know, from signed status messages, when it is up.
+
+``async with Launcher(dep) as up`` starts the deployment's broker (unless a
+broker URL is given), subscribes to every node's retained status as the
+``monitor`` login, then starts each node as ``python -m ops.cli node ROLE``:
+the two servers, then every device's chip, then every trust module (the trust
+module asks its chip for its apps at start-up, the chip needs nothing). Each
+phase waits for the previous one to be online. A node is *up* only when its
+signed "online" status arrives, verified against the deployment's certificates
+and newer than its process (a retained status from an earlier run means nothing).
+
+Nothing is restarted behind anyone's back: an exit is recorded as a
+:class:`NodeExit` with the tail of the node's log and console output, and
+counted as unexpected unless the launcher itself sent the signal. Leaving the
+block stops the device nodes, then the servers (SIGTERM, bounded wait, SIGKILL
+for stragglers), then the broker it started, also when the block failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import aiomqtt
+
+from broker import Broker
+from nodes.assemble import broker_address
+from nodes.bus import BrokerAddress
+from nodes.deployment import Deployment, Manifest
+from protocol.certs import CertStore
+from protocol.envelope import Verifier
+from protocol.errors import ConfigError, TrustpayError
+from protocol.messages import Status
+from protocol.topics import CHANNEL_STATUS, PREFIX, SERVER_ROLES, Role
+
+from .broker_cmd import broker_for
+
+STATUS_FILTERS = (f"{PREFIX}/plat/+/{CHANNEL_STATUS}", f"{PREFIX}/dev/+/+/{CHANNEL_STATUS}")
+TAIL_LINES = 12
+_TAIL_BYTES = 64 * 1024  # enough for TAIL_LINES lines; a long run's log is never read whole
+_SUBSCRIBE_TIMEOUT_S = 15.0
+_MONITOR_CONNECTS = 1000  # bounds the reconnect loop over a long run
+_MONITOR_FAILURES = 20  # consecutive failed connects before the monitor gives up
+_KILL_WAIT_S = 5.0  # after SIGKILL, which cannot be ignored
+
+
+class LaunchError(TrustpayError):
+    """Some nodes did not come up (or died); ``report`` has their log tails."""
+
+    code = "launch"
+
+    def __init__(self, reason: str, report: str = "") -> None:
+        super().__init__(reason)
+        self.report = report
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class NodeExit:
+    node_id: str
+    pid: int
+    returncode: int
+    deliberate: bool  # the launcher sent the signal (kill, restart, shutdown)
+    uptime_s: float
+    tail: str
+
+    @property
+    def how(self) -> str:
+        rc = self.returncode
+        if rc < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-rc).name}"
+        return f"exit code {rc}"
+
+    def describe(self) -> str:
+        head = f"{self.node_id} (pid {self.pid}) exited after {self.uptime_s:.1f} s: {self.how}"
+        return f"{head}\n{self.tail}" if self.tail else head
+
+
+@dataclass(eq=False)
+class NodeProcess:
+    """One incarnation of one node's process."""
+
+    node_id: str
+    role: Role
+    device: str | None
+    incarnation: int = 1
+    proc: asyncio.subprocess.Process | None = None  # None until started
+    started_ms: int = 0  # wall clock at spawn: statuses stamped before it are stale
+    started_at: float = 0.0  # loop time at spawn
+    up_at: float | None = None  # loop time its "online" arrived
+    exit: NodeExit | None = None
+    deliberate: bool = False  # set before the launcher signals it
+    offsets: tuple[int, int] = (0, 0)  # sizes of its log and console file at spawn
+    online: asyncio.Event = field(default_factory=asyncio.Event)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    @property
+    def is_up(self) -> bool:
+        return self.online.is_set() and self.exit is None
+
+    @property
+    def up_after_s(self) -> float | None:
+        return None if self.up_at is None else self.up_at - self.started_at
+
+
+def console_path(dep: Deployment, node_id: str) -> Path:
+    """Where a launched node's stdout and stderr go (its JSON log is ``dep.log_path``)."""
+    return dep.logs_dir / f"{node_id}.stderr"
+
+
+class Launcher:
+    """A deployment's broker and nodes as processes; see the module docstring."""
+
+    def __init__(
+        self,
+        dep: Deployment,
+        devices: int | None = None,
+        broker_url: str | None = None,
+        backend: str | None = None,
+        *,
+        up_timeout_s: float = 60.0,
+        stop_timeout_s: float = 10.0,
+        log_level: str = "info",
+        on_up: Callable[[NodeProcess], None] | None = None,
+        on_exit: Callable[[NodeExit], None] | None = None,
+    ) -> None:
+        if broker_url and backend:
+            raise ConfigError("--backend chooses the broker to start; with --broker none is started")
+        self.dep = dep
+        self.devices = devices
+        self.backend = backend
+        self.up_timeout_s = up_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.log_level = log_level
+        self.on_up, self.on_exit = on_up, on_exit
+        self.broker: Broker | None = None  # set only when this launcher started it
+        self.broker_url = broker_url or ""
+        self.processes: dict[str, NodeProcess] = {}  # current incarnation of each node, in start order
+        self.unexpected_exits: list[NodeExit] = []
+        self.rejected: Counter[str] = Counter()  # status frames that failed verification, by code
+        self.stale = 0  # verified statuses older than the process they name
+        self.monitor_error = ""
+        self._phases: list[list[str]] = []
+        self._verifier: Verifier | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._launch_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # set on every online, exit or monitor change
+        self._subscribed = False
+        self._monitor_gone = False
+        self._stopping = False
+        self._started_at = 0.0
+        self._deadline = 0.0
+
+    # -- entering and leaving ------------------------------------------------
+    async def __aenter__(self) -> Self:
+        loop = asyncio.get_running_loop()
+        self._started_at = loop.time()
+        self._deadline = self._started_at + self.up_timeout_s
+        manifest = await asyncio.to_thread(self.dep.load_manifest)
+        self._plan(manifest)
+        self._verifier = await asyncio.to_thread(status_verifier, self.dep)
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        try:
+            if not self.broker_url:
+                self.broker = await asyncio.to_thread(broker_for, self.dep, self.backend)
+                await self.broker.start()
+                # tell the nodes the version too: the manifest's backend may not be the one running
+                self.broker_url = f"{self.broker.url}?v={self.broker.mqtt_version}"
+            address = await asyncio.to_thread(broker_address, self.dep, "monitor", self.broker_url)
+            self._monitor_task = self._tg.create_task(self._monitor(address), name="launcher:monitor")
+            await self._wait_subscribed()
+            self._launch_task = self._tg.create_task(self._launch(), name="launcher:launch")
+        except BaseException as exc:
+            await self._shutdown(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._shutdown(et, exc, tb)
+
+    def _plan(self, manifest: Manifest) -> None:
+        count = len(manifest.devices) if self.devices is None else self.devices
+        if not 0 <= count <= len(manifest.devices):
+            raise ConfigError(f"--devices {count}: this deployment has {len(manifest.devices)} devices")
+        devices = manifest.devices[:count]
+        phases: list[list[tuple[Role, str | None, str]]] = [
+            [(r, None, manifest.servers[r.value]) for r in SERVER_ROLES],
+            [(Role.CHIP, d.device, d.node(Role.CHIP)) for d in devices],
+            [(Role.TRUST_MODULE, d.device, d.node(Role.TRUST_MODULE)) for d in devices],
+        ]
+        for phase in phases:
+            for role, device, nid in phase:
+                self.processes[nid] = NodeProcess(nid, role, device)
+        self._phases = [[nid for _, _, nid in phase] for phase in phases if phase]
+
+    # -- waiting -------------------------------------------------------------
+    async def wait_all_up(self, timeout_s: float | None = None) -> float:
+        """Seconds from launch until the last node came up; LaunchError if some did not."""
+        await self._wait_for(list(self.processes), timeout_s)
+        return max((p.up_at or 0.0) for p in self.processes.values()) - self._started_at
+
+    async def wait_online(self, node_id: str, timeout_s: float | None = None) -> NodeProcess:
+        """The current incarnation of ``node_id`` once its "online" arrived."""
+        await self._wait_for([node_id], timeout_s)
+        return self.processes[node_id]
+
+    async def wait_exit(self, node_id: str, timeout_s: float | None = None) -> NodeExit:
+        """The exit of the current incarnation of ``node_id`` (as recorded, with its tails)."""
+        node = self._node(node_id)
+        async with asyncio.timeout(timeout_s or self.stop_timeout_s):
+            await node.exited.wait()
+        assert node.exit is not None
+        return node.exit
+
+    async def wait_failure(self) -> str:
+        """Block until a node exits unexpectedly or the status monitor is lost; say which."""
+        while True:  # each turn waits for a change; bounded by the caller (a signal or a timeout)
+            if self.unexpected_exits:
+                return self.unexpected_exits[0].describe()
+            if self._monitor_gone:
+                return f"lost the broker: {self.monitor_error}"
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _wait_for(self, node_ids: Sequence[str], timeout_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        await self._settle(node_ids, self._deadline if timeout_s is None else loop.time() + timeout_s)
+        missing = [n for n in (self._node(nid) for nid in node_ids) if not n.is_up]
+        if not missing and not self._monitor_gone:
+            return
+        lines = [f"{n.node_id}: {self._state(n)}" for n in missing]
+        if self._monitor_gone:
+            lines.insert(0, f"status monitor lost the broker: {self.monitor_error}")
+        tails = await asyncio.to_thread(self._tails, [n for n in missing if n.proc])
+        names = ", ".join(n.node_id for n in missing) or "(status unknown)"
+        raise LaunchError(f"not up: {names}", "\n".join([*lines, *tails]))
+
+    async def _settle(self, node_ids: Sequence[str], deadline: float) -> None:
+        """Return when all are up, one of them exited, the monitor is gone, or at the deadline."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                while True:  # each turn waits for a change; bounded by the deadline
+                    nodes = [self._node(n) for n in node_ids]
+                    if self._monitor_gone or any(n.exit for n in nodes) or all(n.is_up for n in nodes):
+                        return
+                    self._changed.clear()
+                    await self._changed.wait()
+
+    def _state(self, node: NodeProcess) -> str:
+        if node.proc is None:
+            return "never started (an earlier node did not come up)"
+        if node.exit is not None:
+            return node.exit.how
+        return f"running (pid {node.pid}) but no signed 'online' status yet"
+
+    def _node(self, node_id: str) -> NodeProcess:
+        try:
+            return self.processes[node_id]
+        except KeyError:
+            raise ConfigError(f"{node_id} is not a node this launcher runs") from None
+
+    # -- starting ------------------------------------------------------------
+    async def _launch(self) -> None:
+        for phase in self._phases:
+            for nid in phase:
+                try:
+                    await self._spawn(self.processes[nid])
+                except OSError as exc:  # recorded as an exit so every waiter sees it
+                    self._record(self.processes[nid], NodeExit(nid, 0, 127, False, 0.0, f"spawn: {exc}"))
+                    return
+            await self._settle(phase, self._deadline)
+            if not all(self.processes[nid].is_up for nid in phase):
+                return  # later phases stay unstarted; the waiters report why
+
+    async def _spawn(self, node: NodeProcess) -> None:
+        assert self._tg is not None
+        argv = [sys.executable, "-m", "ops.cli", "node", node.role.value, "--deploy", str(self.dep.root)]
+        argv += ["--broker", self.broker_url, "--log-level", self.log_level]
+        if node.device is not None:
+            argv += ["--device", node.device]
+        node.offsets, out = await asyncio.to_thread(self._open_console, node)
+        node.started_ms, node.started_at = now_ms(), asyncio.get_running_loop().time()
+        try:
+            # same session and process group: a terminal's Ctrl-C reaches the nodes too
+            node.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=False
+            )
+        finally:
+            out.close()  # the child holds its own descriptor
+        self._tg.create_task(self._watch(node), name=f"launcher:watch:{node.node_id}")
+
+    def _open_console(self, node: NodeProcess) -> tuple[tuple[int, int], IO[bytes]]:
+        path = console_path(self.dep, node.node_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.dep.log_path(node.node_id)
+        log_size = log.stat().st_size if log.exists() else 0
+        out = path.open("ab")
+        return (log_size, out.tell()), out
+
+    async def _watch(self, node: NodeProcess) -> None:
+        assert node.proc is not None
+        rc = await node.proc.wait()
+        deliberate = node.deliberate or self._stopping
+        tail = "" if deliberate else await asyncio.to_thread(self._tail, node)
+        uptime = asyncio.get_running_loop().time() - node.started_at
+        self._record(node, NodeExit(node.node_id, node.proc.pid, rc, deliberate, uptime, tail))
+
+    def _record(self, node: NodeProcess, exit_: NodeExit) -> None:
+        node.exit = exit_
+        if not exit_.deliberate:
+            self.unexpected_exits.append(exit_)
+        node.exited.set()
+        self._changed.set()
+        if self.on_exit is not None:
+            self.on_exit(exit_)
+
+    # -- status monitor --------------------------------------------------------
+    async def _wait_subscribed(self) -> None:
+        async with asyncio.timeout(_SUBSCRIBE_TIMEOUT_S):
+            while not self._subscribed:  # each turn waits for a change; bounded by the timeout
+                if self._monitor_gone:
+                    raise LaunchError(f"cannot watch node status at {self.broker_url}: {self.monitor_error}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def _monitor(self, address: BrokerAddress) -> None:
+        versions = ("5", "3.1.1") if address.mqtt_version == "auto" else (address.mqtt_version,)
+        failures = 0
+        for _ in range(_MONITOR_CONNECTS):
+            version = versions[failures % len(versions)]
+            try:
+                async with _client(address, version) as client:
+                    for topic_filter in STATUS_FILTERS:
+                        await client.subscribe(topic_filter, qos=1)
+                    versions, failures, self._subscribed = (version,), 0, True  # keep what worked
+                    self._changed.set()
+                    async for message in client.messages:
+                        self._on_status(str(message.topic), message.payload)
+            except aiomqtt.MqttError as exc:
+                failures += 1
+                self.monitor_error = str(exc)
+            if failures >= _MONITOR_FAILURES:
+                break
+            await asyncio.sleep(min(0.05 * 2**failures, 2.0))  # reconnect backoff, not synchronisation
+        self._monitor_gone = True
+        self._changed.set()
+
+    def _on_status(self, topic: str, payload: object) -> None:
+        assert self._verifier is not None
+        if not isinstance(payload, (bytes, bytearray)):
+            self.rejected["not_bytes"] += 1
+            return
+        try:
+            env = self._verifier.open(bytes(payload), topic, now_ms()).envelope
+        except TrustpayError as exc:
+            self.rejected[exc.code] += 1
+            return
+        status = env.body
+        if env.type != "status" or not isinstance(status, Status) or status.node != env.sender:
+            self.rejected["not_status"] += 1
+            return
+        node = self.processes.get(status.node)
+        if node is None or node.proc is None:
+            return  # a client, or a node we did not start
+        if status.at_ms < node.started_ms:
+            self.stale += 1  # retained from an earlier run or incarnation (or its last will)
+            return
+        if status.state == "online" and not node.online.is_set():
+            node.up_at = asyncio.get_running_loop().time()
+            node.online.set()
+            self._changed.set()
+            if self.on_up is not None:
+                self.on_up(node)
+
+    # -- deliberate kills and restarts ----------------------------------------
+    async def kill(self, node_id: str, sig: int = signal.SIGKILL) -> NodeExit:
+        """Send ``sig`` to a node and wait (bounded) for its exit; not counted as unexpected."""
+        node = self._node(node_id)
+        if not node.running or node.proc is None:
+            raise LaunchError(f"{node_id} is not running")
+        node.deliberate = True
+        with contextlib.suppress(ProcessLookupError):
+            node.proc.send_signal(sig)
+        return await self.wait_exit(node_id)
+
+    async def restart(self, node_id: str, timeout_s: float | None = None) -> NodeProcess:
+        """Stop ``node_id`` if it runs (SIGTERM, then SIGKILL), start it again, wait for "online"."""
+        old = self._node(node_id)
+        if self._stopping:
+            raise LaunchError("the launcher is stopping")
+        if old.running:
+            await self._stop_nodes([old])
+        new = NodeProcess(node_id, old.role, old.device, old.incarnation + 1)
+        self.processes[node_id] = new
+        await self._spawn(new)
+        return await self.wait_online(node_id, timeout_s or self.up_timeout_s)
+
+    # -- stopping --------------------------------------------------------------
+    async def _shutdown(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stopping = True
+        try:
+            try:
+                if self._launch_task is not None:
+                    self._launch_task.cancel()
+                nodes = list(self.processes.values())
+                await self._stop_nodes([n for n in nodes if n.device is not None])
+                await self._stop_nodes([n for n in nodes if n.device is None])
+            finally:
+                for node in self.processes.values():  # only if stopping itself failed or was cancelled
+                    if node.running and node.proc is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            node.proc.kill()
+                if self._monitor_task is not None:
+                    self._monitor_task.cancel()
+                if self._tg is not None:
+                    tg, self._tg = self._tg, None
+                    await tg.__aexit__(et, exc, tb)
+        finally:
+            if self.broker is not None:
+                await self.broker.stop()
+
+    async def _stop_nodes(self, nodes: Sequence[NodeProcess]) -> None:
+        """SIGTERM all at once, wait (bounded), SIGKILL whoever is left."""
+        alive = [n for n in nodes if n.running]
+        for node in alive:
+            node.deliberate = True
+            assert node.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                node.proc.terminate()
+        if not await _wait_procs(alive, self.stop_timeout_s):
+            for node in alive:
+                if node.running and node.proc is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        node.proc.kill()
+            await _wait_procs(alive, _KILL_WAIT_S)
+
+    # -- reading what a node left behind ---------------------------------------
+    def _tails(self, nodes: Sequence[NodeProcess]) -> list[str]:
+        return [self._tail(n) for n in nodes]
+
+    def _tail(self, node: NodeProcess) -> str:
+        """The end of what this incarnation wrote to its JSON log and its console (blocking I/O)."""
+        log_off, out_off = node.offsets
+        parts = []
+        for label, path, offset, pretty in (
+            ("log", self.dep.log_path(node.node_id), log_off, True),
+            ("stderr", console_path(self.dep, node.node_id), out_off, False),
+        ):
+            lines = _read_tail(path, offset)
+            shown = [_pretty(line) if pretty else line for line in lines] or ["(nothing)"]
+            parts.append(f"  --- {label} of {node.node_id}: {path}\n" + "\n".join(f"  {s}" for s in shown))
+        return "\n".join(parts)
+
+
+def status_verifier(dep: Deployment) -> Verifier:
+    """Signature-only checks (no replay guard, any recipient), anchored in the deployment."""
+    certs = CertStore(dep.load_public("root"), dep.load_public("update"))
+    certs.install_platform(dep.load_public("platform"))
+    certs.set_revocations(dep.load_public("crl"))
+    return Verifier(frozenset(), certs, None)
+
+
+def _client(address: BrokerAddress, version: str) -> aiomqtt.Client:
+    proto = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
+    return aiomqtt.Client(
+        hostname=address.host,
+        port=address.port,
+        username=address.username,
+        password=address.password,
+        identifier=f"monitor-up-{time.time_ns():x}",  # never takes over another monitor's session
+        protocol=proto,
+        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+    )
+
+
+async def _wait_procs(nodes: Sequence[NodeProcess], timeout_s: float) -> bool:
+    """True if every process exited within ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            for node in nodes:
+                if node.proc is not None:
+                    await node.proc.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _read_tail(path: Path, offset: int, lines: int = TAIL_LINES) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(offset, size - _TAIL_BYTES))
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
+def _pretty(line: str) -> str:
+    """A JSON log line as ``level event key=value ...``; anything else as it is."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(event, dict):
+        return line
+    head = f"{event.pop('level', '?'):<7} {event.pop('event', '?')}"
+    for key in ("ts", "node", "role", "device"):
+        event.pop(key, None)
+    return " ".join([head, *(f"{k}={v}" for k, v in event.items())])

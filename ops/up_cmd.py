@@ -1,0 +1,142 @@
+"""``trustpay up --deploy DIR``: run a whole deployment as processes until Ctrl-C or SIGTERM.
+
+Broker (unless ``--broker``), the two servers, then each device's chip and
+trust module, every node its own process (:class:`ops.launcher.Launcher`);
+clients are started by users with ``trustpay client``. A node counts as up when
+its signed "online" status arrives.
+
+Exit status: 0 when everything came up and was stopped on request; 1 when a
+node did not come up in time or died while running (a payment system with a
+dead server is not "up", so a death stops everything rather than leaving the
+rest running; nothing is restarted); 130 when a signal arrived before all
+nodes were up. Every exit path stops the nodes (devices first, then servers)
+and then the broker this command started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+from broker import BACKENDS
+from nodes.deployment import Deployment
+
+from .launcher import Launcher, LaunchError, NodeExit, NodeProcess
+
+HELP = "run the broker, the servers and each device's chip and trust module as processes"
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+T = TypeVar("T")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    parser.add_argument("--devices", type=int, metavar="N", help="run the first N devices (default: all)")
+    parser.add_argument("--broker", help="use this running broker (mqtt://host:port[?v=5|3.1.1]); start none")
+    parser.add_argument("--backend", choices=BACKENDS, help="broker to start (default: the manifest's)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds for everything to come up")
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_up(args))
+
+
+async def _up(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # ours, so the stopping order is ours too
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await _run(args, stop, received)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str]) -> int:
+    launcher = Launcher(
+        Deployment(args.deploy.resolve()),
+        args.devices,
+        args.broker,
+        args.backend,
+        up_timeout_s=args.timeout,
+        on_up=_print_up,
+        on_exit=_print_exit,
+    )
+    code = 0
+    async with launcher as up:
+        if up.broker is not None:
+            say(f"broker  {up.broker.backend} at {up.broker.url}  (pid {up.broker.pid})")
+        else:
+            say(f"broker  {up.broker_url}  (already running; not started here)")
+        say(f"starting {len(up.processes)} nodes (Ctrl-C stops them)")
+        outcome = await _unless(stop, _outcome(up.wait_all_up()))
+        if outcome is None:
+            say(f"{received[0]} before all nodes were up: stopping", err=True)
+            code = EXIT_INTERRUPTED
+        elif isinstance(outcome, LaunchError):
+            say(f"trustpay up: {outcome.reason} within {args.timeout:.0f} s: stopping", err=True)
+            say(outcome.report, err=True)
+            code = EXIT_FAILED
+        else:
+            say(f"all {len(up.processes)} nodes up in {outcome:.1f} s{_noise(up)}")
+            failure = await _unless(stop, up.wait_failure())
+            if failure is None:
+                say(f"{received[0]}: stopping devices, then servers, then the broker")
+            else:
+                say(f"trustpay up: {failure.splitlines()[0]}: stopping everything", err=True)
+                code = EXIT_FAILED
+    say(f"stopped {len(launcher.processes)} nodes" + (" and the broker" if launcher.broker else ""))
+    return code
+
+
+async def _outcome(waiting: Awaitable[float]) -> float | LaunchError:
+    try:
+        return await waiting
+    except LaunchError as exc:
+        return exc
+
+
+async def _unless(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None if ``stop`` is set first (``work`` is then cancelled)."""
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(_as_coro(work))
+        stopper = tg.create_task(stop.wait())
+        await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
+        task.cancel()
+        stopper.cancel()
+    return None if task.cancelled() else task.result()
+
+
+async def _as_coro(work: Awaitable[T]) -> T:
+    return await work
+
+
+def _noise(up: Launcher) -> str:
+    rejected = sum(up.rejected.values())
+    return f"; ignored {rejected} unverifiable status frames {dict(up.rejected)}" if rejected else ""
+
+
+def _print_up(node: NodeProcess) -> None:
+    say(f"up    {node.node_id:<16} (pid {node.pid}, {node.up_after_s or 0:.1f} s)")
+
+
+def _print_exit(ex: NodeExit) -> None:
+    if ex.deliberate:
+        say(f"down  {ex.node_id:<16} (pid {ex.pid}, {ex.how})")
+    else:
+        say(f"DIED  {ex.describe()}", err=True)
+
+
+def say(text: str, err: bool = False) -> None:
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
