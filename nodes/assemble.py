@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import TextIO
 from urllib.parse import urlsplit
 
-from protocol.certs import ROOT
-from protocol.errors import ConfigError
+from protocol.certs import ROOT, Certificate, CertStore
+from protocol.errors import CertificateInvalid, ConfigError
 from protocol.topics import DEVICE_ROLES, Role
 
 from .bus import BrokerAddress, MqttBus, WillFactory
@@ -30,6 +30,36 @@ def identity(dep: Deployment, node_id: str) -> Identity:
     if cert.body.issuer != ROOT:  # servers: their certificate, then the platform's
         chain += (dep.load_public("platform").to_bytes(),)
     return Identity(node_id, role, device, dep.load_keys(node_id), cert, chain)
+
+
+def reloaded_identity(
+    dep: Deployment, node_id: str, held: CertStore, now_s: int
+) -> tuple[Identity, Certificate]:
+    """A server's identity and platform certificate afresh from the deployment, fully checked.
+
+    The new platform certificate must come through the update certificate and
+    be newer than the held one, and the server's chain must verify under it,
+    so a half-rotated deployment leaves the server on its old identity.
+    """
+    ident = identity(dep, node_id)
+    platform = dep.load_public("platform")
+    if held.update is None:
+        raise ConfigError(f"{node_id} holds no update certificate: cannot check a platform certificate")
+    current = held.platform
+    if (
+        current is not None
+        and platform.to_bytes() != current.to_bytes()
+        and platform.serial <= current.serial
+    ):
+        raise CertificateInvalid(
+            f"the deployment's platform certificate {platform.serial} is not newer than the one in use "
+            f"({current.serial}): keys not reloaded"
+        )
+    probe = CertStore(held.root, held.update)
+    probe.revoked = held.revoked
+    probe.accept_platform(platform, now_s)
+    probe.resolve(list(ident.chain), now_s, accept_rotation=False)
+    return ident, platform
 
 
 def anchors(dep: Deployment, role: Role, device: str | None) -> Anchors:

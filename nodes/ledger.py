@@ -123,6 +123,7 @@ class GrantState:
     device: str
     expires_ms: int
     used_ms: int | None
+    verdict: bytes  # the signed verdict, verified when the grant was stored
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,8 @@ class LedgerTx:
 
     async def grant(self, device: str, order_hash: bytes) -> GrantState | None:
         row = await self._one(
-            "SELECT device, expires_ms, used_ms FROM grants WHERE order_hash = ? AND device = ?",
+            "SELECT device, expires_ms, used_ms, verdict_blob FROM grants"
+            " WHERE order_hash = ? AND device = ?",
             (order_hash, device),
         )
         return None if row is None else GrantState(*row)

@@ -13,8 +13,8 @@ import queue
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from protocol.appraisal import overall
 from protocol.certs import Certificate
 from protocol.envelope import Received
 from protocol.errors import Refused
@@ -46,6 +47,7 @@ from protocol.records import (
 )
 from protocol.topics import Role
 
+from .assemble import reloaded_identity
 from .bus import Bus
 from .deployment import Deployment
 from .ledger import CONFIRMED, MERCHANT, REFUSED, Ledger, LedgerConflict, LedgerTx, PaymentRecord
@@ -84,6 +86,7 @@ class PaymentServer(Node):
         self.route("trust.grant", self.trust_grant)
         self.route("pay.order", self.pay_order)
         self.route("account.query", self.account_query)
+        self.route("keys.reload", self.keys_reload)
 
     async def run(self) -> None:
         manifest = await asyncio.to_thread(self.dep.load_manifest)
@@ -93,6 +96,17 @@ class PaymentServer(Node):
             await super().run()
         finally:
             await self.ledger.close()
+
+    # -- the operator: a platform key rotation ----------------------------------
+    async def keys_reload(self, rx: Received) -> tuple[str, Body]:
+        if rx.topic.src is not Role.OPERATOR:  # the message table says so too; keys deserve both
+            raise Refused("not_operator", "keys are reloaded on the operator's command only")
+        ident, platform = await asyncio.to_thread(
+            reloaded_identity, self.dep, self.id, self.certs, self.clock() // 1000
+        )
+        self.replace_identity(ident, platform)
+        self.log.info("keys.reloaded", platform_serial=platform.serial, cert_serial=ident.cert.serial)
+        return "keys.reloaded", Empty()
 
     # -- grants from the trust-server (end of C4) --------------------------------
     async def trust_grant(self, rx: Received) -> tuple[str, Body]:
@@ -179,6 +193,10 @@ class PaymentServer(Node):
         if grant.expires_ms <= now:
             why = "the attestation for this order has expired; attest the terminal again, then resend it"
             return self._refusal(order, order_hash, "not_attested", why, "", 0, now)
+        verdict = peek_record(Verdict, grant.verdict, "granted verdict")
+        if overall(verdict.appraisals, order.app) not in (AFFIRMING, WARNING):
+            why = f"the platform did not find application {order.app!r} intact on this terminal"
+            return self._refusal(order, order_hash, "untrusted_app", why, "", 0, now)
 
         payer_name = await tx.app_account(order.device, order.app) or ""
         payer = await tx.account(payer_name) if payer_name else None

@@ -15,6 +15,7 @@ logged with its typed code, and never reaches a handler.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections import Counter, OrderedDict
@@ -237,6 +238,14 @@ class Node:
         except Exception as exc:  # a bug in a handler must not take the node down
             self.counters["task_error.internal"] += 1
             self.log.exception("task.crashed", task=name, error=repr(exc))
+
+    def replace_identity(self, identity: Identity, platform: Certificate) -> None:
+        """Switch to a new certificate chain (a platform key rotation); checked by the caller."""
+        self.certs.install_platform(platform)
+        self.keys = identity.keys
+        self.config = dataclasses.replace(self.config, identity=identity)
+        if self._verifier is not None:  # it unseals bodies with our box key
+            self._verifier.keys = identity.keys
 
     # -- sending -----------------------------------------------------------
     def _envelope(

@@ -337,7 +337,7 @@ class TrustModule(Node):
             rotated = self.certs.accept_platform(presented, now_ms() // 1000)
         except TrustpayError as exc:
             return self._untrusted("C1", f"platform certificate not verified: {exc}", session, order)
-        if rotated or self.data["platform_cert"] != self.certs.platform.to_bytes().hex():
+        if rotated or self.data["platform_cert"] != presented.to_bytes().hex():
             await self._save()
             self.step(
                 "C",
@@ -380,7 +380,7 @@ class TrustModule(Node):
             answer = await self.request(
                 self.link(Role.TRUST_SERVER),
                 "c2.evidence",
-                Evidence(nonce, quote.to_bytes(), log.entries),
+                Evidence(nonce, quote.to_bytes(), log.entries, req.app),
                 recipient=ts,
                 expect="c4.verdict",
                 session=session,

@@ -10,18 +10,17 @@
   it lets the terminal pay, tell the payment-server (``trust.grant``) before
   answering, so the payment-server never meets a verdict it does not know.
 
-Payment policy ``trustpay-payment-v1`` as applied here. The evidence does not
-say which app is about to pay (only the trust module and the chip know), so
-the verdict covers the terminal as a whole:
+Payment policy ``trustpay-payment-v1`` (``protocol.appraisal.overall``), for
+the app the evidence names as the one about to pay:
 
-- contraindicated when the device is revoked, when the client is missing from
-  the log or not affirming, or when no payment app in the log affirms;
+- contraindicated when the device is revoked, or the client or the paying app
+  is missing from the log or not affirming;
 - affirming when the client and every app affirm;
-- warning when the client and at least one app affirm and some app does not.
+- warning when the client and the paying app affirm and another app does not
+  (the trust module deletes that one, A3; the intact apps keep working).
 
-A warning is granted. The payment-server knows the order's app and must refuse
-an order whose app is not affirming in the verdict it was granted
-(``protocol.appraisal.overall(verdict.appraisals, order.app)``).
+A warning is granted. The payment-server checks the same policy again for the
+order's own app (``overall(verdict.appraisals, order.app)``).
 
 All state that matters lives in :class:`nodes.trust_db.TrustDb`; what is held
 in memory (own keys, the payment-server's certificate) comes from the
@@ -31,17 +30,15 @@ deployment and is reloaded by the operator's ``keys.reload``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 from collections.abc import Callable
 
 import structlog
 
-from protocol.appraisal import POLICY, ReleaseBook, appraise_entry, open_release
+from protocol.appraisal import POLICY, ReleaseBook, appraise_entry, open_release, overall
 from protocol.certs import Certificate, CertStore, RevocationList
 from protocol.envelope import Received
 from protocol.errors import (
-    CertificateInvalid,
     ConfigError,
     Malformed,
     MeasurementMismatch,
@@ -76,10 +73,10 @@ from protocol.records import (
 )
 from protocol.topics import Role, node_id
 
-from .assemble import identity
+from .assemble import reloaded_identity
 from .bus import Bus
 from .deployment import Deployment
-from .runtime import Identity, Node, NodeConfig, now_ms
+from .runtime import Node, NodeConfig, now_ms
 from .trust_db import ACTIVE, DeviceRow, DeviceUnknown, NonceRow, TrustDb
 
 NONCE_SIZE = 32
@@ -100,7 +97,9 @@ class GrantRefused(TrustpayError):
     code = "grant_refused"
 
 
-def payment_status(appraisals: tuple[Appraisal, ...], revoked: bool) -> tuple[str, tuple[Appraisal, ...]]:
+def payment_status(
+    appraisals: tuple[Appraisal, ...], revoked: bool, app: str
+) -> tuple[str, tuple[Appraisal, ...]]:
     """The overall status under the module's policy, and appraisals explaining a policy-level refusal.
 
     The explanations travel in the verdict because the trust module shows the
@@ -109,15 +108,15 @@ def payment_status(appraisals: tuple[Appraisal, ...], revoked: bool) -> tuple[st
     extra: list[Appraisal] = []
     if revoked:
         extra.append(Appraisal("device", "", CONTRAINDICATED, "device revoked"))
-    clients = [a for a in appraisals if a.component == CLIENT]
-    apps = [a for a in appraisals if a.component != CLIENT]
-    if not clients:
-        extra.append(Appraisal(CLIENT, "", CONTRAINDICATED, "client: missing from the measurement log"))
-    if not any(a.status == AFFIRMING for a in apps):
-        extra.append(Appraisal("app:*", "", CONTRAINDICATED, "no payment application in the log is intact"))
-    if extra or any(a.status != AFFIRMING for a in clients):
+    present = {a.component for a in appraisals}
+    for component in (CLIENT, f"app:{app}"):
+        if component not in present:
+            extra.append(
+                Appraisal(component, "", CONTRAINDICATED, f"{component}: missing from the measurement log")
+            )
+    if extra:
         return CONTRAINDICATED, tuple(extra)
-    return (AFFIRMING if all(a.status == AFFIRMING for a in apps) else WARNING), ()
+    return overall(appraisals, app), ()
 
 
 def _summary(status: str, appraisals: tuple[Appraisal, ...]) -> str:
@@ -287,7 +286,7 @@ class TrustServer(Node):
         for release in await self.db.releases():
             book.add(release)
         appraisals = tuple(appraise_entry(entry, book) for entry in ev.log)
-        status, extra = payment_status(appraisals, revoked=row.status != ACTIVE)
+        status, extra = payment_status(appraisals, revoked=row.status != ACTIVE, app=ev.app)
         appraisals += extra
         reason = _summary(status, appraisals)
         now = self.clock()
@@ -389,35 +388,16 @@ class TrustServer(Node):
         deployment leaves the server running on its old, consistent identity.
         Returns the platform certificate now in use.
         """
-        ident: Identity = await asyncio.to_thread(identity, self.dep, self.id)
-        platform = await asyncio.to_thread(self.dep.load_public, "platform")
+        ident, platform = await asyncio.to_thread(
+            reloaded_identity, self.dep, self.id, self.certs, self.clock() // 1000
+        )
         payment = await asyncio.to_thread(self.dep.load_cert, PAYMENT_SERVER)
-        current = self._platform()
-        if platform.to_bytes() != current.to_bytes() and platform.serial <= current.serial:
-            raise CertificateInvalid(
-                f"the deployment's platform certificate {platform.serial} is not newer "
-                f"than the one in use ({current.serial}): keys not reloaded"
-            )
-        self._validate(ident, platform, payment)
+        probe = CertStore(self.certs.root, self.certs.update)
+        probe.accept_platform(platform, self.clock() // 1000)
+        probe.resolve([payment.to_bytes(), platform.to_bytes()], self.clock() // 1000, accept_rotation=False)
         # Remembered before it is used, so C1 can later call it superseded rather than unknown.
         await self.db.note_platform(platform.fingerprint, platform.serial, platform.to_bytes(), self.clock())
-        self.certs.install_platform(platform)
-        self.keys = ident.keys
-        self.config = dataclasses.replace(self.config, identity=ident)
-        if self._verifier is not None:  # it unseals evidence with our box key
-            self._verifier.keys = ident.keys
+        self.replace_identity(ident, platform)
         self.payment_cert = payment
         self.log.info("keys.reloaded", platform_serial=platform.serial, cert_serial=ident.cert.serial)
         return platform
-
-    def _validate(self, ident: Identity, platform: Certificate, payment: Certificate) -> None:
-        if self.certs.update is None:
-            raise ConfigError(
-                "the trust-server holds no update certificate: cannot check a platform certificate"
-            )
-        probe = CertStore(self.certs.root, self.certs.update)
-        probe.revoked = self.certs.revoked
-        now_s = self.clock() // 1000
-        probe.accept_platform(platform, now_s)
-        probe.resolve(list(ident.chain), now_s, accept_rotation=False)
-        probe.resolve([payment.to_bytes(), platform.to_bytes()], now_s, accept_rotation=False)

@@ -59,7 +59,7 @@ def micro(dep: Deployment, n: int = 2000) -> dict[str, float]:
     results: dict[str, float] = {}
     for label, body, peer in (
         ("ping", Ping(b"\x01" * 16), None),
-        ("sealed", Evidence(b"\x02" * 32, b"\x03" * 200, ()), ts_cert.body.box_key),
+        ("sealed", Evidence(b"\x02" * 32, b"\x03" * 200, (), "wallet"), ts_cert.body.box_key),
     ):
         msg = "ping" if label == "ping" else "c2.evidence"
         env = Envelope(
@@ -100,12 +100,12 @@ def micro(dep: Deployment, n: int = 2000) -> dict[str, float]:
 
 
 async def _raw_rt(
-    host: str, port: int, creds: tuple[str, str], mqtt: aiomqtt.ProtocolVersion, rounds: int
+    host: str, port: int, creds: list[tuple[str, str]], mqtt: aiomqtt.ProtocolVersion, rounds: int
 ) -> float:
     """Round trips per second of raw QoS 1 echo between two clients (same logins' topics)."""
     req, rsp = "tp/v1/dev/dev-0001/tm/ts", "tp/v1/dev/dev-0001/ts/tm"
     opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-    (tm_user, tm_pw), (ts_user, ts_pw) = creds[0], creds[1]  # type: ignore[misc]
+    (tm_user, tm_pw), (ts_user, ts_pw) = creds[0], creds[1]
     async with (
         aiomqtt.Client(
             host,
@@ -182,7 +182,7 @@ async def round_trips(dep: Deployment, rounds: int, backend: str) -> dict[str, A
             c = dep.load_broker_credentials(nid)
             creds.append((c.username, c.password))
         url = f"mqtt://{broker.host}:{broker.port}?v={broker.mqtt_version}"
-        raw = await _raw_rt(broker.host, broker.port, tuple(creds), version, rounds)  # type: ignore[arg-type]
+        raw = await _raw_rt(broker.host, broker.port, creds, version, rounds)
         ours = await _node_rt(dep, rounds, url)
     return {
         "backend": backend,

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "release": "ops.release_cmd",
     "rotate-platform": "ops.rotate_cmd",
     "bench": "ops.bench",
+    "ledger": "ops.ledger_cmd",
 }
 
 

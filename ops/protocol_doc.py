@@ -812,7 +812,7 @@ def build_vectors() -> Vectors:
     lines += _frame_lines("frame2", topic2, data2, kp["trust-server"])
 
     # frame 3: c2.evidence, sealed for the trust-server's box key with a fixed nonce
-    evidence = Evidence(V_QUOTE_NONCE, quote.to_bytes(), log.entries)
+    evidence = Evidence(V_QUOTE_NONCE, quote.to_bytes(), log.entries, "wallet")
     plain = pack(to_map(evidence))
     box = nacl.public.Box(kp["tm"].box_private, nacl.public.PublicKey(cs["trust-server"].body.box_key))
     sealed = bytes(box.encrypt(plain, V_BOX_NONCE))

@@ -64,7 +64,7 @@ async def distribute(dep: Deployment, blob: bytes, broker_url: str | None) -> di
     manifest = dep.load_manifest()
     update = ReleaseUpdate(blob)
     async with operator_node(dep, broker_url) as op:
-        targets = [(Role.TRUST_SERVER, Role.TRUST_SERVER.value, None)]
+        targets: list[tuple[Role, str, str | None]] = [(Role.TRUST_SERVER, Role.TRUST_SERVER.value, None)]
         targets += [
             (Role.TRUST_MODULE, node_id(Role.TRUST_MODULE, d.device), d.device) for d in manifest.devices
         ]
@@ -81,9 +81,8 @@ def run(args: argparse.Namespace) -> int:
     dep = Deployment(args.deploy)
     blob = make_release(dep, args.kind, args.name, args.version, args.path, args.withdraw)
     what = "withdrawn" if args.withdraw else "released"
-    print(
-        f"{args.kind} {args.name} {args.version} {what}: {dep.release_path(args.kind, args.name, args.version)}"
-    )
+    path = dep.release_path(args.kind, args.name, args.version)
+    print(f"{args.kind} {args.name} {args.version} {what}: {path}")
     answers = asyncio.run(distribute(dep, blob, args.broker))
     for nid, answer in answers.items():
         print(f"  {nid:<24} {answer if answer != 'ok' else 'updated'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from nodes.assemble import assemble
@@ -14,7 +15,7 @@ from protocol.errors import ConfigError
 from protocol.topics import Role, node_id
 
 
-def role_class(role: Role) -> type[Node]:
+def role_class(role: Role) -> Callable[..., Node]:
     # imported here so that starting one role does not load the others' dependencies
     if role is Role.TRUST_MODULE:
         from nodes.trust_module import TrustModule

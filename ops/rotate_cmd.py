@@ -75,8 +75,8 @@ def rotate(dep: Deployment, now_s: int | None = None) -> Certificate:
         cert = issue(body, platform_keys)
         write_file(dep.node_cert_path(nid), cert.to_bytes())
         write_file(dep.cert_path(nid), cert.to_bytes())
-    write_secret(dep.offline_key_path(PLATFORM), keys_to_bytes(platform_keys))
-    write_file(dep.public_cert_path(PLATFORM), platform.to_bytes())
+    write_secret(dep.offline_key_path("platform"), keys_to_bytes(platform_keys))
+    write_file(dep.public_cert_path("platform"), platform.to_bytes())
     return platform
 
 

@@ -189,6 +189,7 @@ class Evidence:
     nonce: bytes
     quote: bytes
     log: tuple[LogEntry, ...]
+    app: str  # the application about to pay: the policy needs it intact
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,11 @@ FAST = Settings(request_timeout_s=0.5, request_attempts=3)
 
 
 def make_node(
-    cls: Callable[..., N], dep: Deployment, node_id: str, broker: FakeBroker, settings: Settings = FAST,
+    cls: Callable[..., N],
+    dep: Deployment,
+    node_id: str,
+    broker: FakeBroker,
+    settings: Settings = FAST,
     **extra: Any,
 ) -> N:
     config = node_config(dep, node_id, settings)

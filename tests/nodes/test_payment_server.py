@@ -21,9 +21,12 @@ from protocol.errors import Refused
 from protocol.keys import KeyPair
 from protocol.messages import AccountInfo, AccountQuery, Grant, PayOrder
 from protocol.records import (
+    AFFIRMING,
+    CONTRAINDICATED,
     ORDER_DOMAIN,
     RECEIPT_DOMAIN,
     VERDICT_DOMAIN,
+    Appraisal,
     Order,
     Receipt,
     Verdict,
@@ -46,8 +49,17 @@ def dep(tmp_path: Path) -> Deployment:
     return provisioned(tmp_path)
 
 
-def make_order(dep: Deployment, order_id: str, amount: int = 1_000, counter: int = 1, *, device: str = DEV,
-               app: str = "wallet", payee: str = SHOP, currency: str = "EUR") -> bytes:
+def make_order(
+    dep: Deployment,
+    order_id: str,
+    amount: int = 1_000,
+    counter: int = 1,
+    *,
+    device: str = DEV,
+    app: str = "wallet",
+    payee: str = SHOP,
+    currency: str = "EUR",
+) -> bytes:
     order = Order(order_id, device, app, payee, amount, currency, counter, now_ms())
     return sign_record(order, ORDER_DOMAIN, dep.load_keys(f"{device}.chip")).to_bytes()
 
@@ -56,10 +68,24 @@ def hash_of(blob: bytes) -> bytes:
     return record_hash(unpack(blob)["body"])
 
 
-def make_verdict(dep: Deployment, device: str, order_hash: bytes, *, status: str = "affirming",
-                 expires_ms: int | None = None, keys: KeyPair | None = None) -> bytes:
+def make_verdict(
+    dep: Deployment,
+    device: str,
+    order_hash: bytes,
+    *,
+    status: str = "affirming",
+    expires_ms: int | None = None,
+    keys: KeyPair | None = None,
+    tampered: tuple[str, ...] = (),
+) -> bytes:
     expires = expires_ms if expires_ms is not None else now_ms() + 60_000
-    verdict = Verdict("trust-server", device, status, (), b"\x00" * 16, order_hash, "test", now_ms(), expires)
+    appraisals = tuple(
+        Appraisal(c, "1.0.0", CONTRAINDICATED if c in tampered else AFFIRMING, c)
+        for c in ("client", "app:wallet", "app:transit")
+    )
+    verdict = Verdict(
+        "trust-server", device, status, appraisals, b"\x00" * 16, order_hash, "test", now_ms(), expires
+    )
     return sign_record(verdict, VERDICT_DOMAIN, keys or dep.load_keys("trust-server")).to_bytes()
 
 
@@ -82,19 +108,27 @@ class Platform:
     chips: dict[str, Node]
     clock: Clock
 
-    async def grant(self, blob: bytes, *, device: str = DEV, expires_in_ms: int = 60_000,
-                    verdict: bytes | None = None) -> None:
+    async def grant(
+        self, blob: bytes, *, device: str = DEV, expires_in_ms: int = 60_000, verdict: bytes | None = None
+    ) -> None:
         order_hash = hash_of(blob)
         expires = now_ms() + expires_in_ms
         verdict = verdict or make_verdict(self.dep, device, order_hash, expires_ms=expires)
         grant = Grant(device, order_hash, verdict, expires)
-        await self.ts.request(self.ts.link(Role.PAYMENT_SERVER), "trust.grant", grant, recipient=PS,
-                              expect="trust.granted")
+        await self.ts.request(
+            self.ts.link(Role.PAYMENT_SERVER), "trust.grant", grant, recipient=PS, expect="trust.granted"
+        )
 
     async def pay(self, blob: bytes, device: str = DEV) -> tuple[Receipt, bytes]:
         chip = self.chips[device]
-        answer = await chip.request(chip.link(Role.PAYMENT_SERVER), "pay.order", PayOrder(blob), recipient=PS,
-                                    expect="pay.receipt", peer=self.dep.load_cert(PS))
+        answer = await chip.request(
+            chip.link(Role.PAYMENT_SERVER),
+            "pay.order",
+            PayOrder(blob),
+            recipient=PS,
+            expect="pay.receipt",
+            peer=self.dep.load_cert(PS),
+        )
         raw = answer.envelope.body.receipt
         # every receipt, refusals too, must verify with the payment-server's key
         receipt = open_record(Receipt, raw, RECEIPT_DOMAIN, self.dep.load_cert(PS).body.sign_key, "receipt")
@@ -111,8 +145,10 @@ async def platform(dep: Deployment, devices: int = 1, **options: object) -> Asyn
     clock = Clock()
     ps = make_node(PaymentServer, dep, PS, broker, SETTINGS, deployment=dep, clock=clock, **options)
     ts = make_node(Node, dep, "trust-server", broker, SETTINGS)
-    chips = {f"dev-{i:04d}": make_node(Node, dep, f"dev-{i:04d}.chip", broker, SETTINGS)
-             for i in range(1, devices + 1)}
+    chips = {
+        f"dev-{i:04d}": make_node(Node, dep, f"dev-{i:04d}.chip", broker, SETTINGS)
+        for i in range(1, devices + 1)
+    }
     async with running(ps, ts, *chips.values()):
         yield Platform(dep, broker, ps, ts, chips, clock)
 
@@ -341,9 +377,23 @@ async def test_after_a_restart_a_retried_order_gets_its_original_receipt(dep: De
 
 async def test_twenty_concurrent_payments_add_up_exactly(tmp_path: Path) -> None:
     dep = provisioned(tmp_path, devices=10)
-    orders = [(f"dev-{d:04d}", app, make_order(dep, f"o-{d}-{app}", amount=100 * d + len(app), counter=1,
-                                               device=f"dev-{d:04d}", app=app, payee=f"shop-{d % 3 + 1}"))
-              for d in range(1, 11) for app in ("wallet", "transit")]
+    orders = [
+        (
+            f"dev-{d:04d}",
+            app,
+            make_order(
+                dep,
+                f"o-{d}-{app}",
+                amount=100 * d + len(app),
+                counter=1,
+                device=f"dev-{d:04d}",
+                app=app,
+                payee=f"shop-{d % 3 + 1}",
+            ),
+        )
+        for d in range(1, 11)
+        for app in ("wallet", "transit")
+    ]
     async with platform(dep, devices=10) as p:
         before = await p.balances()
         await asyncio.gather(*(p.grant(blob, device=device) for device, _, blob in orders))
@@ -403,15 +453,28 @@ async def test_account_query_shows_the_balance_and_latest_payments(dep: Deployme
             await p.grant(blob)
             await p.pay(blob)
         chip, link = p.chips[DEV], p.chips[DEV].link(Role.PAYMENT_SERVER)
-        answer = await chip.request(link, "account.query", AccountQuery("wallet", 2), recipient=PS,
-                                    expect="account.info", peer=dep.load_cert(PS))
+        answer = await chip.request(
+            link,
+            "account.query",
+            AccountQuery("wallet", 2),
+            recipient=PS,
+            expect="account.info",
+            peer=dep.load_cert(PS),
+        )
         with pytest.raises(Refused) as info:
-            await chip.request(link, "account.query", AccountQuery("casino", 5), recipient=PS,
-                               expect="account.info", peer=dep.load_cert(PS))
+            await chip.request(
+                link,
+                "account.query",
+                AccountQuery("casino", 5),
+                recipient=PS,
+                expect="account.info",
+                peer=dep.load_cert(PS),
+            )
     account: AccountInfo = answer.envelope.body
     assert (account.account, account.balance, account.currency) == (f"{DEV}:wallet", OPENING - 600, "EUR")
     assert [(line.order_id, line.amount, line.status) for line in account.payments] == [
-        ("o-3", 300, "confirmed"), ("o-2", 200, "confirmed"),
+        ("o-3", 300, "confirmed"),
+        ("o-2", 200, "confirmed"),
     ]
     assert info.value.refusal_code == "unknown_app"
 
@@ -457,3 +520,18 @@ async def test_a_payer_balance_can_never_go_negative(dep: Deployment) -> None:
             assert await tx.debit(f"{DEV}:wallet", OPENING) == 0
     finally:
         await ledger.close()
+
+
+async def test_a_verdict_that_warns_about_the_paying_app_pays_nothing(dep: Deployment) -> None:
+    async with platform(dep) as p:
+        before = await p.balances()
+        wallet_order, transit_order = make_order(dep, "o-w"), make_order(dep, "o-t", app="transit")
+        for blob in (wallet_order, transit_order):
+            verdict = make_verdict(dep, DEV, hash_of(blob), status="warning", tampered=("app:wallet",))
+            await p.grant(blob, verdict=verdict)
+        refused, _ = await p.pay(wallet_order)
+        paid, _ = await p.pay(transit_order)
+        after = await p.balances()
+    assert (refused.status, refused.code) == ("refused", "untrusted_app")
+    assert paid.status == "confirmed"  # the intact app keeps working
+    assert moved(before, after) == {f"{DEV}:transit": -1_000, SHOP: 1_000}

@@ -100,8 +100,13 @@ async def test_a_crashing_handler_does_not_stop_the_node(dep) -> None:
 
     async with running(tm, ts):
         with pytest.raises(Refused, match="internal"):
-            await tm.request(tm.link(Role.TRUST_SERVER), "c1.check", PlatformCheck(1, b""),
-                             recipient="trust-server", expect="c1.result")
+            await tm.request(
+                tm.link(Role.TRUST_SERVER),
+                "c1.check",
+                PlatformCheck(1, b""),
+                recipient="trust-server",
+                expect="c1.result",
+            )
         pong = await ping(tm, Role.TRUST_SERVER, "trust-server")
     assert pong.node == "trust-server"
     assert calls == 1

@@ -147,6 +147,7 @@ async def evidence(
     nonce: bytes,
     log: MeasurementLog,
     quoted_nonce: bytes | None = None,
+    app: str = "wallet",
     timeout_s: float | None = None,
     attempts: int | None = None,
 ) -> VerdictMessage:
@@ -154,7 +155,7 @@ async def evidence(
     answer = await tm.request(
         tm.link(Role.TRUST_SERVER),
         "c2.evidence",
-        Evidence(nonce, quote.to_bytes(), log.entries),
+        Evidence(nonce, quote.to_bytes(), log.entries, app),
         recipient=TS,
         expect="c4.verdict",
         peer=tm.peers[TS],
@@ -235,7 +236,16 @@ async def test_a_tampered_app_only_warns_and_is_granted(dep: Deployment) -> None
     assert [g.verdict for g in p.grants] == [message.verdict]
 
 
-async def test_a_terminal_without_an_intact_app_is_contraindicated(dep: Deployment) -> None:
+async def test_a_tampered_paying_app_is_contraindicated(dep: Deployment) -> None:
+    async with platform(dep) as p:
+        ch = await challenge(p.tm, order_hash())
+        message = await evidence(p.tm, ch.nonce, device_log(dep, tamper="app:wallet"), app="wallet")
+    verdict = open_record(Verdict, message.verdict, VERDICT_DOMAIN, dep.load_cert(TS).body.sign_key, "v").body
+    assert verdict.status == CONTRAINDICATED and p.grants == []
+    assert statuses(verdict)["app:wallet"] == CONTRAINDICATED
+
+
+async def test_a_log_without_the_paying_app_is_contraindicated(dep: Deployment) -> None:
     async with platform(dep) as p:
         ch = await challenge(p.tm, order_hash())
         log = MeasurementLog()
@@ -243,7 +253,7 @@ async def test_a_terminal_without_an_intact_app_is_contraindicated(dep: Deployme
         message = await evidence(p.tm, ch.nonce, log)
     verdict = open_record(Verdict, message.verdict, VERDICT_DOMAIN, dep.load_cert(TS).body.sign_key, "v").body
     assert verdict.status == CONTRAINDICATED and p.grants == []
-    assert any("no payment application" in a.reason for a in verdict.appraisals)
+    assert any("app:wallet: missing" in a.reason for a in verdict.appraisals)
 
 
 async def test_a_revoked_device_is_contraindicated(dep: Deployment) -> None:

@@ -41,8 +41,9 @@ async def open_with_payments(dep: Deployment) -> Ledger:
         await tx.credit(SHOP, 1_050)
         paid = PaymentRecord("o-1", DEV, "wallet", payer, SHOP, 1_050, "EUR", 1, "confirmed", "", T0)
         await tx.insert_payment(paid, b"h1", b"order-1", b"receipt-1")
-        refused = PaymentRecord("o-2", DEV, "wallet", payer, SHOP, 999_999, "EUR", 2, "refused",
-                                "insufficient_funds", T0 + 1_000)
+        refused = PaymentRecord(
+            "o-2", DEV, "wallet", payer, SHOP, 999_999, "EUR", 2, "refused", "insufficient_funds", T0 + 1_000
+        )
         await tx.insert_payment(refused, b"h2", b"order-2", b"receipt-2")
     return ledger
 
@@ -58,15 +59,31 @@ async def test_json_lists_accounts_payments_and_total_while_the_server_holds_the
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     accounts = {a["account"]: a for a in out["accounts"]}
-    assert accounts[f"{DEV}:wallet"] == {"account": f"{DEV}:wallet", "kind": "payer", "currency": "EUR",
-                                         "balance": 100_000 - 1_050, "opening_balance": 100_000}
+    assert accounts[f"{DEV}:wallet"] == {
+        "account": f"{DEV}:wallet",
+        "kind": "payer",
+        "currency": "EUR",
+        "balance": 100_000 - 1_050,
+        "opening_balance": 100_000,
+    }
     assert accounts[SHOP]["balance"] == 1_050 and accounts[SHOP]["kind"] == "merchant"
     assert out["total"] == sum(a["opening_balance"] for a in out["accounts"]) == 200_000
     assert [(p["order_id"], p["status"], p["code"], p["amount"]) for p in out["payments"]] == [
-        ("o-1", "confirmed", "", 1_050), ("o-2", "refused", "insufficient_funds", 999_999),
+        ("o-1", "confirmed", "", 1_050),
+        ("o-2", "refused", "insufficient_funds", 999_999),
     ]
-    assert set(out["payments"][0]) == {"order_id", "device", "app", "payer", "payee", "amount", "currency",
-                                       "status", "code", "created_ms"}
+    assert set(out["payments"][0]) == {
+        "order_id",
+        "device",
+        "app",
+        "payer",
+        "payee",
+        "amount",
+        "currency",
+        "status",
+        "code",
+        "created_ms",
+    }
 
 
 async def test_text_formats_amounts_with_the_currency_exponent(

@@ -298,7 +298,7 @@ def sample_log(device: str = "d1") -> MeasurementLog:
 def sample_evidence(tm: Identity, nonce: bytes = b"n" * 16) -> Evidence:
     log = sample_log(tm.device)
     quote = make_quote(tm.device, nonce, log, tm.keys, NOW_MS)
-    return Evidence(nonce, quote.to_bytes(), log.entries)
+    return Evidence(nonce, quote.to_bytes(), log.entries, "wallet")
 
 
 def example(cls: type, *, text: str | None = None, blob: bytes | None = None, salt: str = "") -> object:
