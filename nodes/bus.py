@@ -26,6 +26,8 @@ WillFactory = Callable[[], tuple[str, bytes]]
 
 
 class Bus(Protocol):
+    on_connect: Callable[[], None] | None  # called after every (re)connection
+
     async def run(
         self, subscriptions: tuple[str, ...], on_message: OnMessage, connected: asyncio.Event
     ) -> None: ...
@@ -49,6 +51,7 @@ class MqttBus:
     address: BrokerAddress
     client_id: str
     will: WillFactory | None = None
+    on_connect: Callable[[], None] | None = None
     keepalive_s: int = 20
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 5.0
@@ -113,6 +116,8 @@ class MqttBus:
                     connected.set()
                     delay = self.backoff_initial_s
                     self.log.info("bus.connected", mqtt=version, attempt=self.connections)
+                    if self.on_connect is not None:
+                        self.on_connect()
                     self._kick = asyncio.Event()
                     async with asyncio.TaskGroup() as tg:
                         reader = tg.create_task(self._read(client, on_message), name=f"{self.client_id}:read")
@@ -217,6 +222,7 @@ class FakeBus:
     broker: FakeBroker
     client_id: str
     will: WillFactory | None = None
+    on_connect: Callable[[], None] | None = None
     _queue: asyncio.Queue[tuple[str, bytes]] = field(default_factory=asyncio.Queue, init=False)
 
     async def run(
@@ -225,6 +231,8 @@ class FakeBus:
         for topic_filter in subscriptions:
             self.broker.subscribe(topic_filter, self._queue)
         connected.set()
+        if self.on_connect is not None:
+            self.on_connect()
         try:
             while True:
                 topic, payload = await self._queue.get()

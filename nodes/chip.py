@@ -62,6 +62,8 @@ from .runtime import Node, NodeConfig, now_ms
 from .store import JsonState, write_atomic
 
 PS = Role.PAYMENT_SERVER.value
+RECEIPTS_KEPT = 100
+MAX_RESENDS = 5
 ATTEST_PATIENCE = 4  # an attestation spans several platform round trips: wait this many request lifetimes
 
 
@@ -201,7 +203,25 @@ class Chip(Node):
         session: bytes = rx.envelope.session
         self._check_usable(req.app)
         async with self._app_locks[req.app]:
-            return "pay.result", await self._pay(req, session)
+            result = await self._pay(req, session)
+        # C6 outside the app's lock: the trust module may delete the app (A3) if it fails
+        if result.session and result.code != "untrusted":
+            await self._c6(session)
+        return "pay.result", result
+
+    async def _c6(self, session: bytes) -> None:
+        """C6: the trust module measures the app's new state and stores it."""
+        try:
+            await self.request(
+                self.link(Role.TRUST_MODULE),
+                "c6.done",
+                SessionDone(session),
+                recipient=self.tm_id,
+                expect="measured",
+                session=session,
+            )
+        except TrustpayError as exc:
+            self.log.warning("c6.not_confirmed", reason=str(exc))
 
     def _load_app(self, app: str, code: bytes) -> types.ModuleType:
         """Run the app's installed code, the very bytes the trust module measures."""
@@ -264,18 +284,6 @@ class Chip(Node):
         self.data["pending"][req.order_id] = {"order": order.to_bytes().hex(), "session": session.hex()}
         await self.store.save(self.data)
         status = await self._send_order(req.order_id, order.to_bytes(), order_hash, session)
-        # C6: the trust module measures the app's new state and stores it
-        try:
-            await self.request(
-                self.link(Role.TRUST_MODULE),
-                "c6.done",
-                SessionDone(session),
-                recipient=self.tm_id,
-                expect="measured",
-                session=session,
-            )
-        except TrustpayError as exc:
-            self.log.warning("c6.not_confirmed", reason=str(exc))
         receipt = bytes.fromhex(self.data["receipts"].get(req.order_id, ""))
         return PayResult(*status, req.order_id, receipt, session)
 
@@ -310,26 +318,48 @@ class Chip(Node):
                 order_id=order_id,
             )
             return "unknown", "no_receipt", "no receipt from the payment server yet; it will be re-sent"
-        except TrustpayError as exc:
-            self.step("C", "C5", "refused", str(exc), session=session, order_id=order_id)
-            return "refused", getattr(exc, "refusal_code", exc.code), str(exc)
+        except Refused as exc:  # a definitive, signed answer: the order will never execute
+            self.step("C", "C5", "refused", exc.refusal_code, session=session, order_id=order_id)
+            await self._settled(order_id, b"")
+            return "refused", exc.refusal_code, exc.refusal_reason
+        except TrustpayError as exc:  # a receipt that does not verify: keep the order, try again later
+            self.step("C", "C5", "failed", f"bad receipt: {exc.code}", session=session, order_id=order_id)
+            await self._count_attempt(order_id)
+            return "unknown", "bad_receipt", f"the receipt does not verify: {exc}"
         if receipt.order_hash != order_hash or receipt.order_id != order_id:
             self.step("C", "C5", "failed", "receipt is for another order", session=session, order_id=order_id)
+            await self._count_attempt(order_id)
             return "unknown", "bad_receipt", "the receipt does not match the order"
-        self.data["pending"].pop(order_id, None)
-        self.data["receipts"][order_id] = receipt_blob.hex()
-        while len(self.data["receipts"]) > 100:
-            self.data["receipts"].pop(next(iter(self.data["receipts"])))
-        await self.store.save(self.data)
-        self.step(
-            "C",
-            "C5",
-            "ok" if receipt.status == "confirmed" else "refused",
-            receipt.reason or f"paid {receipt.amount} to {receipt.payee}",
-            session=session,
-            order_id=order_id,
-        )
+        await self._settled(order_id, receipt_blob)
+        # step events cross the bus in the clear: the code only, never amounts or payees
+        outcome = "ok" if receipt.status == "confirmed" else "refused"
+        self.step("C", "C5", outcome, receipt.code or "payment confirmed", session=session, order_id=order_id)
         return receipt.status, receipt.code, receipt.reason or "payment confirmed"
+
+    async def _settled(self, order_id: str, receipt: bytes) -> None:
+        self.data["pending"].pop(order_id, None)
+        if receipt:
+            self.data["receipts"][order_id] = receipt.hex()
+            while len(self.data["receipts"]) > RECEIPTS_KEPT:
+                self.data["receipts"].pop(next(iter(self.data["receipts"])))
+        await self.store.save(self.data)
+
+    async def _count_attempt(self, order_id: str) -> None:
+        """A pending order whose receipts keep failing is given up after a few tries, loudly."""
+        entry = self.data["pending"].get(order_id)
+        if entry is None:
+            return
+        entry["attempts"] = entry.get("attempts", 0) + 1
+        if entry["attempts"] >= MAX_RESENDS:
+            self.data["pending"].pop(order_id)
+            self.data.setdefault("abandoned", {})[order_id] = entry
+            self.log.error(
+                "order.abandoned",
+                order=order_id,
+                attempts=entry["attempts"],
+                reason="no verifiable receipt; reconcile with the payment-server's ledger",
+            )
+        await self.store.save(self.data)
 
     async def _resend_pending(self) -> None:
         for order_id, entry in list(self.data["pending"].items()):

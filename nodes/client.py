@@ -165,7 +165,9 @@ class Client(Node):
             )
         except RequestTimeout as exc:
             outcome = Outcome(EXIT_UNKNOWN, f"No answer: {exc}", {"status": "unknown", "reason": str(exc)})
-        self.step("B", "B3", "ok" if outcome.code == EXIT_OK else "failed", outcome.text.splitlines()[0])
+        # the event crosses the bus in the clear: what was done and how it ended, no amounts
+        status = outcome.data.get("status", "done" if outcome.code == EXIT_OK else "failed")
+        self.step("B", "B3", "ok" if outcome.code == EXIT_OK else "failed", f"{verb}: {status}")
         self._emit(outcome)
         return outcome.code
 

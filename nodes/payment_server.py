@@ -293,6 +293,7 @@ class PaymentServer(Node):
         return Outcome(receipt, sign_record(receipt, RECEIPT_DOMAIN, self.keys).to_bytes(), repeated=False)
 
     def _report(self, outcome: Outcome, order: Order, session: bytes) -> None:
+        """Log the payment in full locally; its step event, which anyone on the bus sees, says no amounts."""
         r = outcome.receipt
         fields = dict(device=order.device, order=order.order_id, amount=order.amount, payee=order.payee)
         if outcome.repeated:
@@ -300,10 +301,10 @@ class PaymentServer(Node):
             reason = f"order already {r.status}: the original receipt was sent again"
         elif r.status == CONFIRMED:
             self.log.info("payment.settled", payer=r.payer, balance_after=r.balance_after, **fields)
-            reason = r.reason
+            reason = "payment confirmed"
         else:
             self.log.info("payment.refused", code=r.code, reason=r.reason, **fields)
-            reason = f"{r.code}: {r.reason}"
+            reason = f"refused: {r.code}"  # the code only: reasons name amounts and balances
         word = "ok" if r.status == CONFIRMED else "refused"
         self.step("C", "C5", word, reason, session=session, order_id=order.order_id, device=order.device)
 

@@ -146,7 +146,7 @@ class Node:
         self._seq = 0
         self._verifier: Verifier | None = None
         self._routes: dict[str, _Route] = {}
-        self._pending: dict[bytes, asyncio.Future[Received]] = {}
+        self._pending: dict[bytes, tuple[asyncio.Future[Received], str]] = {}  # id -> (answer, from whom)
         self._responses: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         self._lanes: dict[str, asyncio.Queue[Received]] = {}
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
@@ -182,6 +182,8 @@ class Node:
         guard = ReplayGuard(floor_ms=self.started_ms, skew_ms=self.settings.skew_ms)
         self._verifier = Verifier(frozenset({self.id}), self.certs, guard, keys=self.keys)
         self.log.info("node.starting", role=self.role.value, epoch=self.epoch)
+        # after every (re)connection: the broker may have published our last will meanwhile
+        self.bus.on_connect = self._announce
         await self.prepare()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -201,13 +203,15 @@ class Node:
             self._tg = None
             self.log.info("node.stopped", counters=dict(self.counters))
 
+    def _announce(self) -> None:
+        self.spawn(self.publish_status("online"), name="status:online")
+
     def stop(self) -> None:
         self._stop.set()
 
     async def _start(self) -> None:
         async with asyncio.timeout(60):
             await self.connected.wait()
-        await self.publish_status("online")
         await self.main()
 
     async def _say_goodbye(self) -> None:
@@ -318,7 +322,7 @@ class Node:
         attempts = attempts or self.settings.request_attempts
         message_id = new_id()
         future: asyncio.Future[Received] = asyncio.get_running_loop().create_future()
-        self._pending[message_id] = future
+        self._pending[message_id] = (future, recipient)
         try:
             for attempt in range(1, attempts + 1):
                 frame = self.frame(
@@ -336,7 +340,7 @@ class Node:
                     self.counters["request_retry"] += 1
                     self.log.info("request.retry", type=msg_type, to=recipient, attempt=attempt)
                     continue
-                if answer.envelope.type == "error":
+                if answer.envelope.type in ("error", "refusal"):
                     refusal: Refusal = answer.envelope.body
                     raise Refused(refusal.code, refusal.reason)
                 if answer.envelope.type != expect:
@@ -426,11 +430,14 @@ class Node:
         env = received.envelope
         self.peers[env.sender] = received.sender_cert
         if env.reply_to:
-            future = self._pending.get(env.reply_to)
-            if future is not None and not future.done():
-                future.set_result(received)
-            else:
+            pending = self._pending.get(env.reply_to)
+            if pending is None or pending[0].done():
                 self.counters["late_answer"] += 1
+            elif env.sender != pending[1]:  # only the node we asked may answer
+                self.counters["foreign_answer"] += 1
+                self.log.warning("frame.foreign_answer", sender=env.sender, expected=pending[1])
+            else:
+                pending[0].set_result(received)
             return
         route = self._routes.get(env.type)
         if route is None:
@@ -477,7 +484,8 @@ class Node:
 
     async def _refuse(self, received: Received, code: str, reason: str) -> None:
         self.counters[f"refused.{code}"] += 1
-        await self.reply(received, "error", Refusal(code, reason))
+        sealed = MESSAGE_TYPES[received.envelope.type].sealed and received.topic.src is not Role.OPERATOR
+        await self.reply(received, "refusal" if sealed else "error", Refusal(code, reason))
 
     async def _on_ping(self, received: Received) -> tuple[str, Body]:
         ping: Ping = received.envelope.body

@@ -185,6 +185,7 @@ class TrustModule(Node):
             await self._finish_start_up()
             return
         self._store(client.measurement)
+        self.payment_enabled = True  # until a check below disables it (A5)
         apps = list(self.apps)
         for i, app in enumerate(apps):
             check = await self._check(f"{APP}:{app}")
@@ -198,8 +199,8 @@ class TrustModule(Node):
                 "A", "A4", "ok", "another application left" if i < len(apps) - 1 else "no application left"
             )
         self.data["sessions"] = {}  # every interrupted session is settled by the checks above
-        await self._set_chip(True, "start-up checks passed")
-        self.payment_enabled = True
+        if self.payment_enabled:
+            await self._set_chip(True, "start-up checks passed")
         await self._finish_start_up()
 
     async def _finish_start_up(self) -> None:

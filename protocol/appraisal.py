@@ -7,8 +7,6 @@ not withdrawn, version and its dynamic data is what the trust module stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .certs import ISSUER, Certificate
 from .errors import CertificateInvalid
 from .measure import CLIENT, LogEntry, Measurement
@@ -39,7 +37,12 @@ class ReleaseBook:
     def match(self, m: Measurement) -> Release | None:
         """The release whose code and static digests ``m`` has, withdrawn or not."""
         for release in self._by_version.values():
-            if (release.kind, release.name, release.code, release.static) == (m.kind, m.name, m.code, m.static):
+            if (release.kind, release.name, release.code, release.static) == (
+                m.kind,
+                m.name,
+                m.code,
+                m.static,
+            ):
                 return release
         return None
 
@@ -64,7 +67,9 @@ def appraise_entry(entry: LogEntry, book: ReleaseBook) -> Appraisal:
     if not ok:
         return Appraisal(m.component, version, CONTRAINDICATED, reason)
     if not entry.dynamic_as_stored:
-        return Appraisal(m.component, version, CONTRAINDICATED, f"{m.component}: dynamic data changed outside a payment")
+        return Appraisal(
+            m.component, version, CONTRAINDICATED, f"{m.component}: dynamic data changed outside a payment"
+        )
     return Appraisal(m.component, version, AFFIRMING, reason)
 
 

@@ -289,6 +289,8 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         MessageSpec("ping", Ping, ALL_LINKS | FROM_OPERATOR),
         MessageSpec("pong", Pong, ALL_LINKS, frozenset(_OPS_REPLY)),
         MessageSpec("error", Refusal, ALL_LINKS, frozenset(_OPS_REPLY)),
+        # the answer to a sealed request is sealed too, refusals included: their reasons name amounts
+        MessageSpec("refusal", Refusal, ALL_LINKS, sealed=True),
         _spec("status", Status, channels=(CHANNEL_STATUS,)),
         _spec("event", StepEvent, channels=(CHANNEL_EVENTS,)),
         # A
