@@ -178,7 +178,7 @@ class Chip(Node):
     async def open_chip(self, rx: Any) -> tuple[str, Body]:
         """B1: the client opens the chip; refused while payment functions are disabled."""
         if not self.data["enabled"]:
-            raise Refused("disabled", f"payment functions are disabled: {self.data['reason']}")
+            raise Refused("disabled", self.data["reason"])  # the code says disabled; the reason says why
         self.is_open = True
         if self.data["pending"]:
             self.spawn(self._resend_pending(), name="resend-pending")
@@ -191,7 +191,7 @@ class Chip(Node):
 
     def _check_usable(self, app: str) -> None:
         if not self.data["enabled"]:
-            raise Refused("disabled", f"payment functions are disabled: {self.data['reason']}")
+            raise Refused("disabled", self.data["reason"])  # the code says disabled; the reason says why
         if not self.is_open:
             raise Refused("closed", "the client has not opened the chip (B1)")
         if app not in self.data["apps"]:

@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "rotate-platform": "ops.rotate_cmd",
     "bench": "ops.bench",
     "ledger": "ops.ledger_cmd",
+    "watch": "ops.watch",
+    "demo": "ops.demo",
 }
 
 
