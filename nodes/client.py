@@ -227,6 +227,7 @@ class Client(Node):
             "currency": static["currency"],
             "payee": payee,
             "app": app,
+            "session": result.session.hex(),
         }
         if result.status == "confirmed":
             receipt = self._verify_receipt(result.receipt, order_id)

@@ -18,9 +18,10 @@ import socket
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
@@ -33,6 +34,9 @@ from protocol.envelope import Envelope, Verifier, new_id, sign_frame
 from protocol.messages import Evidence, Ping
 from protocol.replay import ReplayGuard
 from protocol.topics import Role, link_topic
+
+if TYPE_CHECKING:
+    from ops.watch import Seen
 
 HELP = "measure per-message costs (micro) and round trips against raw MQTT (rt)"
 
@@ -193,8 +197,67 @@ async def round_trips(dep: Deployment, rounds: int, backend: str) -> dict[str, A
     }
 
 
+def _spans(frames: list[Seen]) -> dict[str, int]:
+    """Milliseconds between the first frames of the given types within one payment session."""
+    first: dict[str, int] = {}
+    for seen in frames:
+        first.setdefault(seen.type, seen.ts_ms)
+    return {
+        "c1_to_receipt_ms": first["pay.receipt"] - first["c1.check"],
+        "pay_start_to_result_ms": first["pay.result"] - first["pay.start"],
+        "pay_start_to_c7_ms": max(s.ts_ms for s in frames) - first["pay.start"],
+    }
+
+
+async def payments(dep: Deployment, count: int) -> dict[str, Any]:
+    """Attested payments end to end: every node a process, each payment a real client process."""
+    from ops.launcher import Launcher
+    from ops.scenario import Scenario
+    from ops.watch import EventWatcher
+
+    device = dep.load_manifest().devices[0].device
+    async with Launcher(dep, log_level="warning") as launcher:
+        await launcher.wait_all_up()
+        async with EventWatcher(dep, launcher.broker_url, every_frame=True) as watcher:
+            scenario = Scenario(dep, launcher, watcher)
+            await scenario.wait_started(device)
+            for _ in range(count):
+                run = await scenario.client(device, "pay", "1.00", "shop-1")
+                if run.code != 0:
+                    raise RuntimeError(f"payment failed: {run.result or run.stderr[-500:]}")
+                session = bytes.fromhex(run.result["session"]) if "session" in run.result else b""
+                await watcher.wait_for(lambda e, s=session: e.step == "C7" and (not s or e.session == s), 30)
+    by_session: dict[bytes, list[Seen]] = {}
+    events: dict[bytes, int] = {}
+    for seen in watcher.seen:
+        if seen.event is not None and seen.event.session:
+            events[seen.event.session] = events.get(seen.event.session, 0) + 1
+        elif seen.event is None and seen.status is None and seen.session:
+            by_session.setdefault(seen.session, []).append(seen)
+    sessions = [
+        frames for frames in by_session.values() if {"c1.check", "pay.receipt"} <= {f.type for f in frames}
+    ]
+    spans = [_spans(frames) for frames in sessions]
+    result: dict[str, Any] = {"payments": len(sessions)}
+    for key in spans[0] if spans else ():
+        values = sorted(s[key] for s in spans)
+        result[f"{key}_p50"] = values[len(values) // 2]
+        result[f"{key}_max"] = values[-1]
+    result["link_frames_per_payment"] = (
+        sorted(len(f) for f in sessions)[len(sessions) // 2] if sessions else 0
+    )
+    result["step_events_per_payment"] = sorted(events.values())[len(events) // 2] if events else 0
+    result["frames_by_type"] = dict(sorted(Counter(f.type for f in sessions[0]).items())) if sessions else {}
+    return result
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["micro", "rt"], help="micro: per-message costs; rt: round trips")
+    parser.add_argument(
+        "what",
+        choices=["micro", "rt", "pay"],
+        help="micro: per-message costs; rt: round trips vs raw MQTT; pay: attested payments",
+    )
+    parser.add_argument("--payments", type=int, default=20, help="payments for `pay`")
     parser.add_argument("--backend", choices=["mosquitto", "amqtt"], default=None)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--n", type=int, default=2000, help="messages per micro batch")
@@ -210,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
         dep = Deployment(Path(tmp) / "d")
         if args.what == "micro":
             result: dict[str, Any] = micro(dep, args.n)
+        elif args.what == "pay":
+            result = asyncio.run(payments(dep, args.payments))
         else:
             result = asyncio.run(round_trips(dep, args.rounds, backend))
     print(json.dumps(result, indent=2))

@@ -67,6 +67,9 @@ def monitor_client(address: BrokerAddress, version: str, purpose: str) -> aiomqt
 class Seen:
     topic: str
     sender: str
+    type: str
+    session: bytes
+    ts_ms: int
     event: StepEvent | None
     status: Status | None
 
@@ -75,11 +78,16 @@ class EventWatcher:
     """Collects verified step events and statuses while the block runs."""
 
     def __init__(
-        self, dep: Deployment, broker_url: str | None = None, on_seen: Callable[[Seen], None] | None = None
+        self,
+        dep: Deployment,
+        broker_url: str | None = None,
+        on_seen: Callable[[Seen], None] | None = None,
+        every_frame: bool = False,
     ) -> None:
         self.dep = dep
         self.broker_url = broker_url
         self.on_seen = on_seen
+        self.filters = (f"{PREFIX}/#",) if every_frame else FILTERS  # every link, or events and status
         self.seen: list[Seen] = []
         self.rejected: Counter[str] = Counter()
         self._changed = asyncio.Event()
@@ -112,7 +120,7 @@ class EventWatcher:
         for attempt in range(40):  # bounded: reconnects over a broker restart, then gives up
             try:
                 async with monitor_client(address, versions[attempt % len(versions)], "watch") as client:
-                    for topic_filter in FILTERS:
+                    for topic_filter in self.filters:
                         await client.subscribe(topic_filter, qos=1)
                     self._subscribed.set()
                     async for message in client.messages:
@@ -134,6 +142,9 @@ class EventWatcher:
         seen = Seen(
             topic,
             env.sender,
+            env.type,
+            env.session,
+            env.ts_ms,
             body if isinstance(body, StepEvent) else None,
             body if isinstance(body, Status) else None,
         )
@@ -163,6 +174,8 @@ class EventWatcher:
 
 
 def describe(seen: Seen) -> str:
+    if seen.event is None and seen.status is None:
+        return f"{'frame':<10} {'':<3} {seen.type:<14} {seen.sender:<16} {seen.topic}"
     if seen.event is not None:
         e = seen.event
         where = e.device or "platform"
@@ -176,6 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
     parser.add_argument("--broker", help="broker URL (default: the manifest's)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--all", action="store_true", help="every frame on every link, not just events")
     parser.add_argument("--seconds", type=float, default=3600.0, help="stop after this long (default 1 h)")
 
 
@@ -183,12 +197,14 @@ async def _watch(args: argparse.Namespace) -> None:
     def show(seen: Seen) -> None:
         if args.json:
             body = seen.event or seen.status
-            data = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in vars(body).items()}
+            fields = vars(body) if body is not None else {"type": seen.type, "session": seen.session}
+            data = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in fields.items()}
             print(json.dumps({"topic": seen.topic, "sender": seen.sender, **data}), flush=True)
         else:
             print(describe(seen), flush=True)
 
-    async with EventWatcher(Deployment(args.deploy), args.broker, on_seen=show) as watcher:
+    dep = Deployment(args.deploy)
+    async with EventWatcher(dep, args.broker, on_seen=show, every_frame=args.all) as watcher:
         try:
             await asyncio.sleep(args.seconds)  # the watch lasts this long, or until Ctrl-C
         finally:
