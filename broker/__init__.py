@@ -8,6 +8,7 @@ refuse anonymous clients and enforce :func:`protocol.topics.acl_for`.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import socket
 from collections.abc import Sequence
@@ -89,11 +90,33 @@ def default_backend() -> str:
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 right now (the kernel picks it; racy by nature)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port free on 127.0.0.1 right now, below the kernel's ephemeral range.
+
+    A port the kernel hands out for bind(0) comes from the same range as the
+    local ports of outgoing connections, so by the time a broker starts, one of
+    our own MQTT clients may hold it. Ports are drawn at random below that range.
+    """
+    low = _ephemeral_floor()
+    for _ in range(200):  # bounded; each try is one bind
+        port = secrets.randbelow(low - _LOWEST) + _LOWEST
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise BrokerError(f"no free port found on {HOST} between {_LOWEST} and {low}")
+
+
+def _ephemeral_floor() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return max(low, _LOWEST + 1000)
+
+
+_LOWEST = 20000
 
 
 def make_broker(
