@@ -12,6 +12,7 @@ after the signature, topic, sender, recipient and freshness checks passed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from dataclasses import dataclass
@@ -125,22 +126,6 @@ def sign_frame(env: Envelope, topic: str, keys: KeyPair, peer_box: bytes | None 
     return frame
 
 
-@dataclass(frozen=True)
-class _Header:
-    version: int
-    type: str
-    message_id: bytes
-    sender: str
-    recipient: str
-    session: bytes
-    reply_to: bytes
-    ts_ms: int
-    epoch: int
-    seq: int
-    chain: tuple[bytes, ...]
-    body: bytes
-
-
 _HEADER_TYPES: tuple[tuple[str, type], ...] = (
     ("version", int),
     ("type", str),
@@ -157,7 +142,8 @@ _HEADER_TYPES: tuple[tuple[str, type], ...] = (
 )
 
 
-def _parse_header(data: bytes, limits: Limits) -> _Header:
+def _parse_header(data: bytes, limits: Limits) -> Envelope:
+    """The envelope with its body still the encoded (maybe sealed) bytes: nothing is trusted yet."""
     raw = unpack(data, limits)
     if not isinstance(raw, list) or len(raw) != FIELDS:
         raise Malformed(f"envelope must be an array of {FIELDS} fields")
@@ -175,7 +161,7 @@ def _parse_header(data: bytes, limits: Limits) -> _Header:
         raise Malformed(f"message id must be {ID_SIZE} bytes")
     if min(raw[7], raw[8], raw[9]) < 0:
         raise Malformed("time, epoch and sequence must not be negative")
-    return _Header(
+    return Envelope(
         version=raw[0],
         type=raw[1],
         message_id=raw[2],
@@ -241,20 +227,7 @@ class Verifier:
             raise NotForMe(f"addressed to {header.recipient}, not to {sorted(self.my_ids)}")
         if self.guard is not None:
             self.guard.check(header.sender, header.message_id, header.ts_ms, header.epoch, header.seq, now_ms)
-        body = self._body(spec, header.body, cert)
-        env = Envelope(
-            type=header.type,
-            message_id=header.message_id,
-            sender=header.sender,
-            recipient=header.recipient,
-            session=header.session,
-            reply_to=header.reply_to,
-            ts_ms=header.ts_ms,
-            epoch=header.epoch,
-            seq=header.seq,
-            chain=header.chain,
-            body=body,
-        )
+        env = dataclasses.replace(header, body=self._body(spec, header.body, cert))
         return Received(env, cert, parsed, bytes(frame))
 
     def _body(self, spec: MessageSpec, data: bytes, sender: Certificate) -> Body:
@@ -264,7 +237,7 @@ class Verifier:
             data = unseal(data, self.keys, sender.body.box_key)
         return from_map(spec.body, unpack(data, self.limits), spec.name)
 
-    def _sender_cert(self, header: _Header, now_ms: int) -> Certificate:
+    def _sender_cert(self, header: Envelope, now_ms: int) -> Certificate:
         if not header.chain:
             raise UnknownSender(f"{header.sender} sent no certificate chain")
         cert = self.certs.resolve(list(header.chain), now_ms // 1000)
