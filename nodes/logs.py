@@ -22,30 +22,72 @@ import structlog
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
+class _Writer:
+    """One background thread per process, appending lines to every node's file.
+
+    One thread, not one per node, so a fleet of thousands of nodes in one
+    process costs one thread and one open file per node.
+    """
+
+    _lock = threading.Lock()
+    _instance: _Writer | None = None
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Path, str | None, threading.Event | None]] = queue.SimpleQueue()
+        self._files: dict[Path, TextIO] = {}
+        threading.Thread(target=self._drain, name="trustpay-log-writer", daemon=True).start()
+
+    @classmethod
+    def shared(cls) -> _Writer:
+        with cls._lock:  # created on first use, never at import
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def write(self, path: Path, line: str) -> None:
+        self._queue.put((path, line, None))
+
+    def close(self, path: Path) -> None:
+        """Return once every line written to ``path`` so far is on disk and the file is closed."""
+        done = threading.Event()
+        self._queue.put((path, None, done))
+        done.wait(timeout=5)
+
+    def _drain(self) -> None:
+        dirty: set[TextIO] = set()
+        while True:
+            path, line, done = self._queue.get()
+            f = self._files.get(path)
+            if line is not None:
+                if f is None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    f = self._files[path] = path.open("a", encoding="utf-8")
+                f.write(line + "\n")
+                dirty.add(f)
+                if self._queue.empty():  # a quiet moment: make what was written visible to readers
+                    for open_file in dirty:
+                        open_file.flush()
+                    dirty.clear()
+            else:
+                if f is not None:
+                    dirty.discard(f)
+                    self._files.pop(path).close()
+                if done is not None:
+                    done.set()
+
+
 class _LineWriter:
-    """One background thread appending lines to one file."""
+    """One node's log file, written by the shared writer thread."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._drain, args=(path,), name=f"log:{path.name}", daemon=True
-        )
-        self._thread.start()
+        self.path = path
+        self._writer = _Writer.shared()
 
     def write(self, line: str) -> None:
-        self._queue.put(line)
+        self._writer.write(self.path, line)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
-
-    def _drain(self, path: Path) -> None:
-        with path.open("a", encoding="utf-8") as f:
-            while (line := self._queue.get()) is not None:
-                f.write(line + "\n")
-                if self._queue.empty():
-                    f.flush()
+        self._writer.close(self.path)
 
 
 class _Sink:
