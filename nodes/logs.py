@@ -101,7 +101,9 @@ class _Sink:
         if self.file is not None:
             self.file.write(json.dumps(event, default=_jsonable, separators=(",", ":")))
         if self.console is not None and _LEVELS.get(event.get("level", "info"), 20) >= self.console_level:
-            print(self._pretty(logger, method, dict(event)), file=self.console, flush=True)
+            readable = {k: v for k, v in event.items() if k not in ("ts", "node", "role", "device")}
+            line = self._pretty(logger, method, readable)
+            print(f"{event.get('node', ''):<16} {line}", file=self.console, flush=True)
         raise structlog.DropEvent
 
 

@@ -258,7 +258,9 @@ class Launcher:
         lines = [f"{n.node_id}: {self._state(n)}" for n in missing]
         if self._monitor_gone:
             lines.insert(0, f"status monitor lost the broker: {self.monitor_error}")
-        tails = await asyncio.to_thread(self._tails, [n for n in missing if n.proc])
+        running = [n for n in missing if n.proc is not None and n.exit is None]
+        tails = [n.exit.tail for n in missing if n.exit is not None and n.exit.tail]
+        tails += await asyncio.to_thread(self._tails, running)
         names = ", ".join(n.node_id for n in missing) or "(status unknown)"
         raise LaunchError(f"not up: {names}", "\n".join([*lines, *tails]))
 
@@ -343,12 +345,13 @@ class Launcher:
 
     # -- status monitor --------------------------------------------------------
     async def _wait_subscribed(self) -> None:
-        async with asyncio.timeout(_SUBSCRIBE_TIMEOUT_S):
-            while not self._subscribed:  # each turn waits for a change; bounded by the timeout
-                if self._monitor_gone:
-                    raise LaunchError(f"cannot watch node status at {self.broker_url}: {self.monitor_error}")
-                self._changed.clear()
-                await self._changed.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_SUBSCRIBE_TIMEOUT_S):
+                while not (self._subscribed or self._monitor_gone):  # bounded by the timeout
+                    self._changed.clear()
+                    await self._changed.wait()
+        if not self._subscribed:
+            raise LaunchError(f"cannot watch node status at {self.broker_url}: {self.monitor_error}")
 
     async def _monitor(self, address: BrokerAddress) -> None:
         versions = ("5", "3.1.1") if address.mqtt_version == "auto" else (address.mqtt_version,)
@@ -443,7 +446,12 @@ class Launcher:
                     self._monitor_task.cancel()
                 if self._tg is not None:
                     tg, self._tg = self._tg, None
-                    await tg.__aexit__(et, exc, tb)
+                    # only a cancellation is the task group's business: handed any other error,
+                    # it would wrap the caller's exception in an ExceptionGroup
+                    if et is not None and issubclass(et, asyncio.CancelledError):
+                        await tg.__aexit__(et, exc, tb)
+                    else:
+                        await tg.__aexit__(None, None, None)
         finally:
             if self.broker is not None:
                 await self.broker.stop()

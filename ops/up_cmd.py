@@ -64,6 +64,7 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str]) -> int:
+    all_up = asyncio.Event()  # before it, a failure report with the log tails follows anyway
     launcher = Launcher(
         Deployment(args.deploy.resolve()),
         args.devices,
@@ -71,7 +72,7 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
         args.backend,
         up_timeout_s=args.timeout,
         on_up=_print_up,
-        on_exit=_print_exit,
+        on_exit=lambda ex: _print_exit(ex, all_up),
     )
     code = 0
     async with launcher as up:
@@ -85,11 +86,12 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
             say(f"{received[0]} before all nodes were up: stopping", err=True)
             code = EXIT_INTERRUPTED
         elif isinstance(outcome, LaunchError):
-            say(f"trustpay up: {outcome.reason} within {args.timeout:.0f} s: stopping", err=True)
+            say(f"trustpay up: {outcome.reason}: stopping", err=True)
             say(outcome.report, err=True)
             code = EXIT_FAILED
         else:
             say(f"all {len(up.processes)} nodes up in {outcome:.1f} s{_noise(up)}")
+            all_up.set()
             failure = await _unless(stop, up.wait_failure())
             if failure is None:
                 say(f"{received[0]}: stopping devices, then servers, then the broker")
@@ -131,11 +133,11 @@ def _print_up(node: NodeProcess) -> None:
     say(f"up    {node.node_id:<16} (pid {node.pid}, {node.up_after_s or 0:.1f} s)")
 
 
-def _print_exit(ex: NodeExit) -> None:
+def _print_exit(ex: NodeExit, all_up: asyncio.Event) -> None:
     if ex.deliberate:
         say(f"down  {ex.node_id:<16} (pid {ex.pid}, {ex.how})")
     else:
-        say(f"DIED  {ex.describe()}", err=True)
+        say(f"DIED  {ex.describe() if all_up.is_set() else ex.describe().splitlines()[0]}", err=True)
 
 
 def say(text: str, err: bool = False) -> None:
