@@ -159,6 +159,8 @@ class MqttBus:
         except TimeoutError as exc:
             # A connection that takes publishes but acknowledges none is dead in one direction
             # (seen with amqtt after a restart): drop it and reconnect.
+            if client is self._client:  # the next publish waits for the new connection
+                self._ready.clear()
             kick.set()
             raise TransportError(f"publish to {topic} not acknowledged in {self.ack_timeout_s} s") from exc
         except aiomqtt.MqttError as exc:
@@ -238,10 +240,8 @@ class FakeBus:
                 topic, payload = await self._queue.get()
                 on_message(topic, payload)
         finally:
+            # a node's stop is a clean disconnect: a broker publishes the will only after a crash
             self.broker.unsubscribe_all(self._queue)
-            if self.will is not None:
-                topic, payload = self.will()
-                self.broker.publish(topic, payload, retain=True)
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.broker.publish(topic, payload, retain)

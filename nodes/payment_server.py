@@ -193,18 +193,16 @@ class PaymentServer(Node):
         if grant.expires_ms <= now:
             why = "the attestation for this order has expired; attest the terminal again, then resend it"
             return self._refusal(order, order_hash, "not_attested", why, "", 0, now)
-        verdict = peek_record(Verdict, grant.verdict, "granted verdict")
-        if overall(verdict.appraisals, order.app) not in (AFFIRMING, WARNING):
-            why = f"the platform did not find application {order.app!r} intact on this terminal"
-            return self._refusal(order, order_hash, "untrusted_app", why, "", 0, now)
-
+        verdict = peek_record(Verdict, grant.verdict, "granted verdict")  # verified when stored
         payer_name = await tx.app_account(order.device, order.app) or ""
         payer = await tx.account(payer_name) if payer_name else None
         payee = await tx.account(order.payee)
         last = await tx.last_counter(order.device, order.app)
         balance = payer.balance if payer else 0
         refusal: tuple[str, str] | None = None
-        if last is not None and order.counter <= last:
+        if overall(verdict.appraisals, order.app) not in (AFFIRMING, WARNING):
+            refusal = ("untrusted_app", f"the platform did not find application {order.app!r} intact")
+        elif last is not None and order.counter <= last:
             refusal = (
                 "stale_counter",
                 f"counter {order.counter} is not above the last executed {last}: "

@@ -332,7 +332,7 @@ class Node:
                     await self.bus.publish(topic, frame)
                 except TransportError as exc:
                     self.log.warning("request.unsent", type=msg_type, attempt=attempt, reason=exc.reason)
-                    continue  # the bus waited for a connection already; try again at once
+                    continue  # try again at once: the next publish waits for the new connection
                 try:
                     async with asyncio.timeout(timeout_s):
                         answer = await asyncio.shield(future)

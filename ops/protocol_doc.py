@@ -128,11 +128,12 @@ def _domains() -> list[tuple[str, bytes]]:
 
 
 def render_parameters() -> str:
-    from nodes import chip, client, payment_server, runtime, trust_module, trust_server
+    from nodes import bus, chip, client, payment_server, runtime, trust_module, trust_server
 
     limits = codec.DEFAULT_LIMITS
     guard = _defaults(ReplayGuard.__init__)
     settings = runtime.Settings()
+    mqtt = {f.name: f.default for f in dataclasses.fields(bus.MqttBus)}
     rows: list[tuple[str, object, str]] = [
         ("protocol.envelope.VERSION", envelope.VERSION, "envelope field 0 and the u8 in the signed bytes"),
         ("protocol.envelope.MAX_FRAME", envelope.MAX_FRAME, "bytes, envelope and signature together"),
@@ -156,6 +157,21 @@ def render_parameters() -> str:
         ("Settings.response_cache", settings.response_cache, "responses kept to answer duplicates"),
         ("Settings.max_handlers", settings.max_handlers, "requests handled at once per node"),
         (
+            "MqttBus.ack_timeout_s",
+            mqtt["ack_timeout_s"],
+            "seconds for the broker to acknowledge a publish, else the connection is dropped",
+        ),
+        (
+            "MqttBus.publish_timeout_s",
+            mqtt["publish_timeout_s"],
+            "seconds a publish waits for a connection to be up",
+        ),
+        (
+            "MqttBus.backoff_initial_s .. backoff_max_s",
+            f"{mqtt['backoff_initial_s']} .. {mqtt['backoff_max_s']}",
+            "reconnection delay, doubling",
+        ),
+        (
             "trust_module.CHIP_WAIT_ATTEMPTS",
             trust_module.CHIP_WAIT_ATTEMPTS,
             "chip.info attempts at start-up",
@@ -166,6 +182,11 @@ def render_parameters() -> str:
             "attest.request: one attempt of timeout x attempts x this",
         ),
         ("client.PAY_PATIENCE", client.PAY_PATIENCE, "pay.start: one attempt of timeout x attempts x this"),
+        (
+            "chip.MAX_RESENDS",
+            chip.MAX_RESENDS,
+            "answers to a pending order that are no valid receipt for it, before it is abandoned",
+        ),
         ("trust_server.NONCE_SIZE", trust_server.NONCE_SIZE, "bytes of a C2 nonce"),
         ("trust_server.NONCE_TTL_MS", trust_server.NONCE_TTL_MS, "a nonce's lifetime; single use"),
         ("trust_server.VERDICT_TTL_MS", trust_server.VERDICT_TTL_MS, "a verdict's and its grant's lifetime"),
@@ -395,13 +416,15 @@ def render_messages() -> str:
     for name, spec in messages.MESSAGE_TYPES.items():
         answers = sorted({t for _, t, e in use.requests if e == name})
         if name == "error":
-            answers = ["any request"]
+            answers = ["any request of an unsealed type"]
+        elif name == "refusal":
+            answers = ["any request of a sealed type"]
         role = ", ".join(use.handlers.get(name, []))
         if answers:
             role = (
                 (role + "; " if role else "")
                 + "answers "
-                + ", ".join(a if a == "any request" else _code(a) for a in answers)
+                + ", ".join(a if a.startswith("any request") else _code(a) for a in answers)
             )
         rows.append(
             (_code(name), spec.body.__name__, "**sealed**" if spec.sealed else "", _links_text(spec), role)
@@ -416,7 +439,8 @@ def render_messages() -> str:
         "",
         "Requests the role code makes (`Node.request(...)` calls in `nodes/`, the operator's "
         "`command(...)` calls in `ops/`), with the response it "
-        "expects; any request may instead be answered by `error`.",
+        "expects; any request may instead be refused: with `error`, or with the sealed `refusal` when "
+        "the request's type is sealed.",
         "",
         _table(
             ("sender", "request", "expected response"),
@@ -523,8 +547,8 @@ def render_errors() -> str:
     return "\n".join(
         [
             "Typed rejections (`protocol.errors.Rejected` and its subclasses). A receiver drops a "
-            "rejected frame and counts it as `rejected.CODE`; a handler that raises one answers the "
-            "request with `error` carrying the code.",
+            "rejected frame and counts it as `rejected.CODE`; a handler that raises one refuses the "
+            "request with the code (`error`, or `refusal` for a sealed request type).",
             "",
             _table(("code", "class", "subclass of", "alarm", "meaning"), rows),
         ]
@@ -573,7 +597,7 @@ class _CodeFinder(ast.NodeVisitor):
 
 
 def refusal_codes() -> list[tuple[str, str, str]]:
-    """Codes the role code can put in an ``error`` body: (code, role, where), read with ``ast``."""
+    """Codes the role code can put in a refusal body: (code, role, where), read with ``ast``."""
     found: dict[tuple[str, str], list[str]] = {}
     for module, role in ROLE_OF_MODULE.items():
         for name in (module, *EXTRA_SOURCES.get(module, ())):
@@ -593,7 +617,8 @@ def render_refusals() -> str:
     rows = [(_code(code), role, where) for code, role, where in refusal_codes()]
     return "\n".join(
         [
-            "Codes the role code itself can put in an `error` body (`Refused(...)` calls, the runtime's own "
+            "Codes the role code itself can put in a refusal, `error` or `refusal` (`Refused(...)` calls, "
+            "the runtime's own "
             "refusals and error classes in `nodes/`, found with `ast`); any code of the rejection table "
             "above can appear as well, when a handler's own check raises it. A code raised outside a handler "
             "(for example at install time) never reaches the wire.",
