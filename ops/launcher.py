@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import aiomqtt
 
@@ -52,7 +53,10 @@ _TAIL_BYTES = 64 * 1024  # enough for TAIL_LINES lines; a long run's log is neve
 _SUBSCRIBE_TIMEOUT_S = 15.0
 _MONITOR_CONNECTS = 1000  # bounds the reconnect loop over a long run
 _MONITOR_FAILURES = 20  # consecutive failed connects before the monitor gives up
-_KILL_WAIT_S = 5.0  # after SIGKILL, which cannot be ignored
+_KILL_WAIT_S = 5.0
+# amqtt never answers an MQTT 5 CONNECT: while the version is unknown, give up on one quickly
+_PROBE_TIMEOUT_S = 2.0
+_MQTT_TIMEOUT_S = 10.0  # after SIGKILL, which cannot be ignored
 
 
 class LaunchError(TrustpayError):
@@ -170,6 +174,7 @@ class Launcher:
         self._launch_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # set on every online, exit or monitor change
         self._subscribed = False
+        self.mqtt_version = ""  # what the monitor connected with
         self._monitor_gone = False
         self._stopping = False
         self._started_at = 0.0
@@ -194,6 +199,8 @@ class Launcher:
             address = await asyncio.to_thread(broker_address, self.dep, "monitor", self.broker_url)
             self._monitor_task = self._tg.create_task(self._monitor(address), name="launcher:monitor")
             await self._wait_subscribed()
+            # a node left to find the version itself waits out a 10 s timeout on amqtt (v5 hangs)
+            self.broker_url = _with_version(self.broker_url, self.mqtt_version)
             self._launch_task = self._tg.create_task(self._launch(), name="launcher:launch")
         except BaseException as exc:
             await self._shutdown(type(exc), exc, exc.__traceback__)
@@ -355,14 +362,16 @@ class Launcher:
 
     async def _monitor(self, address: BrokerAddress) -> None:
         versions = ("5", "3.1.1") if address.mqtt_version == "auto" else (address.mqtt_version,)
+        timeout = _PROBE_TIMEOUT_S if len(versions) > 1 else _MQTT_TIMEOUT_S
         failures = 0
         for _ in range(_MONITOR_CONNECTS):
             version = versions[failures % len(versions)]
             try:
-                async with _client(address, version) as client:
+                async with _client(address, version, timeout) as client:
                     for topic_filter in STATUS_FILTERS:
                         await client.subscribe(topic_filter, qos=1)
-                    versions, failures, self._subscribed = (version,), 0, True  # keep what worked
+                    versions, timeout, failures = (version,), _MQTT_TIMEOUT_S, 0  # keep what worked
+                    self.mqtt_version, self._subscribed = version, True
                     self._changed.set()
                     async for message in client.messages:
                         self._on_status(str(message.topic), message.payload)
@@ -497,7 +506,16 @@ def status_verifier(dep: Deployment) -> Verifier:
     return Verifier(frozenset(), certs, None)
 
 
-def _client(address: BrokerAddress, version: str) -> aiomqtt.Client:
+def _with_version(url: str, version: str) -> str:
+    """``url`` with ``?v=version`` unless it names a version already."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    query = parse_qs(parts.query)
+    if "v" in query or not version:
+        return url
+    return urlunsplit(parts._replace(query=urlencode({**query, "v": version}, doseq=True)))
+
+
+def _client(address: BrokerAddress, version: str, timeout: float) -> aiomqtt.Client:
     proto = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
     return aiomqtt.Client(
         hostname=address.host,
@@ -506,6 +524,7 @@ def _client(address: BrokerAddress, version: str) -> aiomqtt.Client:
         password=address.password,
         identifier=f"monitor-up-{time.time_ns():x}",  # never takes over another monitor's session
         protocol=proto,
+        timeout=timeout,
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )
 
