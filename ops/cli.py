@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "ledger": "ops.ledger_cmd",
     "watch": "ops.watch",
     "demo": "ops.demo",
+    "ping": "ops.ping_cmd",
 }
 
 
