@@ -125,6 +125,11 @@ class MqttBus:
                         reader.cancel()
                     self.log.warning("bus.reconnecting", reason="a publish was not acknowledged")
             except* aiomqtt.MqttError as group:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # aiomqtt turns a cancellation during a dropped connection into an MqttError:
+                    # the node is stopping, so stop instead of reconnecting
+                    raise asyncio.CancelledError from None
                 exc = group.exceptions[0]
                 self.log.warning("bus.disconnected", reason=str(exc), retry_in_s=delay, mqtt=version)
                 if self.address.mqtt_version == "auto" and self.connections == 0:

@@ -14,6 +14,15 @@ Nothing is restarted behind anyone's back: an exit is recorded as a
 counted as unexpected unless the launcher itself sent the signal. Leaving the
 block stops the device nodes, then the servers (SIGTERM, bounded wait, SIGKILL
 for stragglers), then the broker it started, also when the block failed.
+
+Nodes stay in the caller's process group, so a terminal's Ctrl-C reaches them
+(and the broker) directly as well; the ordered stop then only mops up. Each
+node's stdout and stderr go to ``logs/{node_id}.stderr`` next to its JSON log.
+
+    async with Launcher(dep, devices=1) as up:
+        await up.wait_all_up()
+        await up.kill("payment-server", signal.SIGKILL)
+        await up.restart("payment-server")  # returns once its new "online" arrived
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import socket
 import sys
@@ -53,10 +63,17 @@ _TAIL_BYTES = 64 * 1024  # enough for TAIL_LINES lines; a long run's log is neve
 _SUBSCRIBE_TIMEOUT_S = 15.0
 _MONITOR_CONNECTS = 1000  # bounds the reconnect loop over a long run
 _MONITOR_FAILURES = 20  # consecutive failed connects before the monitor gives up
-_KILL_WAIT_S = 5.0
+_KILL_WAIT_S = 5.0  # after SIGKILL, which cannot be ignored
+_MIN_GRACE_S = 5.0  # a clean stop takes up to 2 s to flush events plus 2 s to say "offline"
 # amqtt never answers an MQTT 5 CONNECT: while the version is unknown, give up on one quickly
 _PROBE_TIMEOUT_S = 2.0
-_MQTT_TIMEOUT_S = 10.0  # after SIGKILL, which cannot be ignored
+_MQTT_TIMEOUT_S = 10.0  # aiomqtt's default, once the version is known
+
+
+# paho logs a broker going away ("failed to receive on socket") to the console; the monitor
+# keeps its last error in Launcher.monitor_error instead
+_QUIET = logging.getLogger("trustpay.launcher.monitor")
+_QUIET.setLevel(logging.CRITICAL)
 
 
 class LaunchError(TrustpayError):
@@ -428,7 +445,7 @@ class Launcher:
         if self._stopping:
             raise LaunchError("the launcher is stopping")
         if old.running:
-            await self._stop_nodes([old])
+            await self._stop_nodes([old], asyncio.get_running_loop().time() + self.stop_timeout_s)
         new = NodeProcess(node_id, old.role, old.device, old.incarnation + 1)
         self.processes[node_id] = new
         await self._spawn(new)
@@ -444,8 +461,11 @@ class Launcher:
                 if self._launch_task is not None:
                     self._launch_task.cancel()
                 nodes = list(self.processes.values())
-                await self._stop_nodes([n for n in nodes if n.device is not None])
-                await self._stop_nodes([n for n in nodes if n.device is None])
+                # one budget for both groups: after a terminal's Ctrl-C every node is already
+                # stopping, and a node that hangs should cost stop_timeout_s once, not twice
+                deadline = asyncio.get_running_loop().time() + self.stop_timeout_s
+                await self._stop_nodes([n for n in nodes if n.device is not None], deadline)
+                await self._stop_nodes([n for n in nodes if n.device is None], deadline)
             finally:
                 for node in self.processes.values():  # only if stopping itself failed or was cancelled
                     if node.running and node.proc is not None:
@@ -465,15 +485,16 @@ class Launcher:
             if self.broker is not None:
                 await self.broker.stop()
 
-    async def _stop_nodes(self, nodes: Sequence[NodeProcess]) -> None:
-        """SIGTERM all at once, wait (bounded), SIGKILL whoever is left."""
+    async def _stop_nodes(self, nodes: Sequence[NodeProcess], deadline: float) -> None:
+        """SIGTERM all at once, wait until ``deadline`` (at least a moment), SIGKILL whoever is left."""
         alive = [n for n in nodes if n.running]
         for node in alive:
             node.deliberate = True
             assert node.proc is not None
             with contextlib.suppress(ProcessLookupError):
                 node.proc.terminate()
-        if not await _wait_procs(alive, self.stop_timeout_s):
+        grace = max(deadline - asyncio.get_running_loop().time(), _MIN_GRACE_S)
+        if not await _wait_procs(alive, grace):
             for node in alive:
                 if node.running and node.proc is not None:
                     with contextlib.suppress(ProcessLookupError):
@@ -525,6 +546,7 @@ def _client(address: BrokerAddress, version: str, timeout: float) -> aiomqtt.Cli
         identifier=f"monitor-up-{time.time_ns():x}",  # never takes over another monitor's session
         protocol=proto,
         timeout=timeout,
+        logger=_QUIET,
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )
 
