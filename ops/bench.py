@@ -31,7 +31,7 @@ from nodes.runtime import Node, now_ms, ping
 from protocol.certs import CertStore
 from protocol.codec import pack, unpack
 from protocol.envelope import Envelope, Verifier, new_id, sign_frame
-from protocol.messages import Evidence, Ping
+from protocol.messages import Evidence, Ping, StepEvent
 from protocol.replay import ReplayGuard
 from protocol.topics import Role, link_topic
 
@@ -225,8 +225,12 @@ async def payments(dep: Deployment, count: int) -> dict[str, Any]:
                 run = await scenario.client(device, "pay", "1.00", "shop-1")
                 if run.code != 0:
                     raise RuntimeError(f"payment failed: {run.result or run.stderr[-500:]}")
-                session = bytes.fromhex(run.result["session"]) if "session" in run.result else b""
-                await watcher.wait_for(lambda e, s=session: e.step == "C7" and (not s or e.session == s), 30)
+                session = bytes.fromhex(run.result["session"])
+
+                def c7_done(event: StepEvent, session: bytes = session) -> bool:
+                    return event.step == "C7" and event.session == session
+
+                await watcher.wait_for(c7_done, 30)
     by_session: dict[bytes, list[Seen]] = {}
     events: dict[bytes, int] = {}
     for seen in watcher.seen:

@@ -32,7 +32,6 @@ import contextlib
 import json
 import logging
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -49,13 +48,13 @@ from broker import Broker
 from nodes.assemble import broker_address
 from nodes.bus import BrokerAddress
 from nodes.deployment import Deployment, Manifest
-from protocol.certs import CertStore
 from protocol.envelope import Verifier
 from protocol.errors import ConfigError, TrustpayError
 from protocol.messages import Status
 from protocol.topics import CHANNEL_STATUS, PREFIX, SERVER_ROLES, Role
 
 from .broker_cmd import broker_for
+from .watch import monitor_client, public_verifier
 
 STATUS_FILTERS = (f"{PREFIX}/plat/+/{CHANNEL_STATUS}", f"{PREFIX}/dev/+/+/{CHANNEL_STATUS}")
 TAIL_LINES = 12
@@ -204,7 +203,7 @@ class Launcher:
         self._deadline = self._started_at + self.up_timeout_s
         manifest = await asyncio.to_thread(self.dep.load_manifest)
         self._plan(manifest)
-        self._verifier = await asyncio.to_thread(status_verifier, self.dep)
+        self._verifier = await asyncio.to_thread(public_verifier, self.dep)
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         try:
@@ -384,7 +383,7 @@ class Launcher:
         for _ in range(_MONITOR_CONNECTS):
             version = versions[failures % len(versions)]
             try:
-                async with _client(address, version, timeout) as client:
+                async with monitor_client(address, version, "monitor-up", timeout, _QUIET) as client:
                     for topic_filter in STATUS_FILTERS:
                         await client.subscribe(topic_filter, qos=1)
                     versions, timeout, failures = (version,), _MQTT_TIMEOUT_S, 0  # keep what worked
@@ -519,14 +518,6 @@ class Launcher:
         return "\n".join(parts)
 
 
-def status_verifier(dep: Deployment) -> Verifier:
-    """Signature-only checks (no replay guard, any recipient), anchored in the deployment."""
-    certs = CertStore(dep.load_public("root"), dep.load_public("update"))
-    certs.install_platform(dep.load_public("platform"))
-    certs.set_revocations(dep.load_public("crl"))
-    return Verifier(frozenset(), certs, None)
-
-
 def _with_version(url: str, version: str) -> str:
     """``url`` with ``?v=version`` unless it names a version already."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
@@ -534,21 +525,6 @@ def _with_version(url: str, version: str) -> str:
     if "v" in query or not version:
         return url
     return urlunsplit(parts._replace(query=urlencode({**query, "v": version}, doseq=True)))
-
-
-def _client(address: BrokerAddress, version: str, timeout: float) -> aiomqtt.Client:
-    proto = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
-    return aiomqtt.Client(
-        hostname=address.host,
-        port=address.port,
-        username=address.username,
-        password=address.password,
-        identifier=f"monitor-up-{time.time_ns():x}",  # never takes over another monitor's session
-        protocol=proto,
-        timeout=timeout,
-        logger=_QUIET,
-        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-    )
 
 
 async def _wait_procs(nodes: Sequence[NodeProcess], timeout_s: float) -> bool:

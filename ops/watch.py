@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import sys
 import time
@@ -50,9 +51,17 @@ def public_verifier(dep: Deployment) -> Verifier:
     return Verifier(frozenset(), certs, None)
 
 
-def monitor_client(address: BrokerAddress, version: str, purpose: str) -> aiomqtt.Client:
+def monitor_client(
+    address: BrokerAddress,
+    version: str,
+    purpose: str,
+    timeout: float | None = None,
+    logger: logging.Logger | None = None,
+) -> aiomqtt.Client:
     """A fresh, clean-session connection (it never takes over another watcher's session)."""
     return aiomqtt.Client(
+        timeout=timeout,
+        logger=logger,
         hostname=address.host,
         port=address.port,
         username=address.username,
