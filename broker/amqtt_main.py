@@ -28,14 +28,45 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def serve(config: dict[str, Any], parent: int | None) -> None:
-    from amqtt.broker import Broker  # heavy import, only in the broker process
+def confined_broker(config: dict[str, Any]) -> Any:
+    """An amqtt 0.12.1 broker with its retained-message delivery at CONNECT fixed.
 
+    At every CONNECT amqtt walks *every* topic filter anyone has subscribed to
+    and sends the connecting client every matching retained message, without
+    asking the ACL, and awaits inside that walk, so a concurrent SUBSCRIBE
+    changes the dict under it ("dictionary changed size during iteration") and
+    the connecting client's session stalls. Here a session receives retained
+    messages only for filters it subscribed to itself (which the ACL approved),
+    and delivery runs as its own task, so the walk never yields.
+    """
+    from amqtt.broker import Broker  # heavy import, only in the broker process
+    from amqtt.session import Session
+
+    class ConfinedBroker(Broker):  # type: ignore[misc]
+        def __init__(self, cfg: dict[str, Any]) -> None:
+            super().__init__(cfg)
+            self._retained_tasks: set[asyncio.Task[None]] = set()
+
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Session
+        ) -> None:
+            subscribers = self._subscriptions.get(subscription[0], ())
+            if not any(s.client_id == session.client_id for s, _ in subscribers):
+                return
+            deliver = super()._publish_retained_messages_for_subscription(subscription, session)
+            task = asyncio.create_task(deliver)
+            self._retained_tasks.add(task)
+            task.add_done_callback(self._retained_tasks.discard)
+
+    return ConfinedBroker(config)
+
+
+async def serve(config: dict[str, Any], parent: int | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    broker = Broker(config)
+    broker = confined_broker(config)
     await broker.start()
     watcher = asyncio.create_task(_watch_parent(parent, stop)) if parent else None
     try:

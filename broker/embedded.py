@@ -36,7 +36,11 @@ in a one-off run; [source] = read in amqtt's code, not observable with our ACL.
   and another device's traffic is never delivered [tested]. Differences from
   Mosquitto: a denied SUBSCRIBE gets 0x80 where Mosquitto grants it and
   filters at delivery [tested]; retained messages sent on SUBSCRIBE are
-  checked against the subscription filter only, not per topic; a ``+`` in a
+  checked against the subscription filter only, not per topic. amqtt 0.12.1
+  itself sends a connecting client the retained messages of *every* filter
+  anyone subscribed to, past the ACL, and races on that walk; ``amqtt_main``
+  runs a subclass that delivers only for the session's own subscriptions
+  [tested: tests/e2e/test_broker_isolation.py]. A ``+`` in a
   pattern accepts a ``#`` at the same, last filter level (none of our read
   patterns ends in ``+``, so nothing is widened today); ``a/#`` does not
   match ``a`` [source].

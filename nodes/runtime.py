@@ -27,8 +27,9 @@ from typing import Any
 import structlog
 
 from protocol.certs import Certificate, CertStore, RevocationList
-from protocol.envelope import Envelope, Received, Verifier, new_id, sign_frame
+from protocol.envelope import Envelope, Received, Verifier, new_id, peek, sign_frame
 from protocol.errors import (
+    CertificateInvalid,
     Duplicate,
     Malformed,
     Refused,
@@ -425,6 +426,8 @@ class Node:
         except Rejected as exc:
             self.counters[f"rejected.{exc.code}"] += 1
             self.log.warning("frame.rejected", code=exc.code, reason=exc.reason, topic=topic, size=len(frame))
+            if isinstance(exc, CertificateInvalid):
+                self._fail_pending(frame, exc)
             return
         self.counters["accepted"] += 1
         env = received.envelope
@@ -456,6 +459,17 @@ class Node:
             lane.put_nowait(received)
         else:
             self.spawn(self._handle(route, received), name=f"handle:{env.type}")
+
+    def _fail_pending(self, frame: bytes, exc: CertificateInvalid) -> None:
+        """An answer we asked for, signed under a certificate we refuse (a platform rolled back,
+        a revoked server): end the request now with that reason instead of a timeout. The frame's
+        content is never used; at worst a forger makes one of our requests fail early."""
+        header = peek(frame)
+        if header is None or not header.reply_to:
+            return
+        pending = self._pending.get(header.reply_to)
+        if pending is not None and not pending[0].done() and header.sender == pending[1]:
+            pending[0].set_exception(exc)
 
     async def _drain_lane(self, lane: asyncio.Queue[Received]) -> None:
         while True:

@@ -22,6 +22,7 @@ from .codec import DEFAULT_LIMITS, Limits, pack, unpack
 from .errors import (
     Malformed,
     NotForMe,
+    Rejected,
     TooLarge,
     UnknownSender,
     UnknownType,
@@ -175,6 +176,14 @@ def _parse_header(data: bytes, limits: Limits) -> Envelope:
         chain=tuple(chain),
         body=raw[11],
     )
+
+
+def peek(frame: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope | None:
+    """The header of a frame that failed verification, for routing its failure only; never trust it."""
+    try:
+        return _parse_header(bytes(frame[:-SIGNATURE_SIZE]), limits)
+    except Rejected:
+        return None
 
 
 def _check_link(spec: MessageSpec, parsed: ParsedTopic, cert: Certificate, topic: str) -> None:
