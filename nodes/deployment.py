@@ -25,11 +25,10 @@ import os
 import secrets
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from broker.identities import BrokerIdentity
 from protocol.certs import Certificate, RevocationList
 from protocol.codec import pack, unpack
 from protocol.errors import ConfigError, Malformed, TrustpayError, WrongTopic
@@ -298,6 +297,14 @@ def _account(value: Any) -> AccountEntry:
 
 
 @dataclass(frozen=True)
+class Login:
+    """A node's broker login; the username is its node id."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class ComponentFiles:
     """The three measured parts of the client or of one app (claim 2), as on disk."""
 
@@ -457,9 +464,8 @@ class Deployment:
             raise ConfigError(f"no public item {name!r}; choose crl or one of {', '.join(OFFLINE_KEYS)}")
         return self._cert(self.public_dir / f"{name}.cert", f"{name} certificate")
 
-    def load_broker_credentials(self, nid: str) -> BrokerIdentity:
+    def load_broker_credentials(self, nid: str) -> Login:
         path = self.broker_credentials_path(nid)
-        role, device = parse_node_id(nid)
         try:
             creds = _obj(json.loads(_read_secret(path, f"broker credentials of {nid}")), "credentials")
             username, password = _get(creds, "username", str), _get(creds, "password", str)
@@ -467,13 +473,7 @@ class Deployment:
             raise ConfigError(f"broker credentials {path} are corrupt: {exc}") from exc
         if username != nid:
             raise ConfigError(f"broker credentials {path} are for {username!r}, not {nid!r}")
-        return BrokerIdentity(username, password, role, device)
-
-    def broker_identities(self, manifest: Manifest | None = None) -> tuple[BrokerIdentity, ...]:
-        """Every login the broker must accept, with the passwords the nodes hold."""
-        if manifest is None:
-            manifest = self.load_manifest()
-        return tuple(self.load_broker_credentials(nid) for nid in manifest.login_ids())
+        return Login(username, password)
 
     def load_releases(self) -> list[bytes]:
         """Every signed release record (the client trust reports), in file-name order."""

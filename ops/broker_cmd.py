@@ -7,8 +7,8 @@ import asyncio
 import signal
 from pathlib import Path
 
-from broker import BACKENDS, Broker, make_broker
-from nodes.deployment import Deployment
+from broker import BACKENDS, Broker, BrokerIdentity, make_broker
+from nodes.deployment import Deployment, Manifest, parse_node_id
 
 HELP = "run the deployment's broker (Mosquitto, or the embedded amqtt) with its logins and ACL"
 
@@ -19,10 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="default: the manifest's")
 
 
+def broker_identities(dep: Deployment, manifest: Manifest) -> tuple[BrokerIdentity, ...]:
+    """Every login the broker must accept, with the passwords the nodes hold."""
+    identities = []
+    for nid in manifest.login_ids():
+        login = dep.load_broker_credentials(nid)
+        role, device = parse_node_id(nid)
+        identities.append(BrokerIdentity(login.username, login.password, role, device))
+    return tuple(identities)
+
+
 def broker_for(dep: Deployment, backend: str | None = None, port: int | None = None) -> Broker:
     """The deployment's broker (not started), its data kept under DIR/broker/."""
     manifest = dep.load_manifest()
-    identities = dep.broker_identities(manifest)
+    identities = broker_identities(dep, manifest)
     health = next(i for i in identities if i.username == "monitor")
     return make_broker(
         backend or manifest.broker.backend,
