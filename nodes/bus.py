@@ -220,6 +220,14 @@ class FakeBroker:
                     delivered.add(id(queue))
                     queue.put_nowait((topic, data))
 
+    async def drained(self, max_turns: int = 100_000) -> None:
+        """Return once every subscriber has taken every message delivered so far."""
+        for _ in range(max_turns):  # each turn lets the readers run; bounded
+            if all(queue.empty() for _, queue in self._subs):
+                return
+            await asyncio.sleep(0)
+        raise TimeoutError("subscribers did not drain their queues")
+
     def matching(self, pattern: str) -> list[tuple[str, bytes]]:
         return [(t, p) for t, p in self.published if fnmatch.fnmatchcase(t, pattern)]
 

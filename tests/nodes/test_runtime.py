@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from nodes.bus import FakeBroker
 from nodes.runtime import Node, ping
 from protocol.errors import Refused, RequestTimeout
+from protocol.messages import PlatformCheck, PlatformResult
 from protocol.topics import Role
 
 from .harness import make_node, provisioned, running
@@ -96,8 +98,6 @@ async def test_a_crashing_handler_does_not_stop_the_node(dep) -> None:
         raise RuntimeError("bug")
 
     ts.route("c1.check", broken)
-    from protocol.messages import PlatformCheck
-
     async with running(tm, ts):
         with pytest.raises(Refused, match="internal"):
             await tm.request(
@@ -111,3 +111,37 @@ async def test_a_crashing_handler_does_not_stop_the_node(dep) -> None:
     assert pong.node == "trust-server"
     assert calls == 1
     assert ts.counters["handler_crash"] == 1
+
+
+async def test_a_slow_handler_does_not_stall_the_connection(dep) -> None:
+    broker = FakeBroker()
+    tm = make_node(Node, dep, "dev-0001.tm", broker)
+    ts = make_node(Node, dep, "trust-server", broker)
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow(rx):
+        started.set()
+        await release.wait()  # held until the ping below has been answered
+        return "c1.result", PlatformResult(True, "", b"")
+
+    ts.route("c1.check", slow)
+    async with running(tm, ts):
+        stuck = asyncio.create_task(
+            tm.request(
+                tm.link(Role.TRUST_SERVER),
+                "c1.check",
+                PlatformCheck(1, b""),
+                recipient="trust-server",
+                expect="c1.result",
+                timeout_s=5,
+                attempts=1,
+            )
+        )
+        async with asyncio.timeout(5):
+            await started.wait()
+        pong = await ping(tm, Role.TRUST_SERVER, "trust-server")
+        release.set()
+        answer = await stuck
+    assert pong.node == "trust-server"
+    assert answer.envelope.body.trusted
