@@ -152,9 +152,9 @@ class Client(Node):
             elif verb in ("balance", "history") and len(args) <= 1:
                 outcome = await self.account(verb, args[0] if args else None)
             elif verb == "apps" and not args:
-                outcome = self.apps()
+                outcome = self.apps(await self._refresh())
             elif verb == "status" and not args:
-                outcome = self.status()
+                outcome = self.status(await self._refresh())
             else:
                 outcome = Outcome(EXIT_USAGE, f"unknown command {' '.join(words)!r}; {USAGE}")
         except Refused as exc:
@@ -286,26 +286,26 @@ class Client(Node):
         data["payments"] = [p.__dict__ for p in info.payments]
         return Outcome(EXIT_OK, "\n".join([f"{info.account}: {balance}", *lines]), data)
 
-    def apps(self) -> Outcome:
-        apps = self.chip_state.apps if self.chip_state else ()
+    async def _refresh(self) -> ChipState:
+        """The chip's state now (counters move with every payment): opening an open chip is harmless."""
+        answer = await self.request(
+            self.link(Role.CHIP), "chip.open", Empty(), recipient=self.chip_id, expect="chip.state"
+        )
+        self.chip_state = answer.envelope.body
+        return self.chip_state
+
+    def apps(self, state: ChipState) -> Outcome:
+        apps = state.apps
         data = {"apps": [{"name": a.name, "version": a.version, "counter": a.counter} for a in apps]}
         text = (
             "\n".join(f"{a.name} {a.version} (transactions: {a.counter})" for a in apps) or "no payment apps"
         )
         return Outcome(EXIT_OK, text, data)
 
-    def status(self) -> Outcome:
-        state = self.chip_state
-        enabled = bool(state and state.enabled)
-        return Outcome(
-            EXIT_OK,
-            f"device {self.device}: payment functions {'enabled' if enabled else 'disabled'}",
-            {
-                "device": self.device,
-                "enabled": enabled,
-                "apps": [a.name for a in state.apps] if state else [],
-            },
-        )
+    def status(self, state: ChipState) -> Outcome:
+        word = "enabled" if state.enabled else "disabled"
+        data = {"device": self.device, "enabled": state.enabled, "apps": [a.name for a in state.apps]}
+        return Outcome(EXIT_OK, f"device {self.device}: payment functions {word}", data)
 
     # -- output -------------------------------------------------------------------------
     async def _show_reports(self) -> None:

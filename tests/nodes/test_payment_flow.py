@@ -130,3 +130,25 @@ async def test_payments_keep_the_device_trusted_across_a_restart(dep: Deployment
     assert code == EXIT_OK, result
     assert balance == 100_000 - 600
     assert "A3:deleted" not in restart_steps and "A5:disabled" not in restart_steps
+
+
+async def test_an_interactive_session_runs_each_command_and_shows_the_chip_as_it_is_now(
+    dep: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    typed = iter(["pay 1.00 shop-1", "apps", "status", "", "quit", "pay 9.00 shop-1"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    async with world(dep) as w:
+        out = io.StringIO()
+        client = make_node(Client, dep, f"{DEV}.client", w.broker, deployment=dep, out=out, as_json=True,
+                           interactive=True)
+        async with asyncio.timeout(20):
+            await client.run()
+        balance = (await w.balances())[PAYER]
+        steps = w.steps()
+    results = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    paid, apps, status = results
+    assert client.exit_code == EXIT_OK and paid["status"] == "confirmed"
+    assert {a["name"]: a["counter"] for a in apps["apps"]} == {"wallet": 1, "transit": 0}  # after the payment
+    assert status["enabled"] is True
+    assert balance == 100_000 - 100  # "quit" ended the session: the last line was never run
+    assert steps.count("B3:ok") == 3 and steps[-1] == "B4:ok"
