@@ -332,6 +332,7 @@ class TrustServer(Node):
                 recipient=PAYMENT_SERVER,
                 expect="trust.granted",
                 session=session,
+                peer=self._payment_cert(),
             )
         except Refused as exc:
             self.step(

@@ -116,7 +116,8 @@ class Platform:
         verdict = verdict or make_verdict(self.dep, device, order_hash, expires_ms=expires)
         grant = Grant(device, order_hash, verdict, expires)
         await self.ts.request(
-            self.ts.link(Role.PAYMENT_SERVER), "trust.grant", grant, recipient=PS, expect="trust.granted"
+            self.ts.link(Role.PAYMENT_SERVER), "trust.grant", grant, recipient=PS, expect="trust.granted",
+            peer=self.dep.load_cert(PS)
         )
 
     async def pay(self, blob: bytes, device: str = DEV) -> tuple[Receipt, bytes]:
@@ -260,7 +261,7 @@ async def test_a_grant_from_a_chip_is_rejected(dep: Deployment) -> None:
         blob = make_order(dep, "o-1")
         topic = "tp/v1/plat/ts/ps"  # the trust-server's link, which a chip's certificate may not use
         grant = Grant(DEV, hash_of(blob), make_verdict(dep, DEV, hash_of(blob)), now_ms() + 60_000)
-        await chip.bus.publish(topic, chip.frame(topic, "trust.grant", grant, PS))
+        await chip.bus.publish(topic, chip.frame(topic, "trust.grant", grant, PS, peer=p.dep.load_cert(PS)))
         await ping(p.ts, Role.PAYMENT_SERVER, PS)  # one reader, in order: the forged frame was handled
         assert p.ps.counters["rejected.wrong_role"] == 1
         receipt, _ = await p.pay(blob)
