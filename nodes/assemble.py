@@ -116,8 +116,9 @@ def assemble(
     console: TextIO | None = sys.stderr,
     console_level: str = "info",
     will: WillFactory | None = None,
+    settings: Settings | None = None,
 ) -> Assembled:
-    config = node_config(dep, node_id)
+    config = node_config(dep, node_id, settings)
     logging = NodeLogging(
         node_id,
         dep.log_path(node_id),

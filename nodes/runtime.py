@@ -86,6 +86,7 @@ class Settings:
     skew_ms: int = 30_000
     max_handlers: int = 256
     response_cache: int = 4096
+    connect_timeout_s: float = 60.0  # a node gives up (with a clear error) if no broker answers by then
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._outbox: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self.failure: TrustpayError | None = None  # why the node stopped by itself, if it did
         self.route("ping", self._on_ping)
 
     # -- wiring ------------------------------------------------------------
@@ -196,13 +198,16 @@ class Node:
                 await self._stop.wait()
                 if self._outbox:  # step events already logged should also reach the bus
                     await asyncio.wait(self._outbox, timeout=2)
-                await self._say_goodbye()
+                if self.connected.is_set():
+                    await self._say_goodbye()
                 bus_task.cancel()
                 for task in list(self._tasks):
                     task.cancel()
         finally:
             self._tg = None
             self.log.info("node.stopped", counters=dict(self.counters))
+        if self.failure is not None:
+            raise self.failure
 
     def _announce(self) -> None:
         self.spawn(self.publish_status("online"), name="status:online")
@@ -211,8 +216,17 @@ class Node:
         self._stop.set()
 
     async def _start(self) -> None:
-        async with asyncio.timeout(60):
-            await self.connected.wait()
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await self.connected.wait()
+        except TimeoutError:
+            self.failure = TransportError(
+                f"{self.id} could not connect to the broker within {self.settings.connect_timeout_s:g} s; "
+                "is it running (`trustpay broker` or `trustpay up`), and is this the right address?"
+            )
+            self.log.error("node.unreachable_broker", reason=self.failure.reason)
+            self.stop()
+            return
         await self.main()
 
     async def _say_goodbye(self) -> None:

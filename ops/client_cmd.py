@@ -9,9 +9,12 @@ from pathlib import Path
 
 from nodes.client import USAGE, Client
 from nodes.deployment import Deployment
+from nodes.runtime import Settings
 from protocol.topics import Role
 
 from .roles import resolve_node_id, run_node
+
+CONNECT_TIMEOUT_S = 10.0  # a user waits for an answer, not for a broker that is not there
 
 HELP = "open the payment client: pay AMOUNT PAYEE [APP] | balance | history | apps | status"
 
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
             nid,
             args.broker,
             console_level=args.log_level,
+            settings=Settings(connect_timeout_s=CONNECT_TIMEOUT_S),
             command=words,
             out=sys.stdout,
             as_json=args.json,

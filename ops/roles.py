@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from nodes.assemble import assemble
 from nodes.deployment import Deployment
-from nodes.runtime import Node
+from nodes.runtime import Node, Settings
 from protocol.errors import ConfigError
 from protocol.topics import Role, node_id
 
@@ -61,10 +61,11 @@ async def run_node(
     broker_url: str | None = None,
     console: TextIO | None = sys.stderr,
     console_level: str = "info",
+    settings: Settings | None = None,
     **extra: Any,
 ) -> Node:
     """Run one node until it stops by itself or SIGINT/SIGTERM arrives; return it."""
-    parts = assemble(dep, nid, broker_url, console=console, console_level=console_level)
+    parts = assemble(dep, nid, broker_url, console=console, console_level=console_level, settings=settings)
     cls = role_class(parts.config.identity.role)
     node = cls(parts.config, parts.bus, parts.logging.logger, deployment=dep, **extra)
     parts.bus.will = node.will

@@ -139,8 +139,9 @@ async def test_an_interactive_session_runs_each_command_and_shows_the_chip_as_it
     monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
     async with world(dep) as w:
         out = io.StringIO()
-        client = make_node(Client, dep, f"{DEV}.client", w.broker, deployment=dep, out=out, as_json=True,
-                           interactive=True)
+        client = make_node(
+            Client, dep, f"{DEV}.client", w.broker, deployment=dep, out=out, as_json=True, interactive=True
+        )
         async with asyncio.timeout(20):
             await client.run()
         balance = (await w.balances())[PAYER]

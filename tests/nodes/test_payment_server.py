@@ -116,8 +116,12 @@ class Platform:
         verdict = verdict or make_verdict(self.dep, device, order_hash, expires_ms=expires)
         grant = Grant(device, order_hash, verdict, expires)
         await self.ts.request(
-            self.ts.link(Role.PAYMENT_SERVER), "trust.grant", grant, recipient=PS, expect="trust.granted",
-            peer=self.dep.load_cert(PS)
+            self.ts.link(Role.PAYMENT_SERVER),
+            "trust.grant",
+            grant,
+            recipient=PS,
+            expect="trust.granted",
+            peer=self.dep.load_cert(PS),
         )
 
     async def pay(self, blob: bytes, device: str = DEV) -> tuple[Receipt, bytes]:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from nodes.assemble import node_config
 from nodes.bus import FakeBroker
-from nodes.runtime import Node, ping
-from protocol.errors import Refused, RequestTimeout
+from nodes.logs import NodeLogging
+from nodes.runtime import Node, Settings, ping
+from protocol.errors import Refused, RequestTimeout, TransportError
 from protocol.messages import PlatformCheck, PlatformResult
 from protocol.topics import Role
 
@@ -145,3 +147,20 @@ async def test_a_slow_handler_does_not_stall_the_connection(dep) -> None:
         answer = await stuck
     assert pong.node == "trust-server"
     assert answer.envelope.body.trusted
+
+
+async def test_a_node_without_a_broker_stops_with_a_clear_typed_error(dep) -> None:
+    class Nowhere:  # a bus whose broker never answers
+        on_connect = None
+
+        async def run(self, subscriptions, on_message, connected) -> None:
+            await asyncio.Event().wait()
+
+        async def publish(self, topic, payload, retain=False) -> None:
+            raise AssertionError("nothing may be published without a connection")
+
+    config = node_config(dep, "dev-0001.tm", Settings(connect_timeout_s=0.2))
+    node = Node(config, Nowhere(), NodeLogging("dev-0001.tm", None, console=None).logger)
+    with pytest.raises(TransportError, match=r"could not connect to the broker within 0\.2 s"):
+        async with asyncio.timeout(5):
+            await node.run()
