@@ -12,7 +12,7 @@ from nodes.bus import FakeBroker
 from nodes.logs import NodeLogging
 from nodes.runtime import Node, Settings, ping
 from protocol.errors import Refused, RequestTimeout, TransportError
-from protocol.messages import PlatformCheck, PlatformResult
+from protocol.messages import Challenge, NonceRequest, PlatformCheck, PlatformResult
 from protocol.topics import Role
 
 from .harness import make_node, provisioned, running
@@ -164,3 +164,45 @@ async def test_a_node_without_a_broker_stops_with_a_clear_typed_error(dep) -> No
     with pytest.raises(TransportError, match=r"could not connect to the broker within 0\.2 s"):
         async with asyncio.timeout(5):
             await node.run()
+
+
+async def test_an_ordered_route_handles_one_link_in_arrival_order(dep) -> None:
+    broker = FakeBroker()
+    tm = make_node(Node, dep, "dev-0001.tm", broker)
+    ts = make_node(Node, dep, "trust-server", broker)
+    handled: list[int] = []
+    first_started = asyncio.Event()
+    let_first_finish = asyncio.Event()
+
+    async def in_order(rx):
+        n = rx.envelope.body.order_hash[0]
+        if n == 0:
+            first_started.set()
+            await let_first_finish.wait()  # the first is slow; the others must still wait for it
+        handled.append(n)
+        return "c2.challenge", Challenge(rx.envelope.body.order_hash, 0)
+
+    ts.route("c2.nonce", in_order, ordered=True)
+    async with running(tm, ts):
+        requests = [
+            asyncio.create_task(
+                tm.request(
+                    tm.link(Role.TRUST_SERVER),
+                    "c2.nonce",
+                    NonceRequest(bytes([n]) * 32),
+                    recipient="trust-server",
+                    expect="c2.challenge",
+                    timeout_s=5,
+                    attempts=1,
+                )
+            )
+            for n in range(5)
+        ]
+        async with asyncio.timeout(5):
+            await first_started.wait()
+        pong = await ping(tm, Role.TRUST_SERVER, "trust-server")  # other types are not held up
+        assert handled == []
+        let_first_finish.set()
+        await asyncio.gather(*requests)
+    assert pong.node == "trust-server"
+    assert handled == [0, 1, 2, 3, 4]
