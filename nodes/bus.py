@@ -34,6 +34,8 @@ class Bus(Protocol):
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -62,6 +64,7 @@ class MqttBus:
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _version: str = field(default="", init=False)
     _kick: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _closing: bool = field(default=False, init=False)
     connections: int = field(default=0, init=False)
 
     def _make_client(self, version: str) -> aiomqtt.Client:
@@ -125,8 +128,7 @@ class MqttBus:
                         reader.cancel()
                     self.log.warning("bus.reconnecting", reason="a publish was not acknowledged")
             except* aiomqtt.MqttError as group:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
+                if self._closing:
                     # aiomqtt turns a cancellation during a dropped connection into an MqttError:
                     # the node is stopping, so stop instead of reconnecting
                     raise asyncio.CancelledError from None
@@ -142,6 +144,10 @@ class MqttBus:
                 connected.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max_s)
+
+    def close(self) -> None:
+        """The node is stopping: the next disconnection ends ``run`` instead of reconnecting."""
+        self._closing = True
 
     async def _read(self, client: aiomqtt.Client, on_message: OnMessage) -> None:
         async for message in client.messages:
@@ -255,6 +261,9 @@ class FakeBus:
         finally:
             # a node's stop is a clean disconnect: a broker publishes the will only after a crash
             self.broker.unsubscribe_all(self._queue)
+
+    def close(self) -> None:
+        """Nothing to do: the in-memory bus ends when its task is cancelled."""
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.broker.publish(topic, payload, retain)

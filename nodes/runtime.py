@@ -200,6 +200,7 @@ class Node:
                     await asyncio.wait(self._outbox, timeout=2)
                 if self.connected.is_set():
                     await self._say_goodbye()
+                self.bus.close()
                 bus_task.cancel()
                 for task in list(self._tasks):
                     task.cancel()

@@ -159,6 +159,9 @@ async def test_a_node_without_a_broker_stops_with_a_clear_typed_error(dep) -> No
         async def publish(self, topic, payload, retain=False) -> None:
             raise AssertionError("nothing may be published without a connection")
 
+        def close(self) -> None:
+            pass
+
     config = node_config(dep, "dev-0001.tm", Settings(connect_timeout_s=0.2))
     node = Node(config, Nowhere(), NodeLogging("dev-0001.tm", None, console=None).logger)
     with pytest.raises(TransportError, match=r"could not connect to the broker within 0\.2 s"):
