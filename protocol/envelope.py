@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from .certs import Certificate, CertStore
-from .codec import DEFAULT_LIMITS, Limits, pack, unpack
+from .codec import DEFAULT_LIMITS, Limits, Value, pack, unpack
 from .errors import (
     Malformed,
     NotForMe,
@@ -100,22 +100,25 @@ def encode_envelope(env: Envelope, keys: KeyPair, peer_box: bytes | None = None)
         if peer_box is None:
             raise Malformed(f"{env.type} is sealed: the recipient's box key is needed")
         body = seal(body, keys, peer_box)
-    return pack(
-        [
-            env.version,
-            env.type,
-            env.message_id,
-            env.sender,
-            env.recipient,
-            env.session,
-            env.reply_to,
-            env.ts_ms,
-            env.epoch,
-            env.seq,
-            list(env.chain),
-            body,
-        ]
-    )
+    return pack(envelope_array(env, body))
+
+
+def envelope_array(env: Envelope, body: bytes) -> list[Value]:
+    """The wire array of ``env``, with ``body`` already encoded (and sealed if need be)."""
+    return [
+        env.version,
+        env.type,
+        env.message_id,
+        env.sender,
+        env.recipient,
+        env.session,
+        env.reply_to,
+        env.ts_ms,
+        env.epoch,
+        env.seq,
+        list(env.chain),
+        body,
+    ]
 
 
 def sign_frame(env: Envelope, topic: str, keys: KeyPair, peer_box: bytes | None = None) -> bytes:

@@ -22,7 +22,7 @@ import pytest
 
 from protocol.certs import CertBody, Certificate, CertStore, issue
 from protocol.codec import pack
-from protocol.envelope import FRAME_DOMAIN, Envelope, Verifier, sign_frame, signed_bytes
+from protocol.envelope import FRAME_DOMAIN, Envelope, Verifier, envelope_array, sign_frame, signed_bytes
 from protocol.keys import KeyPair
 from protocol.measure import LogEntry, MeasurementLog, make_quote, measure
 from protocol.messages import MESSAGE_TYPES, Evidence
@@ -245,20 +245,7 @@ def raw_frame(fields: list[object], topic: str, keys: KeyPair, version: int = 1)
 
 def envelope_fields(env: Envelope, body: bytes) -> list[object]:
     """The envelope array of ``env`` with ``body`` as the (already encoded) body bytes."""
-    return [
-        env.version,
-        env.type,
-        env.message_id,
-        env.sender,
-        env.recipient,
-        env.session,
-        env.reply_to,
-        env.ts_ms,
-        env.epoch,
-        env.seq,
-        list(env.chain),
-        body,
-    ]
+    return list(envelope_array(env, body))
 
 
 def topic_between(src: Identity, dst: Identity) -> str:
