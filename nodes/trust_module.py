@@ -461,6 +461,10 @@ class TrustModule(Node):
         self.book.add(release)
         self.data["releases"].append(blob.hex())
         await self._save()
+        if release.kind == CLIENT and not release.withdrawn:
+            client = await self._check(CLIENT)
+            if client.ok:  # a client upgraded before its release may run from now on
+                await self._tell_boot_path(client)
         self.log.info(
             "release.added",
             kind=release.kind,
