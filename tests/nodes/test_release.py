@@ -12,6 +12,7 @@ import pytest
 from nodes.deployment import Deployment, canonical_json
 from nodes.runtime import Node
 from ops.release_cmd import make_release
+from protocol.measure import measure
 from protocol.messages import ReleaseUpdate
 from protocol.topics import Role, operator_topic
 
@@ -67,6 +68,13 @@ async def test_a_released_upgrade_stays_trusted_without_any_restart(dep: Deploym
         balance = (await w.balances())[f"{DEV}:wallet"]
     assert code == 0, result
     assert balance == 100_000 - 200
+    # C7 measured the upgraded install and left its digests for the client's boot path
+    files = dep.read_client(DEV)
+    m = measure("client", "trustpay-client", "1.1.0", files.code, files.static, files.dynamic)
+    assert json.loads(dep.client_measured_path(DEV).read_bytes()) == {
+        "code": m.code.hex(),
+        "static": m.static.hex(),
+    }
 
 
 async def test_an_unreleased_upgrade_is_refused_and_disables_payment(dep: Deployment, tmp_path: Path) -> None:
