@@ -99,8 +99,9 @@ class Client(Node):
 
     async def session(self) -> int:
         if self._static_bytes is None:
-            files = await asyncio.to_thread(self.dep.read_client, self.device or "")
-            self._static_bytes = files.static
+            self._static_bytes = await asyncio.to_thread(
+                self.dep.read_client_data, self.device or "", "static"
+            )
         self.static = load_json(self._static_bytes, "client static data")
         await self._show_reports()
         try:  # B1
@@ -200,10 +201,8 @@ class Client(Node):
             return Outcome(EXIT_USAGE, str(exc), {"status": "invalid", "reason": str(exc)})
         app = app or str(self.static["default_app"])
         order_id = f"ord-{uuid.uuid4().hex}"
-        files = await asyncio.to_thread(self.dep.read_client, self.device or "")
-        next_dynamic = canonical_json(
-            record_payment(load_json(files.dynamic, "client dynamic data"), order_id)
-        )
+        dynamic = await asyncio.to_thread(self.dep.read_client_data, self.device or "", "dynamic")
+        next_dynamic = canonical_json(record_payment(load_json(dynamic, "client dynamic data"), order_id))
         currency = str(self.static["currency"])
         start = PayStart(order_id, app, amount, currency, payee, dynamic_digest(next_dynamic))
         answer = await self.request(
@@ -293,23 +292,17 @@ class Client(Node):
 
     def _receipt_mismatch(self, receipt: Receipt, asked: PayStart) -> str:
         """The fields where the signed receipt differs from what the user asked ("" if none)."""
-        expected = {
-            "order": asked.order_id,
-            "device": self.device,
-            "status": "confirmed",
-            "amount": asked.amount,
-            "currency": asked.currency,
-            "payee": asked.payee,
-        }
-        got = {
-            "order": receipt.order_id,
-            "device": receipt.device,
-            "status": receipt.status,
-            "amount": receipt.amount,
-            "currency": receipt.currency,
-            "payee": receipt.payee,
-        }
-        return ", ".join(name for name in expected if expected[name] != got[name])
+        names = ("order", "device", "status", "amount", "currency", "payee")
+        asked_for = (asked.order_id, self.device, "confirmed", asked.amount, asked.currency, asked.payee)
+        got = (
+            receipt.order_id,
+            receipt.device,
+            receipt.status,
+            receipt.amount,
+            receipt.currency,
+            receipt.payee,
+        )
+        return ", ".join(name for name, a, g in zip(names, asked_for, got, strict=True) if a != g)
 
     async def account(self, what: str, app: str | None) -> Outcome:
         app = app or str(self.static["default_app"])

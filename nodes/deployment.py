@@ -506,6 +506,10 @@ class Deployment:
             _read(directory / "dynamic.json", "client dynamic data"),
         )
 
+    def read_client_data(self, device: str, name: Literal["static", "dynamic"]) -> bytes:
+        """The client's static or dynamic data alone, without reading its code."""
+        return _read(self.client_dir(device) / f"{name}.json", f"client {name} data")
+
     def read_app(self, device: str, app: str) -> ComponentFiles:
         return read_component(self.app_dir(device, app))
 
