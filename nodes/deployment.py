@@ -12,9 +12,9 @@ Layout (relative to the deployment root)::
     private/{root,update,platform,issuer}.key        offline keys (0600, dir 0700)
     nodes/{node_id}/node.key node.cert broker.json state/   (dir 0700)
     nodes/{device}.chip/update.cert   the chip's update certificate (claim 3)
+    nodes/{device}.tm/state/client.measured   the client digests the trust module last found good
     devices/{device}/client/{code/,static.json,dynamic.json}   the whole client install:
                                       code/ holds every project module the client runs
-    nodes/{device}.tm/state/client.measured   the client digests the trust module last found good
     devices/{device}/chip/apps/{app}/{code.py,static.json,dynamic.json,package.sig}
     releases/{kind}-{name}-{version}.release          signed reference measurements
     broker/  platform/{trust,ledger}.sqlite  logs/{node_id}.log

@@ -158,3 +158,15 @@ def test_trustpay_client_imports_nothing_of_the_project_before_the_boot_path_che
     code, modules = done.stdout.splitlines()[-1].split(" ", 1)
     assert code == "3", done
     assert modules.split() == ["ops", "ops.client_boot", "ops.client_cmd"]
+
+
+def test_trustpay_node_client_points_to_trustpay_client(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ops.cli import main
+    from ops.provision import provision
+
+    provision(tmp_path / "d", 1, broker_port=1, backend="amqtt")
+
+    assert main(["node", "client", "--deploy", str(tmp_path / "d")]) == 2
+    assert "use `trustpay client --deploy DIR" in capsys.readouterr().err
