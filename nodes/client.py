@@ -3,12 +3,18 @@
 B1 opens the chip (refused: B5 reports that payment is disabled and the client
 closes); B2 takes the user's commands, from the command line or a terminal;
 B3 runs each; closing is B4, which leaves payment functions disabled until the
-next start. Amount parsing, formatting and the record of payments are the
-client's *installed* code (``devices/{device}/client/code.py``), loaded from
-disk, so what the trust module measures is what runs.
+next start. This module and every project module it imports are the client
+*install* (``devices/{device}/client/code/``): the trust module measures all of
+it, and ``trustpay client`` runs it only from bytes whose digests match that
+measurement (``ops.client_boot``, entry point :mod:`nodes.client_main`).
 
-Exit status: 0 only when the command did what was asked (a payment confirmed
-with a verified receipt); otherwise one of the codes below, with the reason.
+A payment is reported from its signed receipt, never from what was asked: the
+receipt must name this order, this device and the amount, currency and payee the
+user typed. Exit status: 0 only when the command did what was asked (a payment
+confirmed by such a receipt); 1 refused (nothing was paid); 2 bad command; 3
+payment functions disabled; 4 outcome unknown or not what was asked (a missing,
+forged or different receipt: money may have moved, so the user must look at
+the account's history), always with the reason.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import asyncio
 import json
 import shlex
 import sys
-import types
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -40,6 +45,7 @@ from protocol.records import RECEIPT_DOMAIN, Receipt, open_record
 from protocol.topics import Role, node_id
 
 from .bus import Bus
+from .client_text import format_amount, parse_amount, record_payment
 from .deployment import Deployment, canonical_json, load_json
 from .runtime import Node, NodeConfig
 from .store import write_atomic
@@ -67,7 +73,9 @@ class Client(Node):
         out: TextIO = sys.stdout,
         as_json: bool = False,
         interactive: bool = False,
+        static: bytes | None = None,
     ) -> None:
+        """``static``: the client's static data as the boot path checked it (else read once, at B1)."""
         super().__init__(config, bus, log)
         assert self.device is not None
         self.dep = deployment
@@ -79,6 +87,8 @@ class Client(Node):
         self.tm_id = node_id(Role.TRUST_MODULE, self.device)
         self.exit_code = EXIT_UNKNOWN
         self.chip_state: ChipState | None = None
+        self._static_bytes = static
+        self.static: dict[str, Any] = {}
 
     # -- the session: B1 .. B5 -------------------------------------------------------
     async def main(self) -> None:
@@ -88,6 +98,11 @@ class Client(Node):
             self.stop()
 
     async def session(self) -> int:
+        if self._static_bytes is None:
+            self._static_bytes = await asyncio.to_thread(
+                self.dep.read_client_data, self.device or "", "static"
+            )
+        self.static = load_json(self._static_bytes, "client static data")
         await self._show_reports()
         try:  # B1
             answer = await self.request(
@@ -172,25 +187,24 @@ class Client(Node):
         return outcome.code
 
     # -- commands ---------------------------------------------------------------------
-    def _code(self, code: bytes) -> types.ModuleType:
-        module = types.ModuleType("trustpay_client_code")
-        exec(compile(code, str(self.dep.client_dir(self.device or "") / "code.py"), "exec"), module.__dict__)
-        return module
+    @property
+    def _exponent(self) -> int:
+        return int(self.static["exponent"])
+
+    def _money(self, minor: int, currency: str) -> str:
+        return format_amount(minor, currency, self._exponent)
 
     async def pay(self, amount_text: str, payee: str, app: str | None) -> Outcome:
-        files = await asyncio.to_thread(self.dep.read_client, self.device or "")
-        static = load_json(files.static, "client static data")
-        code = self._code(files.code)
         try:
-            amount = code.parse_amount(amount_text, int(static["exponent"]))
+            amount = parse_amount(amount_text, self._exponent)
         except ValueError as exc:
             return Outcome(EXIT_USAGE, str(exc), {"status": "invalid", "reason": str(exc)})
-        app = app or str(static["default_app"])
+        app = app or str(self.static["default_app"])
         order_id = f"ord-{uuid.uuid4().hex}"
-        next_dynamic = canonical_json(
-            code.record_payment(load_json(files.dynamic, "client dynamic data"), order_id)
-        )
-        start = PayStart(order_id, app, amount, str(static["currency"]), payee, dynamic_digest(next_dynamic))
+        dynamic = await asyncio.to_thread(self.dep.read_client_data, self.device or "", "dynamic")
+        next_dynamic = canonical_json(record_payment(load_json(dynamic, "client dynamic data"), order_id))
+        currency = str(self.static["currency"])
+        start = PayStart(order_id, app, amount, currency, payee, dynamic_digest(next_dynamic))
         answer = await self.request(
             self.link(Role.CHIP),
             "pay.start",
@@ -204,67 +218,94 @@ class Client(Node):
         )
         result: PayResult = answer.envelope.body
         if result.session:  # the trust module journalled this digest: record the attempt, then C7
-            path = self.dep.client_dir(self.device or "") / "dynamic.json"
-            await asyncio.to_thread(write_atomic, path, next_dynamic, 0o644)
-            try:
-                await self.request(
-                    self.link(Role.TRUST_MODULE),
-                    "c7.done",
-                    SessionDone(result.session),
-                    recipient=self.tm_id,
-                    expect="measured",
-                    session=result.session,
-                )
-            except TrustpayError as exc:
-                self.log.warning("c7.not_confirmed", reason=str(exc))
-        shown = code.format_amount(amount, str(static["currency"]), int(static["exponent"]))
+            await self._record(result.session, next_dynamic)
+        asked = f"{self._money(amount, currency)} to {payee}"
         data = {
             "status": result.status,
             "code": result.code,
             "reason": result.reason,
             "order_id": order_id,
             "amount": amount,
-            "currency": static["currency"],
+            "currency": currency,
             "payee": payee,
             "app": app,
             "session": result.session.hex(),
         }
-        if result.status == "confirmed":
-            receipt = self._verify_receipt(result.receipt, order_id)
-            if receipt is None:
-                return Outcome(
-                    EXIT_UNKNOWN,
-                    f"Paid {shown} to {payee}? The receipt does not verify.",
-                    {**data, "status": "unknown", "reason": "receipt does not verify"},
-                )
-            balance = code.format_amount(receipt.balance_after, receipt.currency, int(static["exponent"]))
+        if result.status != "confirmed":
+            exit_code = EXIT_UNKNOWN if result.status == "unknown" else EXIT_REFUSED
             return Outcome(
-                EXIT_OK,
-                f"Paid {shown} to {payee} with {app} (order {order_id}); balance {balance}",
-                {**data, "balance_after": receipt.balance_after},
+                exit_code, f"Payment of {asked} {result.status} ({result.code}): {result.reason}", data
             )
-        exit_code = EXIT_UNKNOWN if result.status == "unknown" else EXIT_REFUSED
+        receipt = self._open_receipt(result.receipt)
+        if receipt is None:
+            why = "the receipt does not verify"
+            return Outcome(
+                EXIT_UNKNOWN,
+                f"Payment of {asked}: outcome unknown, {why}; check the history",
+                {**data, "status": "unknown", "reason": why},
+            )
+        wrong = self._receipt_mismatch(receipt, start)
+        if wrong:
+            said = f"{self._money(receipt.amount, receipt.currency)} to {receipt.payee}"
+            why = (
+                f"the payment server's receipt says {said} (order {receipt.order_id}); it differs in {wrong}"
+            )
+            return Outcome(
+                EXIT_UNKNOWN,
+                f"NOT the payment you asked for ({asked}): {why}. Check the history.",
+                {**data, "status": "mismatch", "reason": why, "receipt": _receipt_data(receipt)},
+            )
+        paid = f"{self._money(receipt.amount, receipt.currency)} to {receipt.payee}"
+        balance = self._money(receipt.balance_after, receipt.currency)
         return Outcome(
-            exit_code, f"Payment of {shown} to {payee} {result.status} ({result.code}): {result.reason}", data
+            EXIT_OK,
+            f"Paid {paid} with {app} (order {receipt.order_id}); balance {balance}",
+            {**data, "balance_after": receipt.balance_after, "receipt": _receipt_data(receipt)},
         )
+
+    async def _record(self, session: bytes, next_dynamic: bytes) -> None:
+        """Write the payment's record (the digest the trust module journalled), then C7."""
+        path = self.dep.client_dir(self.device or "") / "dynamic.json"
+        await asyncio.to_thread(write_atomic, path, next_dynamic, 0o644)
+        try:
+            await self.request(
+                self.link(Role.TRUST_MODULE),
+                "c7.done",
+                SessionDone(session),
+                recipient=self.tm_id,
+                expect="measured",
+                session=session,
+            )
+        except TrustpayError as exc:
+            self.log.warning("c7.not_confirmed", reason=str(exc))
 
     def _chip_cert(self) -> Any:
         return self.peers.get(self.chip_id) or self.dep.load_cert(self.chip_id)
 
-    def _verify_receipt(self, blob: bytes, order_id: str) -> Receipt | None:
+    def _open_receipt(self, blob: bytes) -> Receipt | None:
         try:
             server = self.dep.load_cert(Role.PAYMENT_SERVER.value)
-            receipt = open_record(Receipt, blob, RECEIPT_DOMAIN, server.body.sign_key, "receipt").body
+            return open_record(Receipt, blob, RECEIPT_DOMAIN, server.body.sign_key, "receipt").body
         except TrustpayError as exc:
             self.log.warning("receipt.invalid", reason=str(exc))
             return None
-        return receipt if receipt.order_id == order_id and receipt.status == "confirmed" else None
+
+    def _receipt_mismatch(self, receipt: Receipt, asked: PayStart) -> str:
+        """The fields where the signed receipt differs from what the user asked ("" if none)."""
+        names = ("order", "device", "status", "amount", "currency", "payee")
+        asked_for = (asked.order_id, self.device, "confirmed", asked.amount, asked.currency, asked.payee)
+        got = (
+            receipt.order_id,
+            receipt.device,
+            receipt.status,
+            receipt.amount,
+            receipt.currency,
+            receipt.payee,
+        )
+        return ", ".join(name for name, a, g in zip(names, asked_for, got, strict=True) if a != g)
 
     async def account(self, what: str, app: str | None) -> Outcome:
-        files = await asyncio.to_thread(self.dep.read_client, self.device or "")
-        static = load_json(files.static, "client static data")
-        code = self._code(files.code)
-        app = app or str(static["default_app"])
+        app = app or str(self.static["default_app"])
         answer = await self.request(
             self.link(Role.CHIP),
             "account.query",
@@ -274,13 +315,12 @@ class Client(Node):
             peer=self._chip_cert(),
         )
         info: AccountInfo = answer.envelope.body
-        exp = int(static["exponent"])
-        balance = code.format_amount(info.balance, info.currency, exp)
+        balance = self._money(info.balance, info.currency)
         data: dict[str, Any] = {"account": info.account, "balance": info.balance, "currency": info.currency}
         if what == "balance":
             return Outcome(EXIT_OK, f"{info.account}: {balance}", data)
         lines = [
-            f"{p.order_id}  {p.status:<9} {code.format_amount(p.amount, p.currency, exp):>14}  {p.payee}"
+            f"{p.order_id}  {p.status:<9} {self._money(p.amount, p.currency):>14}  {p.payee}"
             for p in info.payments
         ]
         data["payments"] = [p.__dict__ for p in info.payments]
@@ -337,3 +377,14 @@ class Client(Node):
             )
         else:
             print(outcome.text, file=self.out, flush=True)
+
+
+def _receipt_data(receipt: Receipt) -> dict[str, Any]:
+    return {
+        "order_id": receipt.order_id,
+        "amount": receipt.amount,
+        "currency": receipt.currency,
+        "payee": receipt.payee,
+        "payer": receipt.payer,
+        "balance_after": receipt.balance_after,
+    }

@@ -12,7 +12,9 @@ Layout (relative to the deployment root)::
     private/{root,update,platform,issuer}.key        offline keys (0600, dir 0700)
     nodes/{node_id}/node.key node.cert broker.json state/   (dir 0700)
     nodes/{device}.chip/update.cert   the chip's update certificate (claim 3)
-    devices/{device}/client/{code.py,static.json,dynamic.json}
+    nodes/{device}.tm/state/client.measured   the client digests the trust module last found good
+    devices/{device}/client/{code/,static.json,dynamic.json}   the whole client install:
+                                      code/ holds every project module the client runs
     devices/{device}/chip/apps/{app}/{code.py,static.json,dynamic.json,package.sig}
     releases/{kind}-{name}-{version}.release          signed reference measurements
     broker/  platform/{trust,ledger}.sqlite  logs/{node_id}.log
@@ -33,6 +35,7 @@ from protocol.certs import Certificate, RevocationList
 from protocol.codec import pack, unpack
 from protocol.errors import ConfigError, Malformed, TrustpayError, WrongTopic
 from protocol.keys import KeyPair
+from protocol.measure import install_image
 from protocol.topics import DEVICE_ROLES, Role, check_device_id, node_id
 
 MANIFEST_FORMAT = 1
@@ -411,6 +414,14 @@ class Deployment:
     def client_dir(self, device: str) -> Path:
         return self.device_dir(device) / "client"
 
+    def client_code_dir(self, device: str) -> Path:
+        """The client's modules (protocol/, nodes/): everything its process runs past the boot path."""
+        return self.client_dir(device) / "code"
+
+    def client_measured_path(self, device: str) -> Path:
+        """Where the trust module leaves the client digests it found good, for the boot path to check."""
+        return self.state_dir(node_id(Role.TRUST_MODULE, _device_id(device))) / "client.measured"
+
     def chip_dir(self, device: str) -> Path:
         return self.device_dir(device) / "chip"
 
@@ -487,7 +498,17 @@ class Deployment:
         return sorted(p.name for p in apps.iterdir() if p.is_dir()) if apps.is_dir() else []
 
     def read_client(self, device: str) -> ComponentFiles:
-        return read_component(self.client_dir(device))
+        """The client install; its "code" is the image of the whole code/ tree (claim 2)."""
+        directory = self.client_dir(device)
+        return ComponentFiles(
+            install_image(read_tree(self.client_code_dir(device))),
+            _read(directory / "static.json", "client static data"),
+            _read(directory / "dynamic.json", "client dynamic data"),
+        )
+
+    def read_client_data(self, device: str, name: Literal["static", "dynamic"]) -> bytes:
+        """The client's static or dynamic data alone, without reading its code."""
+        return _read(self.client_dir(device) / f"{name}.json", f"client {name} data")
 
     def read_app(self, device: str, app: str) -> ComponentFiles:
         return read_component(self.app_dir(device, app))
@@ -512,6 +533,22 @@ def read_component(directory: Path) -> ComponentFiles:
         _read(directory / "static.json", what),
         _read(directory / "dynamic.json", what),
     )
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by its "/"-separated relative path, whatever its name.
+
+    Nothing is skipped, so a file added anywhere in an install changes its
+    measurement. ``ops.client_boot`` reads a tree by these same rules.
+    """
+    if not root.is_dir():
+        raise ConfigError(f"client install missing: {root} (re-run `trustpay provision` or restore it)")
+    files: dict[str, bytes] = {}
+    for directory, _subdirs, names in os.walk(root):
+        for name in names:
+            path = Path(directory) / name
+            files[path.relative_to(root).as_posix()] = _read(path, "client install file")
+    return files
 
 
 def load_json(data: bytes, what: str) -> dict[str, Any]:

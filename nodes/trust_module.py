@@ -47,7 +47,7 @@ from protocol.records import AFFIRMING, VERDICT_DOMAIN, WARNING, Verdict, open_r
 from protocol.topics import Role, node_id
 
 from .bus import Bus
-from .deployment import Deployment, load_json
+from .deployment import SECRET_FILE_MODE, Deployment, canonical_json, load_json, write_file
 from .runtime import Node, NodeConfig, now_ms
 from .store import JsonState
 
@@ -154,6 +154,17 @@ class TrustModule(Node):
                 reason += "; first measurement stored"
         return Check(ok, reason, m)
 
+    async def _tell_boot_path(self, client: Check) -> None:
+        """Leave the client digests just found good (or why none are) for ``trustpay client``'s boot path.
+
+        The boot path runs the install only from bytes with these digests, so
+        what the client executes is what was measured here (A1, C7).
+        """
+        m = client.measurement
+        record = {"code": m.code.hex(), "static": m.static.hex()} if client.ok else {"refused": client.reason}
+        path = self.dep.client_measured_path(self.device or "")
+        await asyncio.to_thread(write_file, path, canonical_json(record), SECRET_FILE_MODE)
+
     def _store(self, m: Measurement) -> None:
         self.data["measurements"][m.component] = {
             "version": m.version,
@@ -173,6 +184,7 @@ class TrustModule(Node):
         """A1-A5: check the client, then every app in the chip."""
         client = await self._check(CLIENT)
         self.step("A", "A1", "ok" if client.ok else "failed", client.reason)
+        await self._tell_boot_path(client)
         chip = await self._chip_info()
         if chip is None:
             self.payment_enabled = False
@@ -425,6 +437,8 @@ class TrustModule(Node):
 
     async def _settle(self, component: str, session: bytes, step: str) -> Measured:
         check = await self._check(component)
+        if component == CLIENT:
+            await self._tell_boot_path(check)
         order = self.data["sessions"].get(session.hex(), {}).get("order", "")
         if check.ok:
             self._store(check.measurement)
@@ -447,6 +461,10 @@ class TrustModule(Node):
         self.book.add(release)
         self.data["releases"].append(blob.hex())
         await self._save()
+        if release.kind == CLIENT and not release.withdrawn:
+            client = await self._check(CLIENT)
+            if client.ok:  # a client upgraded before its release may run from now on
+                await self._tell_boot_path(client)
         self.log.info(
             "release.added",
             kind=release.kind,

@@ -2,8 +2,11 @@
 
 Each subcommand lives in its own module, which provides ``HELP: str``,
 ``add_arguments(parser)`` and ``run(args) -> int``; adding a command is one
-line in :data:`COMMANDS`. Modules are imported only when their command runs
-(and for ``--help``), so one command's dependencies never slow another.
+line in :data:`COMMANDS`. Only the chosen command's module is imported (every
+one only for the overview that ``trustpay --help`` prints), so one command's
+dependencies never slow another, and ``trustpay client`` runs no project code
+but its boot path (:mod:`ops.client_boot`): this module imports none at the top.
+A module with ``HANDLES_ERRORS = True`` reports its own errors.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol, cast
-
-from protocol.errors import ConfigError, TrustpayError
 
 PROG = "trustpay"
 EXIT_ERROR, EXIT_CONFIG = 1, 2  # 2 is also what argparse uses for a bad command line
@@ -42,37 +43,46 @@ class CommandModule(Protocol):
     run: Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser for command ``only`` (importing just its module), or for every command."""
     parser = argparse.ArgumentParser(prog=PROG, description="attestation-gated mobile payments over MQTT")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         module = cast(CommandModule, importlib.import_module(module_name))
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        command.set_defaults(run=module.run, handles_errors=getattr(module, "HANDLES_ERRORS", False))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # the command is the first word (the top level has no options but --help)
+    parser = build_parser(words[0] if words and words[0] in COMMANDS else None)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as exc:  # argparse exits on --help and on usage errors; callers want a code
         return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
     run = cast(Callable[[argparse.Namespace], int], args.run)
+    if args.handles_errors:
+        return run(args)
+    from protocol.errors import ConfigError, TrustpayError  # only once a command that uses them is chosen
+
     try:
         return run(args)
     except ConfigError as exc:
-        return _fail(exc, EXIT_CONFIG)
+        return _fail(exc.reason, EXIT_CONFIG)
     except TrustpayError as exc:
-        return _fail(exc, EXIT_ERROR)
+        return _fail(exc.reason, EXIT_ERROR)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 
-def _fail(exc: TrustpayError, code: int) -> int:
-    print(f"{PROG}: error: {exc.reason}", file=sys.stderr)
+def _fail(reason: str, code: int) -> int:
+    print(f"{PROG}: error: {reason}", file=sys.stderr)
     return code
 
 

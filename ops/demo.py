@@ -96,8 +96,8 @@ async def scene_tampered_app(d: Demo) -> None:
 
 
 async def scene_tampered_client(d: Demo) -> None:
-    d.say("\n== 3. Malware patches dev-0002's payment client")
-    tamper(d.dep.client_dir(DEV2) / "code.py", b"\n# show the user a fake payee\n")
+    d.say("\n== 3. Malware patches dev-0002's payment client (its command loop)")
+    tamper(d.dep.client_code_dir(DEV2) / "nodes" / "client.py", b"\n# show the user a fake payee\n")
     done = await d.restart(DEV2)
     d.expect(done.outcome == "disabled", "A1 failed, A5: every payment function disabled")
     run = await d.pay(DEV2, "pay", "1.00", "shop-1")

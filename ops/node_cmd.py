@@ -1,4 +1,8 @@
-"""``trustpay node ROLE --deploy DIR``: run one node of a deployment as this process."""
+"""``trustpay node ROLE --deploy DIR``: run one node of a deployment as this process.
+
+Not the client: it runs only through ``trustpay client``, whose boot path
+checks the install against the trust module's measurement before running it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import asyncio
 from pathlib import Path
 
 from nodes.deployment import Deployment
-from protocol.topics import NODE_ROLES, role_from_name
+from protocol.errors import ConfigError
+from protocol.topics import NODE_ROLES, Role, role_from_name
 
 from .roles import resolve_node_id, run_node
 
@@ -28,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    role = role_from_name(args.role)
+    if role is Role.CLIENT:
+        raise ConfigError(
+            "the client runs only from its measured install: use `trustpay client --deploy DIR [--device ID]`"
+        )
     dep = Deployment(args.deploy)
-    nid = resolve_node_id(dep, role_from_name(args.role), args.device)
+    nid = resolve_node_id(dep, role, args.device)
     asyncio.run(run_node(dep, nid, args.broker, console_level=args.log_level))
     return 0

@@ -1,10 +1,11 @@
 """``trustpay provision``: create a whole deployment directory, offline.
 
 One run makes the key hierarchy of :mod:`protocol.certs` (root, update,
-platform, issuer, then one certificate per node), installs the client and the
-payment apps on every device, signs their packages and reference releases,
-writes each login's broker credentials and the broker's password/ACL files,
-and records it all in ``manifest.json`` (layout: :mod:`nodes.deployment`).
+platform, issuer, then one certificate per node), installs the client (the
+modules of :mod:`ops.client_install`) and the payment apps on every device,
+signs their packages and reference releases, writes each login's broker
+credentials and the broker's password/ACL files, and records it all in
+``manifest.json`` (layout: :mod:`nodes.deployment`).
 
 The directory is built next to ``out`` and renamed into place at the end, so an
 interrupted run never leaves a half-provisioned deployment behind.
@@ -44,6 +45,8 @@ from protocol.keys import KeyPair
 from protocol.measure import APP, CLIENT, measure
 from protocol.records import PACKAGE_DOMAIN, RELEASE_DOMAIN, Package, Release, sign_record
 from protocol.topics import DEVICE_ROLES, SERVER_ROLES, node_id
+
+from .client_install import write_client_install
 
 CURRENCY, EXPONENT = "EUR", 2
 DEFAULT_APPS = ("wallet", "transit")
@@ -263,7 +266,7 @@ def app_static(app: str) -> dict[str, object]:
 def _install_payloads(dep: Deployment, device: DeviceEntry, issuer_keys: KeyPair) -> None:
     client = dep.client_dir(device.device)
     client.mkdir(parents=True)
-    write_file(client / "code.py", _payload("client_code.py"))
+    write_client_install(dep.client_code_dir(device.device))
     write_file(client / "static.json", canonical_json(client_static(device.apps[0])))
     write_file(client / "dynamic.json", canonical_json({"attempts": 0, "last_order": ""}))
     code = _payload("app_code.py")

@@ -4,7 +4,9 @@ The release record ("client trust report", claim 3) is signed with the
 issuer key, written to the deployment's releases/ (read by nodes at start)
 and sent to the running trust-server and trust modules, so devices upgraded
 to the new version stay trusted without a restart. ``--withdraw`` makes a
-version untrusted from then on.
+version untrusted from then on. A client release covers its whole install:
+every file of ``DIR/code/`` (as ``devices/{device}/client/code/``) and
+``DIR/static.json``.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import asyncio
 import time
 from pathlib import Path
 
-from nodes.deployment import Deployment, write_file
+from nodes.deployment import Deployment, read_tree, write_file
 from protocol.appraisal import open_release
 from protocol.errors import ConfigError
-from protocol.measure import APP, CLIENT, measure
+from protocol.measure import APP, CLIENT, install_image, measure
 from protocol.messages import ReleaseUpdate
 from protocol.records import RELEASE_DOMAIN, Release, sign_record
 from protocol.topics import Role, node_id
@@ -32,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=[CLIENT, APP])
     parser.add_argument("name", help="the client's name (trustpay-client) or the app's (wallet, transit)")
     parser.add_argument("version")
-    parser.add_argument("path", type=Path, nargs="?", help="directory holding code.py and static.json")
+    parser.add_argument(
+        "path",
+        type=Path,
+        nargs="?",
+        help="new version: a client install (code/ and static.json) or an app (code.py, static.json)",
+    )
     parser.add_argument("--withdraw", action="store_true", help="make this version untrusted from now on")
     parser.add_argument("--broker", help="broker URL (default: the manifest's)")
 
@@ -47,16 +54,23 @@ def make_release(
         old = open_release(held.read_bytes(), dep.load_public("issuer"))
         code, static = old.code, old.static
     else:
-        if path is None or not (path / "code.py").is_file() or not (path / "static.json").is_file():
-            raise ConfigError("give the directory of the new version: it must hold code.py and static.json")
-        m = measure(
-            kind, name, version, (path / "code.py").read_bytes(), (path / "static.json").read_bytes(), b""
-        )
+        m = measure(kind, name, version, *_release_files(kind, path), b"")
         code, static = m.code, m.static
     release = Release(kind, name, version, code, static, withdraw, time.time_ns() // 1_000_000)
     blob = sign_record(release, RELEASE_DOMAIN, dep.load_offline_keys("issuer")).to_bytes()
     write_file(dep.release_path(kind, name, version), blob)
     return blob
+
+
+def _release_files(kind: str, path: Path | None) -> tuple[bytes, bytes]:
+    """A new version's code and static data, measured as the trust module will measure the install."""
+    code = "code/" if kind == CLIENT else "code.py"
+    if path is None or not (path / code.rstrip("/")).exists() or not (path / "static.json").is_file():
+        raise ConfigError(f"give the directory of the new version: it must hold {code} and static.json")
+    static = (path / "static.json").read_bytes()
+    if kind == CLIENT:  # the whole install, as the trust module measures it
+        return install_image(read_tree(path / "code")), static
+    return (path / "code.py").read_bytes(), static
 
 
 async def distribute(dep: Deployment, blob: bytes, broker_url: str | None) -> dict[str, str]:

@@ -25,10 +25,6 @@ def role_class(role: Role) -> Callable[..., Node]:
         from nodes.chip import Chip
 
         return Chip
-    if role is Role.CLIENT:
-        from nodes.client import Client
-
-        return Client
     if role is Role.TRUST_SERVER:
         from nodes.trust_server import TrustServer
 
@@ -38,8 +34,8 @@ def role_class(role: Role) -> Callable[..., Node]:
 
         return PaymentServer
     raise ConfigError(
-        f"{role.value} is not a node role; choose one of trust-module, chip, client, "
-        "trust-server, payment-server"
+        f"{role.value} is not a node this command runs; choose one of trust-module, chip, "
+        "trust-server, payment-server (the client: `trustpay client`)"
     )
 
 

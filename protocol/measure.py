@@ -11,7 +11,7 @@ log, check it reaches the quoted aggregate, and appraise every entry.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .codec import pack, unpack
@@ -25,10 +25,27 @@ ZERO = bytes(DIGEST_SIZE)
 
 CLIENT = "client"
 APP = "app"
+INSTALL_IMAGE_TAG = b"trustpay-install-v1\x00"
 
 
 def digest(data: bytes, tag: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE, person=tag[:16]).digest()
+
+
+def install_image(files: Mapping[str, bytes]) -> bytes:
+    """One byte string standing for a whole tree of files: the client install's measured "code".
+
+    ``files`` maps each relative path ("nodes/client.py", "/"-separated) to its
+    bytes. Paths are sorted, and every path and content is length-prefixed, so
+    two different trees never give the same image (no file can pose as the end
+    of another). ``ops.client_boot`` repeats these lines with the standard
+    library only; a test pins the two together.
+    """
+    image = bytearray(INSTALL_IMAGE_TAG)
+    for path in sorted(files):
+        name, data = path.encode(), files[path]
+        image += len(name).to_bytes(8, "big") + name + len(data).to_bytes(8, "big") + data
+    return bytes(image)
 
 
 @dataclass(frozen=True)

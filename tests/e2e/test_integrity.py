@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DEV1, DEV2, E2E, WAIT_S, client_of, tm_of
+from .conftest import DEV1, DEV2, E2E, WAIT_S, tm_of
 
 pytestmark = pytest.mark.e2e
 
@@ -56,8 +56,11 @@ async def test_tampered_app_is_deleted_at_start_up_and_the_other_app_still_pays(
 
 
 async def test_tampered_client_disables_payment_and_the_client_is_refused(e2e: E2E) -> None:
-    # dev-0001's client code, dev-0002's client static data: both fail A1
-    append(e2e.dep.client_dir(DEV1) / "code.py", b"\n# show the user a fake payee\n")
+    # dev-0001's command loop (the installed nodes/client.py), dev-0002's client static data: both fail A1
+    loop = e2e.dep.client_code_dir(DEV1) / "nodes" / "client.py"
+    honest = b"outcome = await self.pay(args[0], args[1], args[2] if len(args) == 3 else None)"
+    assert honest in loop.read_bytes()
+    loop.write_bytes(loop.read_bytes().replace(honest, b'outcome = await self.pay("400.00", "shop-3", None)'))
     static = e2e.dep.client_dir(DEV2) / "static.json"
     static.write_bytes(static.read_bytes().replace(b'"default_app":"wallet"', b'"default_app":"transit"'))
     assert b'"transit"' in static.read_bytes()
@@ -76,11 +79,13 @@ async def test_tampered_client_disables_payment_and_the_client_is_refused(e2e: E
     runs = await asyncio.gather(e2e.pay(DEV1, "1.00", "shop-1"), e2e.pay(DEV2, "2.00", "shop-1"))
 
     for device, run in zip((DEV1, DEV2), runs, strict=True):
+        # B5 before anything of the install ran: its boot path refused the bytes the trust module refused
         assert run.code == 3, (run.lines, run.stderr[-2000:])  # EXIT_DISABLED
         assert run.result["status"] == "disabled"
-        assert any("disabled" in report for report in run.reports), run.reports
-        b5 = await e2e.wait_event(mark, device=device, step="B5", node=client_of(device))
-        assert b5.outcome == "disabled"
+        assert run.result["message"].startswith(
+            "Payment functions are disabled: the client failed its integrity"
+        )
+        assert "match" in run.result["reason"], run.result  # the trust module's own reason
         assert not e2e.events(mark, device=device, step="B1")
         assert not [e for e in e2e.events(mark, device=device) if e.step.startswith("C")]
     assert await e2e.balances() == before

@@ -4,6 +4,7 @@ then trusted without a restart; a withdrawn version is refused from then on."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from nodes.deployment import Deployment, canonical_json
 from nodes.runtime import Node
 from ops.release_cmd import make_release
+from protocol.measure import measure
 from protocol.messages import ReleaseUpdate
 from protocol.topics import Role, operator_topic
 
@@ -40,17 +42,19 @@ async def publish_release(w: World, blob: bytes) -> None:
 
 
 def build_client(dep: Deployment, to: Path) -> None:
-    """Version 1.1.0 of the client, built in ``to``."""
+    """Version 1.1.0 of the whole client install, built in ``to`` (code/ and static.json)."""
     client = dep.client_dir(DEV)
-    to.mkdir()
-    (to / "code.py").write_bytes((client / "code.py").read_bytes() + b"\n# 1.1.0: clearer amount errors\n")
+    shutil.copytree(dep.client_code_dir(DEV), to / "code")
+    text = to / "code" / "nodes" / "client_text.py"
+    text.write_bytes(text.read_bytes() + b"\n# 1.1.0: clearer amount errors\n")
     static = json.loads((client / "static.json").read_bytes())
     (to / "static.json").write_bytes(canonical_json({**static, "version": "1.1.0"}))
 
 
 def install_client(dep: Deployment, new: Path) -> None:
-    for name in ("code.py", "static.json"):
-        (dep.client_dir(DEV) / name).write_bytes((new / name).read_bytes())
+    shutil.rmtree(dep.client_code_dir(DEV))
+    shutil.copytree(new / "code", dep.client_code_dir(DEV))
+    (dep.client_dir(DEV) / "static.json").write_bytes((new / "static.json").read_bytes())
 
 
 async def test_a_released_upgrade_stays_trusted_without_any_restart(dep: Deployment, tmp_path: Path) -> None:
@@ -64,6 +68,13 @@ async def test_a_released_upgrade_stays_trusted_without_any_restart(dep: Deploym
         balance = (await w.balances())[f"{DEV}:wallet"]
     assert code == 0, result
     assert balance == 100_000 - 200
+    # C7 measured the upgraded install and left its digests for the client's boot path
+    files = dep.read_client(DEV)
+    m = measure("client", "trustpay-client", "1.1.0", files.code, files.static, files.dynamic)
+    assert json.loads(dep.client_measured_path(DEV).read_bytes()) == {
+        "code": m.code.hex(),
+        "static": m.static.hex(),
+    }
 
 
 async def test_an_unreleased_upgrade_is_refused_and_disables_payment(dep: Deployment, tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ from types import ModuleType
 
 import pytest
 
-from nodes.deployment import Deployment, Manifest
+import nodes
+from nodes.deployment import Deployment, Manifest, read_tree
 from ops.cli import main
 from ops.provision import provision
 from protocol.certs import Certificate, CertStore, RevocationList
@@ -171,9 +172,24 @@ def test_installed_app_code_runs(deployed: tuple[Deployment, Manifest]) -> None:
         code.make_order(static, dynamic, amount=100, **{**kw, "currency": "USD"})
 
 
+def test_the_client_install_is_the_projects_client_modules(deployed: tuple[Deployment, Manifest]) -> None:
+    dep, _ = deployed
+    project = Path(nodes.__file__).parent.parent
+    for device in ("dev-0001", "dev-0002"):
+        files = read_tree(dep.client_code_dir(device))
+        expected = {"nodes/client.py", "nodes/client_main.py", "nodes/runtime.py", "protocol/measure.py"}
+        assert expected <= set(files)
+        assert {"nodes/__init__.py", "protocol/__init__.py"} <= set(files)
+        # the servers' and the chip's code is no part of the client
+        assert not {"nodes/trust_module.py", "nodes/chip.py", "nodes/ledger.py"} & set(files)
+        assert not [p for p in files if not p.startswith(("nodes/", "protocol/")) or not p.endswith(".py")]
+        for path, data in files.items():
+            assert data == (project / path).read_bytes(), path
+
+
 def test_installed_client_code_runs(deployed: tuple[Deployment, Manifest]) -> None:
     dep, _ = deployed
-    client = load_module(dep.client_dir("dev-0002") / "code.py")
+    client = load_module(dep.client_code_dir("dev-0002") / "nodes" / "client_text.py")
     assert client.parse_amount("12.50", 2) == 1250
     assert client.parse_amount("0.01", 2) == 1
     assert client.parse_amount(" 7 ", 2) == 700

@@ -17,6 +17,7 @@ from protocol.measure import (
     Quote,
     check_quote,
     extend,
+    install_image,
     log_digest,
     make_quote,
     measure,
@@ -194,3 +195,15 @@ def _log(es) -> MeasurementLog:
     for e in es:
         log.append(e)
     return log
+
+
+def test_install_image_is_sorted_length_prefixed_paths_and_contents() -> None:
+    image = install_image({"nodes/x.py": b"X = 1\n", "a.py": b""})
+    assert image == (
+        b"trustpay-install-v1\x00"
+        + (4).to_bytes(8, "big") + b"a.py" + (0).to_bytes(8, "big")
+        + (10).to_bytes(8, "big") + b"nodes/x.py" + (6).to_bytes(8, "big") + b"X = 1\n"
+    )  # fmt: skip
+    assert install_image({"nodes/x.py": b"X = 1\n", "a.py": b""}) == install_image(
+        {"a.py": b"", "nodes/x.py": b"X = 1\n"}
+    )  # the order the files were read in does not matter

@@ -1,9 +1,8 @@
-"""The mobile payment client's own code (patent part 13), as installed on a device.
+"""What the client reads from and shows to its user: amounts, and the record of its payments.
 
-``trustpay provision`` copies this file verbatim to ``devices/{device}/client/code.py``;
-the client process loads and runs it from there, and the trust module measures
-those very bytes (claim 2). It therefore uses the standard library only, so
-what is measured is all that runs.
+Part of the client install like every module the client runs: ``trustpay
+provision`` copies it to ``devices/{device}/client/code/nodes/``, where the
+trust module measures it and the boot path (``ops.client_boot``) loads it.
 """
 
 from __future__ import annotations
