@@ -115,7 +115,11 @@ class Chip(Node):
 
     async def _install_from_packages(self) -> None:
         """Install every app on disk whose package the issuer signed and whose bytes match it."""
-        issuer = self.dep.load_public("issuer")
+        try:
+            issuer = self.dep.load_issuer(self.certs, now_ms() // 1000)
+        except ConfigError as exc:  # a forged issuer would vouch for any package: install none
+            self.log.warning("app.install_refused", app="*", reason=exc.reason)
+            return
         for app in await asyncio.to_thread(self.dep.installed_apps, self.device or ""):
             try:
                 blob = await asyncio.to_thread(self.dep.package_sig_path(self.device or "", app).read_bytes)

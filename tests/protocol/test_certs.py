@@ -229,7 +229,7 @@ def test_revocation_list_signed_by_root():
     store = PKI.store()
     assert resolve(store, CHIP.chain) == CHIP.cert  # cached before the list arrives
     crl = sign_revocations(1, NOW_S, (CHIP.cert.serial, TS.cert.serial), PKI.root_keys)
-    store.set_revocations(RevocationList.from_bytes(crl.to_bytes()))
+    store.set_revocations(RevocationList.from_bytes(crl.to_bytes()), NOW_S)
     with exactly(CertificateRevoked):
         resolve(store, CHIP.chain)
     with exactly(CertificateRevoked):
@@ -237,7 +237,7 @@ def test_revocation_list_signed_by_root():
     assert resolve(store, TM.chain) == TM.cert
     assert resolve(store, PS.chain) == PS.cert
     # a newer list without the chip lifts its revocation
-    store.set_revocations(sign_revocations(2, NOW_S, (TS.cert.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(2, NOW_S, (TS.cert.serial,), PKI.root_keys), NOW_S)
     assert resolve(store, CHIP.chain) == CHIP.cert
 
 
@@ -251,7 +251,7 @@ def test_revocation_list_signed_by_someone_else(signer):
     }[signer]
     store = PKI.store()
     with exactly(CertificateInvalid):
-        store.set_revocations(sign_revocations(5, NOW_S, (CHIP.cert.serial,), keys))
+        store.set_revocations(sign_revocations(5, NOW_S, (CHIP.cert.serial,), keys), NOW_S)
     assert store.revoked == frozenset()
     assert resolve(store, CHIP.chain) == CHIP.cert
 
@@ -263,14 +263,14 @@ def test_revocation_list_altered_after_signing():
     store = PKI.store()
     for bad in (widened, emptied):
         with exactly(CertificateInvalid):
-            store.set_revocations(bad)
+            store.set_revocations(bad, NOW_S)
 
 
 def test_older_revocation_list_refused():
     store = PKI.store()
-    store.set_revocations(sign_revocations(5, NOW_S, (CHIP.cert.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(5, NOW_S, (CHIP.cert.serial,), PKI.root_keys), NOW_S)
     with exactly(CertificateInvalid):
-        store.set_revocations(sign_revocations(4, NOW_S, (), PKI.root_keys))
+        store.set_revocations(sign_revocations(4, NOW_S, (), PKI.root_keys), NOW_S)
     assert store.crl_number == 5
     with exactly(CertificateRevoked):
         resolve(store, CHIP.chain)
@@ -278,7 +278,7 @@ def test_older_revocation_list_refused():
 
 def test_revoked_platform_cert_is_not_accepted():
     store = PKI.store(platform=False)
-    store.set_revocations(sign_revocations(1, NOW_S, (PKI.platform.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(1, NOW_S, (PKI.platform.serial,), PKI.root_keys), NOW_S)
     with exactly(CertificateRevoked):
         store.accept_platform(PKI.platform, NOW_S)
     with exactly(CertificateRevoked):
@@ -289,7 +289,7 @@ def test_revoking_the_held_platform_cert_stops_its_servers():
     """Revoking the platform certificate must stop every server certificate it issued."""
     store = PKI.store()
     assert resolve(store, TS.chain) == TS.cert
-    store.set_revocations(sign_revocations(1, NOW_S, (PKI.platform.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(1, NOW_S, (PKI.platform.serial,), PKI.root_keys), NOW_S)
     with pytest.raises(CertificateRevoked):
         resolve(store, TS.chain)
 
@@ -297,7 +297,7 @@ def test_revoking_the_held_platform_cert_stops_its_servers():
 def test_revoked_update_cert_cannot_rotate_the_platform():
     """If the update key is compromised the root revokes it: it must not install a platform key."""
     store = PKI.store()
-    store.set_revocations(sign_revocations(1, NOW_S, (PKI.update.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(1, NOW_S, (PKI.update.serial,), PKI.root_keys), NOW_S)
     new, _ = PKI.rotate("platform-by-revoked-update")
     with pytest.raises(CertificateInvalid):  # CertificateRevoked is one
         store.accept_platform(new, NOW_S)
