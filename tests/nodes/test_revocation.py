@@ -88,15 +88,15 @@ async def test_a_revoked_device_is_told_so_at_once_and_pays_nothing(dep: Deploym
 
 
 @asynccontextmanager
-async def split_world(dep: Deployment, knows: str) -> AsyncIterator[World]:
-    """Every node of the payment, where only ``knows`` ("ts" or "ps") holds the chip's revocation.
+async def split_world(dep: Deployment, knows: str, revoked: str = CHIP_ID) -> AsyncIterator[World]:
+    """Every node of the payment, where only ``knows`` ("ts" or "ps") holds ``revoked``'s revocation.
 
     As when the list was published while the device was offline: the device's
     own nodes must not be what stops a revoked device; the platform must.
     """
     broker = FakeBroker()
     held = dep.crl_path.read_bytes()
-    make_revocations(dep, [CHIP_ID])
+    make_revocations(dep, [revoked])
     ts = make_node(TrustServer, dep, "trust-server", broker, deployment=dep) if knows == "ts" else None
     ps = make_node(PaymentServer, dep, "payment-server", broker, deployment=dep) if knows == "ps" else None
     dep.crl_path.write_bytes(held)  # every other node, the client included, has the older list
@@ -133,6 +133,18 @@ async def test_c3_contraindicates_a_device_whose_chip_is_revoked(dep: Deployment
     assert balance == 100_000
     assert "C3:failed" in steps and "C5:ok" not in steps
     assert await device_status(dep) == REVOKED  # kept across restarts, for audits
+
+
+async def test_the_trust_server_answers_a_revoked_trust_module_with_the_reason(dep: Deployment) -> None:
+    """Fails on main: the trust-server dropped every frame of the revoked trust module unanswered,
+    so the payment failed only after the retries ran out, as "no answer to c1.check"."""
+    async with split_world(dep, knows="ts", revoked=f"{DEV}.tm") as w:
+        code, result = await w.client("pay", "1.00", "shop-1")
+        balance = (await w.balances())[PAYER]
+    assert code == 1 and result["code"] == "untrusted", result
+    assert f"{DEV}.tm's certificate" in str(result["reason"]) and "revoked" in str(result["reason"])
+    assert "no answer" not in str(result["reason"])
+    assert balance == 100_000
 
 
 async def test_c5_refuses_an_order_from_a_revoked_chip_with_a_typed_reason(dep: Deployment) -> None:
