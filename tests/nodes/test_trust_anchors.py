@@ -12,16 +12,20 @@ import pytest
 from nodes.bus import FakeBroker
 from nodes.chip import Chip
 from nodes.deployment import Deployment, canonical_json, write_file
+from nodes.runtime import Node
 from nodes.trust_module import TrustModule
 from nodes.trust_server import TrustServer
 from ops.release_cmd import make_release
+from ops.rotate_cmd import rotate
 from protocol.certs import ISSUER, PLATFORM, ROOT, CertBody, Certificate, issue
 from protocol.errors import ConfigError
 from protocol.keys import KeyPair
 from protocol.measure import APP, measure
+from protocol.messages import Empty
 from protocol.records import PACKAGE_DOMAIN, RELEASE_DOMAIN, Package, Release, sign_record
+from protocol.topics import Role, operator_topic
 
-from .harness import make_node, provisioned
+from .harness import make_node, provisioned, running
 from .test_payment_flow import DEV, world
 
 ATTACKER = KeyPair.generate()
@@ -114,3 +118,25 @@ async def test_a_stored_platform_certificate_not_signed_by_the_update_key_is_not
     assert "C1:trusted" in steps
     state = json.loads((dep.state_dir(f"{DEV}.tm") / "trust.json").read_bytes())
     assert state["platform_cert"] == written_in.to_bytes().hex()  # the rogue one is gone for good
+
+
+async def test_new_server_keys_after_a_rotation_keep_balance_queries_and_payments_working(
+    dep: Deployment,
+) -> None:
+    """The chip seals balance queries to the payment-server's box key: after a rotation gave the
+    server a new key pair, a chip still holding the old certificate would seal to a key nobody
+    holds any more and wait for an answer that never comes."""
+    async with world(dep) as w:
+        code, result = await w.client("pay", "1.00", "shop-1")
+        assert code == 0, result
+        rotate(dep)
+        operator = make_node(Node, dep, "operator", w.broker)
+        async with running(operator):
+            for role in (Role.TRUST_SERVER, Role.PAYMENT_SERVER):
+                await operator.request(
+                    operator_topic(role), "keys.reload", Empty(), recipient=role.value, expect="keys.reloaded"
+                )
+        balance_code, balance = await w.client("balance")
+        pay_code, paid = await w.client("pay", "2.00", "shop-1")
+    assert balance_code == 0 and balance["balance"] == 100_000 - 100, balance
+    assert pay_code == 0, paid
