@@ -10,6 +10,10 @@ it; a request starts its handler as its own task (bounded by a semaphore), or
 goes to a per-link lane when the handler asked for order. So a slow or failing
 handler never stalls the connection, and a rejection of any kind is counted,
 logged with its typed code, and never reaches a handler.
+
+Every node also reads the retained revocation list (``CRL_TOPIC``) and installs
+a newer one the moment it arrives. A verified request from a sender it revokes
+is answered with a typed ``revoked`` refusal, so the sender learns why at once.
 """
 
 from __future__ import annotations

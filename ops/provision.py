@@ -87,7 +87,7 @@ def provision(
     _check_options(devices, apps, broker_port, backend, opening_balance, validity_days)
     _check_apart(out, offline_dir)
     _check_target(out, force)
-    _check_target(offline_dir, force)
+    _check_target(offline_dir, force, "--offline")
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     manifest = _manifest(now_ms, devices, apps, backend, broker_port or free_port(), opening_balance)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,13 +146,13 @@ def _check_options(
         raise ConfigError(f"certificate validity must be at least one day, not {days}")
 
 
-def _check_target(out: Path, force: bool) -> None:
+def _check_target(out: Path, force: bool, option: str = "--out") -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         return
     if not force:
-        raise ConfigError(f"{out} exists and is not empty; choose another --out or pass --force to replace")
+        raise ConfigError(f"{out} exists and is not empty; choose another {option} or pass --force to replace")
     resolved = out.resolve()
     # --force deletes a tree: never one that holds the caller, their home or the filesystem
     if resolved in (Path("/"), Path.home().resolve()) or resolved in Path.cwd().resolve().parents:

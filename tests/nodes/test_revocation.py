@@ -62,9 +62,9 @@ async def test_a_published_list_is_installed_by_every_running_node_and_never_rol
         first = make_revocations(dep, [CHIP_ID])
         await publish(w, first)
         installed = [(n.certs.crl_number, chip_serial in n.certs.revoked) for n in nodes]
-        lifted = make_revocations(dep, [])  # number 2 still revokes the chip: lists only grow
+        newer = make_revocations(dep, [])  # number 2: `revoke` only adds to the held list
         older = RevocationList.from_bytes(first.to_bytes())
-        await publish(w, lifted)
+        await publish(w, newer)
         await publish(w, older)  # a replayed older list
         after = [(n.certs.crl_number, chip_serial in n.certs.revoked) for n in nodes]
         refused_old = w.tm.counters["rejected.cert_invalid"]
