@@ -152,7 +152,7 @@ def _check_target(out: Path, force: bool, option: str = "--out") -> None:
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         return
     if not force:
-        raise ConfigError(f"{out} exists and is not empty; choose another {option} or pass --force to replace")
+        raise ConfigError(f"{out} exists and is not empty; choose another {option} or pass --force")
     resolved = out.resolve()
     # --force deletes a tree: never one that holds the caller, their home or the filesystem
     if resolved in (Path("/"), Path.home().resolve()) or resolved in Path.cwd().resolve().parents:
