@@ -104,18 +104,27 @@ class Chip(Node):
         )
         if not self.data["apps"]:
             await self._install_from_packages()
+        await self._refresh_payment_server()
+        self.log.info("chip.ready", apps=sorted(self.data["apps"]), enabled=self.data["enabled"])
+
+    def _payment_server_chain(self) -> list[bytes]:
+        return [self.dep.load_cert(PS).to_bytes(), self.dep.load_public("platform").to_bytes()]
+
+    async def _refresh_payment_server(self) -> None:
+        """The payment-server's certificate as the deployment has it now, checked like a frame's chain."""
         try:
-            self.payment_server = self.certs.resolve(
-                [self.dep.load_cert(PS).to_bytes(), self.dep.load_public("platform").to_bytes()],
-                now_ms() // 1000,
-            )
+            chain = await asyncio.to_thread(self._payment_server_chain)
+            self.payment_server = self.certs.resolve(chain, now_ms() // 1000)
         except TrustpayError as exc:
             self.log.warning("chip.no_payment_server_cert", reason=str(exc))
-        self.log.info("chip.ready", apps=sorted(self.data["apps"]), enabled=self.data["enabled"])
 
     async def _install_from_packages(self) -> None:
         """Install every app on disk whose package the issuer signed and whose bytes match it."""
-        issuer = self.dep.load_public("issuer")
+        try:
+            issuer = self.dep.load_issuer(self.certs, now_ms() // 1000)
+        except ConfigError as exc:  # a forged issuer would vouch for any package: install none
+            self.log.warning("app.install_refused", app="*", reason=exc.reason)
+            return
         for app in await asyncio.to_thread(self.dep.installed_apps, self.device or ""):
             try:
                 blob = await asyncio.to_thread(self.dep.package_sig_path(self.device or "", app).read_bytes)
@@ -371,6 +380,8 @@ class Chip(Node):
     async def account(self, rx: Any) -> tuple[str, Body]:
         query: AccountQuery = rx.envelope.body
         self._check_usable(query.app)
+        # a platform rotation gives the payment-server new keys: seal to the current box key
+        await self._refresh_payment_server()
         if self.payment_server is None:
             raise Refused("platform_untrusted", "no verified payment-server certificate")
         answer = await self.request(

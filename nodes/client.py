@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from protocol.errors import Refused, RequestTimeout, TrustpayError
+from protocol.errors import CertificateInvalid, Refused, RequestTimeout, TrustpayError
 from protocol.measure import dynamic_digest
 from protocol.messages import (
     AccountInfo,
@@ -108,9 +108,13 @@ class Client(Node):
             answer = await self.request(
                 self.link(Role.CHIP), "chip.open", Empty(), recipient=self.chip_id, expect="chip.state"
             )
-        except (Refused, RequestTimeout) as exc:  # B5
+        except (Refused, RequestTimeout, CertificateInvalid) as exc:  # B5
             reason = (
-                exc.refusal_reason if isinstance(exc, Refused) else f"the payment chip does not answer: {exc}"
+                exc.refusal_reason
+                if isinstance(exc, Refused)
+                else exc.reason  # the chip answered under a certificate we refuse (a revoked device)
+                if isinstance(exc, CertificateInvalid)
+                else f"the payment chip does not answer: {exc}"
             )
             self.step("B", "B5", "disabled", reason)
             self._emit(

@@ -9,7 +9,6 @@ Layout (relative to the deployment root)::
 
     manifest.json                     the typed Manifest below
     public/{root,update,platform,issuer}.cert, crl.bin, certs/{node_id}.cert
-    private/{root,update,platform,issuer}.key        offline keys (0600, dir 0700)
     nodes/{node_id}/node.key node.cert broker.json state/   (dir 0700)
     nodes/{device}.chip/update.cert   the chip's update certificate (claim 3)
     nodes/{device}.tm/state/client.measured   the client digests the trust module last found good
@@ -18,6 +17,11 @@ Layout (relative to the deployment root)::
     devices/{device}/chip/apps/{app}/{code.py,static.json,dynamic.json,package.sig}
     releases/{kind}-{name}-{version}.release          signed reference measurements
     broker/  platform/{trust,ledger}.sqlite  logs/{node_id}.log
+
+The offline keys (root, update, platform, issuer) are not in it: they live in
+a directory of their own (:class:`OfflineKeys`, by default ``{deployment}.offline``
+beside it) that no node reads, so a running deployment that leaks gives away
+no key that certifies, rotates, releases or revokes.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from protocol.certs import Certificate, RevocationList
+from protocol.certs import ISSUER, Certificate, CertStore, RevocationList
 from protocol.codec import pack, unpack
-from protocol.errors import ConfigError, Malformed, TrustpayError, WrongTopic
+from protocol.errors import ConfigError, Malformed, Rejected, TrustpayError, WrongTopic
 from protocol.keys import KeyPair
 from protocol.measure import install_image
 from protocol.topics import DEVICE_ROLES, Role, check_device_id, node_id
@@ -341,10 +345,6 @@ class Deployment:
         return self.public_dir / "crl.bin"
 
     @property
-    def private_dir(self) -> Path:
-        return self.root / "private"
-
-    @property
     def nodes_dir(self) -> Path:
         return self.root / "nodes"
 
@@ -379,9 +379,6 @@ class Deployment:
     # per name
     def public_cert_path(self, name: PublicName) -> Path:
         return self.public_dir / f"{name}.cert"
-
-    def offline_key_path(self, name: PublicName) -> Path:
-        return self.private_dir / f"{name}.key"
 
     def cert_path(self, nid: str) -> Path:
         """The public copy of a node's certificate, for the monitor and for audits."""
@@ -452,13 +449,14 @@ class Deployment:
             raise ConfigError(f"{self.manifest_path} is not a valid manifest: {exc}") from exc
 
     def load_keys(self, nid: str) -> KeyPair:
-        return self._keys(self.node_key_path(nid), f"key of {nid}")
-
-    def load_offline_keys(self, name: PublicName) -> KeyPair:
-        return self._keys(self.offline_key_path(name), f"offline {name} key")
+        return _load_keys(self.node_key_path(nid), f"key of {nid}")
 
     def load_cert(self, nid: str) -> Certificate:
         return self._cert(self.node_cert_path(nid), f"certificate of {nid}")
+
+    def load_public_cert(self, nid: str) -> Certificate:
+        """A node's certificate from the public copies, readable without the node's own directory."""
+        return self._cert(self.cert_path(nid), f"public certificate of {nid}")
 
     def load_update_cert(self, device: str) -> Certificate:
         return self._cert(self.update_cert_path(device), f"update certificate in the chip of {device}")
@@ -474,6 +472,21 @@ class Deployment:
         if name not in OFFLINE_KEYS:
             raise ConfigError(f"no public item {name!r}; choose crl or one of {', '.join(OFFLINE_KEYS)}")
         return self._cert(self.public_dir / f"{name}.cert", f"{name} certificate")
+
+    def load_issuer(self, certs: CertStore, now_s: int) -> Certificate:
+        """The issuer certificate, only if it chains to ``certs``' root, is current and not revoked.
+
+        Everything the issuer signs (releases, app packages) is trusted through
+        it, so a copy written over public/issuer.cert must not be believed.
+        """
+        path = self.public_cert_path("issuer")
+        try:
+            return certs.check_root_issued(self.load_public("issuer"), ISSUER, now_s)
+        except Rejected as exc:
+            raise ConfigError(
+                f"the issuer certificate {path} is not one the root issued ({exc.reason}): "
+                "restore it from the deployment's original public/issuer.cert"
+            ) from exc
 
     def load_broker_credentials(self, nid: str) -> Login:
         path = self.broker_credentials_path(nid)
@@ -513,17 +526,54 @@ class Deployment:
     def read_app(self, device: str, app: str) -> ComponentFiles:
         return read_component(self.app_dir(device, app))
 
-    def _keys(self, path: Path, what: str) -> KeyPair:
-        def parse(data: bytes) -> KeyPair:
-            fields = unpack(data)
-            if not isinstance(fields, dict) or set(fields) != {"sign_seed", "box_secret"}:
-                raise Malformed("not a map of sign_seed and box_secret")
-            return KeyPair(fields["sign_seed"], fields["box_secret"])
-
-        return _decode(path, what, _read_secret(path, what), parse)  # type: ignore[no-any-return]
-
     def _cert(self, path: Path, what: str) -> Certificate:
         return _decode(path, what, _read(path, what), Certificate.from_bytes)  # type: ignore[no-any-return]
+
+
+def _load_keys(path: Path, what: str) -> KeyPair:
+    def parse(data: bytes) -> KeyPair:
+        fields = unpack(data)
+        if not isinstance(fields, dict) or set(fields) != {"sign_seed", "box_secret"}:
+            raise Malformed("not a map of sign_seed and box_secret")
+        return KeyPair(fields["sign_seed"], fields["box_secret"])
+
+    return _decode(path, what, _read_secret(path, what), parse)  # type: ignore[no-any-return]
+
+
+def default_offline_dir(deployment: Path) -> Path:
+    """Where the offline keys go unless told otherwise: beside the deployment, never inside it."""
+    root = Path(deployment).absolute()
+    return root.with_name(f"{root.name}.offline")
+
+
+@dataclass(frozen=True)
+class OfflineKeys:
+    """The offline keys (root, update, platform, issuer), in a directory no node reads.
+
+    Only ``provision`` and the operator's ``release``, ``rotate-platform`` and
+    ``revoke`` use them; on a real platform this directory sits on another
+    machine or a removable disk.
+    """
+
+    root: Path
+
+    @classmethod
+    def of(cls, deployment: Path, offline: Path | None = None) -> OfflineKeys:
+        """``offline`` if given, else the default directory beside ``deployment``."""
+        return cls(Path(offline) if offline is not None else default_offline_dir(deployment))
+
+    def key_path(self, name: str) -> Path:
+        if name not in OFFLINE_KEYS:
+            raise ConfigError(f"no offline key {name!r}; choose one of {', '.join(OFFLINE_KEYS)}")
+        return self.root / f"{name}.key"
+
+    def load(self, name: PublicName) -> KeyPair:
+        if not self.root.is_dir():
+            raise ConfigError(
+                f"offline keys directory {self.root} missing: pass --offline with the directory "
+                "`trustpay provision` wrote them to"
+            )
+        return _load_keys(self.key_path(name), f"offline {name} key")
 
 
 def read_component(directory: Path) -> ComponentFiles:

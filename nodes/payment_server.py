@@ -181,9 +181,12 @@ class PaymentServer(Node):
                     f"order id {order.order_id!r} was already used for another "
                     "order; make a new order with a new id",
                 )
-            # our own signed bytes from our own database: decoded for the log, sent back unchanged
+            # our own receipt from our own database, signed again with our current key: the very
+            # same bytes (Ed25519 is deterministic) unless a platform rotation gave us a new key,
+            # which the chip checks the receipt against
             receipt = peek_record(Receipt, stored.receipt, "stored receipt")
-            return Outcome(receipt, stored.receipt, repeated=True)
+            resigned = sign_record(receipt, RECEIPT_DOMAIN, self.keys).to_bytes()
+            return Outcome(receipt, resigned, repeated=True)
         now = self.clock()
         grant = await tx.grant(order.device, order_hash)
         if grant is None or grant.used_ms is not None:

@@ -10,6 +10,10 @@ it; a request starts its handler as its own task (bounded by a semaphore), or
 goes to a per-link lane when the handler asked for order. So a slow or failing
 handler never stalls the connection, and a rejection of any kind is counted,
 logged with its typed code, and never reaches a handler.
+
+Every node also reads the retained revocation list (``CRL_TOPIC``) and installs
+a newer one the moment it arrives. A verified request from a sender it revokes
+is answered with a typed ``revoked`` refusal, so the sender learns why at once.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 import structlog
 
 from protocol.certs import Certificate, CertStore, RevocationList
-from protocol.envelope import Envelope, Received, Verifier, new_id, peek, sign_frame
+from protocol.envelope import Envelope, Received, SenderRevoked, Verifier, new_id, peek, sign_frame
 from protocol.errors import (
     CertificateInvalid,
     Duplicate,
@@ -45,6 +49,7 @@ from protocol.topics import (
     CHANNEL_EVENTS,
     CHANNEL_OPS,
     CHANNEL_STATUS,
+    CRL_TOPIC,
     Role,
     channel_topic,
     inbound_filters,
@@ -139,7 +144,7 @@ class Node:
         if config.anchors.platform is not None:
             self.certs.install_platform(config.anchors.platform)
         if config.anchors.crl is not None:
-            self.certs.set_revocations(config.anchors.crl)
+            self.certs.set_revocations(config.anchors.crl, now_ms() // 1000)
         self.counters: Counter[str] = Counter()
         self.peers: dict[str, Certificate] = {}
         self.connected = asyncio.Event()
@@ -147,6 +152,10 @@ class Node:
         self.epoch = 0
         self._seq = 0
         self._verifier: Verifier | None = None
+        # The retained revocation list comes again at every (re)connection, maybe issued long
+        # before this start: no replay guard for it. Its root-signed, increasing number is what
+        # keeps an old list from ever replacing a newer one (CertStore.set_revocations).
+        self._crl_verifier = Verifier(frozenset(), self.certs, None)
         self._routes: dict[str, _Route] = {}
         self._pending: dict[bytes, tuple[asyncio.Future[Received], str]] = {}  # id -> (answer, from whom)
         self._responses: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
@@ -428,8 +437,14 @@ class Node:
     # -- receiving ---------------------------------------------------------
     def _on_frame(self, topic: str, frame: bytes) -> None:
         assert self._verifier is not None
+        if topic == CRL_TOPIC:
+            self._on_revocations(topic, frame)
+            return
         try:
             received = self._verifier.open(frame, topic, now_ms())
+        except SenderRevoked as exc:
+            self._answer_revoked(topic, exc)
+            return
         except Duplicate as exc:
             self.counters["duplicate"] += 1
             cached = self._responses.get(exc.message_id)
@@ -474,6 +489,48 @@ class Node:
             lane.put_nowait(received)
         else:
             self.spawn(self._handle(route, received), name=f"handle:{env.type}")
+
+    def _on_revocations(self, topic: str, frame: bytes) -> None:
+        """Install a newer revocation list at once, before the next frame is verified."""
+        try:
+            received = self._crl_verifier.open(frame, topic, now_ms())
+            crl = RevocationList.from_bytes(received.envelope.body.crl)
+            changed = self.certs.set_revocations(crl, now_ms() // 1000)
+        except Rejected as exc:
+            self.counters[f"rejected.{exc.code}"] += 1
+            self.log.warning("crl.rejected", code=exc.code, reason=exc.reason)
+            return
+        if not changed:
+            return
+        self.counters["crl_installed"] += 1
+        self.step(
+            "R", "CRL", "ok", f"revocation list {crl.body.number} installed, {len(crl.body.serials)} revoked"
+        )
+        self.spawn(self.revocations_changed(crl), name="crl")
+
+    async def revocations_changed(self, crl: RevocationList) -> None:
+        """A role's own follow-up once a newer revocation list is held (the trust-server stores it)."""
+
+    def _answer_revoked(self, topic: str, exc: SenderRevoked) -> None:
+        """A verified frame from a revoked sender: tell it why, never let it wait for a timeout.
+
+        A request gets a typed ``revoked`` refusal; an answer we were waiting for ends
+        that request with the same reason. Nothing of the frame's body is used.
+        """
+        self.counters[f"rejected.{exc.code}"] += 1
+        received = exc.received
+        env = received.envelope
+        self.log.warning("frame.rejected", code=exc.code, reason=exc.reason, topic=topic, sender=env.sender)
+        if env.reply_to:
+            pending = self._pending.get(env.reply_to)
+            if pending is not None and not pending[0].done() and env.sender == pending[1]:
+                pending[0].set_exception(exc)
+            return
+        if env.type in self._routes:
+            reason = (
+                f"{exc.reason} by revocation list {self.certs.crl_number}: {self.id} refuses its requests"
+            )
+            self.spawn(self._refuse(received, "revoked", reason), name="refuse:revoked")
 
     def _fail_pending(self, frame: bytes, exc: CertificateInvalid) -> None:
         """An answer we asked for, signed under a certificate we refuse (a platform rolled back,

@@ -97,14 +97,33 @@ class TrustModule(Node):
         self.data = self.store.load(
             {"measurements": {}, "platform_cert": "", "reports": [], "sessions": {}, "releases": []}
         )
-        issuer = self.dep.load_public("issuer")
+        issuer = self.dep.load_issuer(self.certs, now_ms() // 1000)
         blobs = self.dep.load_releases() + [bytes.fromhex(h) for h in self.data["releases"]]
         for blob in blobs:
             self.book.add(open_release(blob, issuer))
-        if self.data["platform_cert"]:
-            held = Certificate.from_bytes(bytes.fromhex(self.data["platform_cert"]))
-            if self.certs.platform is None or held.serial > self.certs.platform.serial:
-                self.certs.install_platform(held)  # validated when it was accepted
+
+    def _restore_platform(self) -> None:
+        """Take back the platform certificate of an earlier rotation, through the update certificate.
+
+        The state file is only as safe as the disk: a certificate stored there is
+        held again only if the chip's update certificate signed it, exactly as
+        when it was first accepted at C1. So it runs once the chip has handed
+        over the update certificate (A2), before any payment.
+        """
+        stored = self.data["platform_cert"]
+        if not stored or self.certs.platform is None or stored == self.certs.platform.to_bytes().hex():
+            return
+        try:
+            held = Certificate.from_bytes(bytes.fromhex(stored))
+            if held.serial > self.certs.platform.serial:
+                self.certs.accept_platform(held, now_ms() // 1000)
+                self.log.info("platform.restored", serial=held.serial)
+                return
+        except (TrustpayError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, TrustpayError) else str(exc)
+            self.step("A", "A2", "failed", f"stored platform certificate refused: {reason}")
+        # the written-in certificate stays; the next C1 takes a rotation through the update key again
+        self.data["platform_cert"] = self.certs.platform.to_bytes().hex()
 
     async def _save(self) -> None:
         if self.certs.platform is not None:
@@ -192,6 +211,7 @@ class TrustModule(Node):
             await self._finish_start_up()
             return
         self.apps = [app.name for app in chip.apps]
+        self._restore_platform()
         if not client.ok:
             await self._disable(f"the client failed its integrity check: {client.reason}")
             await self._finish_start_up()
@@ -457,7 +477,8 @@ class TrustModule(Node):
     # -- operator ----------------------------------------------------------------
     async def release_update(self, rx: Any) -> tuple[str, Body]:
         blob = rx.envelope.body.release
-        release = open_release(blob, self.dep.load_public("issuer"))
+        issuer = await asyncio.to_thread(self.dep.load_issuer, self.certs, now_ms() // 1000)
+        release = open_release(blob, issuer)
         self.book.add(release)
         self.data["releases"].append(blob.hex())
         await self._save()

@@ -71,13 +71,13 @@ from protocol.records import (
     Verdict,
     sign_record,
 )
-from protocol.topics import Role, node_id
+from protocol.topics import DEVICE_ROLES, Role, node_id
 
 from .assemble import reloaded_identity
 from .bus import Bus
-from .deployment import Deployment
+from .deployment import Deployment, Manifest
 from .runtime import Node, NodeConfig, now_ms
-from .trust_db import ACTIVE, DeviceRow, DeviceUnknown, NonceRow, TrustDb
+from .trust_db import ACTIVE, REVOKED, DeviceRow, DeviceUnknown, NonceRow, TrustDb
 
 NONCE_SIZE = 32
 ORDER_HASH_SIZE = 32  # protocol.records.record_hash
@@ -125,6 +125,14 @@ def _summary(status: str, appraisals: tuple[Appraisal, ...]) -> str:
     return "; ".join(a.reason for a in appraisals if a.status != AFFIRMING)
 
 
+def _device_serials(dep: Deployment, manifest: Manifest) -> dict[str, frozenset[int]]:
+    """The certificate serials of each device's nodes, to find a device in a revocation list."""
+    return {
+        d.device: frozenset(dep.load_public_cert(d.node(role)).serial for role in DEVICE_ROLES)
+        for d in manifest.devices
+    }
+
+
 class TrustServer(Node):
     def __init__(
         self,
@@ -141,6 +149,7 @@ class TrustServer(Node):
         self.db = db or TrustDb(deployment.trust_db)
         self.clock = clock  # for nonce and verdict lifetimes; tests move it instead of sleeping
         self.payment_cert: Certificate | None = None
+        self.device_serials: dict[str, frozenset[int]] = {}
         self.route("c1.check", self.c1_check)
         self.route("c2.nonce", self.c2_nonce)
         self.route("c2.evidence", self.c2_evidence)
@@ -160,8 +169,11 @@ class TrustServer(Node):
         """Bring the database up to the deployment: devices, releases, CRL, platform certificate."""
         now = self.clock()
         manifest = await asyncio.to_thread(self.dep.load_manifest)
+        self.device_serials = await asyncio.to_thread(_device_serials, self.dep, manifest)
         blobs = await asyncio.to_thread(self.dep.load_releases)
-        issuer = await asyncio.to_thread(self.dep.load_public, "issuer")
+        # the newest list first: the issuer certificate itself may be revoked
+        await self._sync_crl(await asyncio.to_thread(self.dep.load_public, "crl"), now)
+        issuer = await asyncio.to_thread(self.dep.load_issuer, self.certs, now // 1000)
         releases = []
         for blob in blobs:
             try:
@@ -173,7 +185,7 @@ class TrustServer(Node):
                 ) from exc
         devices = [(d.device, d.node(Role.TRUST_MODULE)) for d in manifest.devices]
         await self.db.seed(devices, releases, now)
-        await self._sync_crl(await asyncio.to_thread(self.dep.load_public, "crl"), now)
+        await self._mark_revoked_devices()
         platform = self._platform()
         await self.db.note_platform(platform.fingerprint, platform.serial, platform.to_bytes(), now)
         self.payment_cert = await asyncio.to_thread(self.dep.load_cert, PAYMENT_SERVER)
@@ -188,7 +200,27 @@ class TrustServer(Node):
         else:
             crl = RevocationList.from_bytes(held[1])
         if crl.body.number > self.certs.crl_number:
-            self.certs.set_revocations(crl)
+            self.certs.set_revocations(crl, now // 1000)
+
+    async def revocations_changed(self, crl: RevocationList) -> None:
+        """A newer list arrived on the bus: keep it across restarts and mark the devices it revokes."""
+        await self._sync_crl(crl, self.clock())
+        await self._mark_revoked_devices()
+
+    def _device_revoked(self, device: str) -> bool:
+        return bool(self.device_serials.get(device, frozenset()) & self.certs.revoked)
+
+    async def _mark_revoked_devices(self) -> None:
+        """A device with any of its certificates revoked is revoked as a whole (C3 says so).
+
+        One way only: a later list that lifts the revocation does not bring the
+        device back; the operator re-registers it.
+        """
+        for device in sorted(self.device_serials):
+            row = await self.db.device(device)
+            if row is not None and row.status == ACTIVE and self._device_revoked(device):
+                await self.db.set_device_status(device, REVOKED)
+                self.log.warning("device.revoked", device=device, crl=self.certs.crl_number)
 
     def _platform(self) -> Certificate:
         if self.certs.platform is None:
@@ -286,7 +318,8 @@ class TrustServer(Node):
         for release in await self.db.releases():
             book.add(release)
         appraisals = tuple(appraise_entry(entry, book) for entry in ev.log)
-        status, extra = payment_status(appraisals, revoked=row.status != ACTIVE, app=ev.app)
+        revoked = row.status != ACTIVE or self._device_revoked(device)
+        status, extra = payment_status(appraisals, revoked=revoked, app=ev.app)
         appraisals += extra
         reason = _summary(status, appraisals)
         now = self.clock()
@@ -364,7 +397,7 @@ class TrustServer(Node):
     async def release_update(self, rx: Received) -> tuple[str, Body]:
         self._from_operator(rx)
         update: ReleaseUpdate = rx.envelope.body
-        issuer = await asyncio.to_thread(self.dep.load_public, "issuer")
+        issuer = await asyncio.to_thread(self.dep.load_issuer, self.certs, self.clock() // 1000)
         release = open_release(update.release, issuer)
         added = await self.db.add_release(release, update.release)
         self.log.info(

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "up": "ops.up_cmd",
     "release": "ops.release_cmd",
     "rotate-platform": "ops.rotate_cmd",
+    "revoke": "ops.revoke_cmd",
     "bench": "ops.bench",
     "ledger": "ops.ledger_cmd",
     "watch": "ops.watch",

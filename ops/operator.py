@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from nodes.assemble import assemble
-from nodes.deployment import Deployment
+from nodes.deployment import Deployment, OfflineKeys
 from nodes.runtime import Node, Settings, ping
+from protocol.certs import CertStore
 from protocol.errors import TrustpayError
 from protocol.messages import Body, Pong
 from protocol.topics import Role, operator_topic
@@ -53,3 +57,23 @@ async def health(node: Node, role: Role, nid: str, device: str | None = None) ->
         return await ping(node, role, nid, device)
     except TrustpayError as exc:
         return str(exc)
+
+
+def add_offline_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--offline",
+        type=Path,
+        default=None,
+        help="directory of the offline keys `trustpay provision` wrote (default: DEPLOY.offline)",
+    )
+
+
+def offline_keys(args: argparse.Namespace) -> OfflineKeys:
+    return OfflineKeys.of(args.deploy, args.offline)
+
+
+def deployment_certs(dep: Deployment) -> CertStore:
+    """What the operator trusts: the deployment's root and its current revocation list."""
+    certs = CertStore(dep.load_public("root"))
+    certs.set_revocations(dep.load_public("crl"), time.time_ns() // 1_000_000_000)
+    return certs

@@ -255,6 +255,12 @@ def render_topics() -> str:
         allowed = sorted(s.name for s in messages.MESSAGE_TYPES.values() if (Role.OPERATOR, role) in s.links)
         rows.append((role.value, _code(topic), ", ".join(_code(t) for t in allowed)))
     out.append(_table(("node", "topic", "message types"), rows))
+    crl_types = sorted(s.name for s in messages.MESSAGE_TYPES.values() if topics.CHANNEL_CRL in s.channels)
+    out += [
+        "",
+        f"Revocation list: the operator publishes it, retained, on {_code(topics.CRL_TOPIC)} "
+        f"({', '.join(_code(t) for t in crl_types)}); every login may read it and every node subscribes.",
+    ]
     out += ["", "Role short names in topics: " + ", ".join(f"{_code(r.short)} = {r.value}" for r in Role)]
     out += [
         "",

@@ -8,7 +8,9 @@ credentials and the broker's password/ACL files, and records it all in
 ``manifest.json`` (layout: :mod:`nodes.deployment`).
 
 The directory is built next to ``out`` and renamed into place at the end, so an
-interrupted run never leaves a half-provisioned deployment behind.
+interrupted run never leaves a half-provisioned deployment behind. The offline
+keys (root, update, platform, issuer) go to a directory of their own, by
+default ``{out}.offline`` beside it: nothing a node reads holds them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from nodes.deployment import (
     Deployment,
     DeviceEntry,
     Manifest,
+    OfflineKeys,
     canonical_json,
     keys_to_bytes,
     make_private_dir,
@@ -74,31 +77,55 @@ def provision(
     validity_days: int = DEFAULT_VALIDITY_DAYS,
     force: bool = False,
     now_ms: int | None = None,
+    offline: Path | None = None,
 ) -> Manifest:
-    """Create the deployment ``out`` and return its manifest.
+    """Create the deployment ``out`` and its offline keys directory; return the manifest.
 
-    A non-empty ``out`` is refused unless ``force`` (then it is replaced).
+    ``offline`` defaults to ``{out}.offline`` beside ``out``. A non-empty
+    ``out`` or ``offline`` is refused unless ``force`` (then it is replaced).
     """
     out = Path(out).absolute()  # so "." still has a name and a parent to stage beside
+    offline_dir = OfflineKeys.of(out, offline).root.absolute()
     backend = backend or default_backend()
     _check_options(devices, apps, broker_port, backend, opening_balance, validity_days)
+    _check_apart(out, offline_dir)
     _check_target(out, force)
+    _check_target(offline_dir, force, "--offline")
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     manifest = _manifest(now_ms, devices, apps, backend, broker_port or free_port(), opening_balance)
     out.parent.mkdir(parents=True, exist_ok=True)
+    offline_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".provisioning", dir=out.parent))
+    keys_staging = Path(
+        tempfile.mkdtemp(prefix=f".{offline_dir.name}.", suffix=".provisioning", dir=offline_dir.parent)
+    )
     try:
         staging.chmod(0o755)  # mkdtemp makes it 0700; secrets are guarded by their own 0700 dirs
-        _build(Deployment(staging), manifest, now_ms, validity_days)
-        if out.is_dir() and not out.is_symlink():
-            shutil.rmtree(out)  # empty, or force was given
-        elif out.exists() or out.is_symlink():
-            out.unlink()
-        staging.rename(out)
+        _build(Deployment(staging), OfflineKeys(keys_staging), manifest, now_ms, validity_days)
+        _replace(offline_dir, keys_staging)
+        _replace(out, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(keys_staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _replace(target: Path, built: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)  # empty, or force was given
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+    built.rename(target)
+
+
+def _check_apart(out: Path, offline: Path) -> None:
+    """The offline keys must not end up where the running deployment (or its copy) is."""
+    out_r, offline_r = out.resolve(), offline.resolve()
+    if offline_r == out_r or out_r in offline_r.parents or offline_r in out_r.parents:
+        raise ConfigError(
+            f"the offline keys directory {offline} must be outside the deployment {out} (and not hold it)"
+        )
 
 
 def _check_options(
@@ -122,13 +149,13 @@ def _check_options(
         raise ConfigError(f"certificate validity must be at least one day, not {days}")
 
 
-def _check_target(out: Path, force: bool) -> None:
+def _check_target(out: Path, force: bool, option: str = "--out") -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         return
     if not force:
-        raise ConfigError(f"{out} exists and is not empty; choose another --out or pass --force to replace")
+        raise ConfigError(f"{out} exists and is not empty; choose another {option} or pass --force")
     resolved = out.resolve()
     # --force deletes a tree: never one that holds the caller, their home or the filesystem
     if resolved in (Path("/"), Path.home().resolve()) or resolved in Path.cwd().resolve().parents:
@@ -202,18 +229,18 @@ class _Authority:
         return cert, keys
 
 
-def _build(dep: Deployment, manifest: Manifest, now_ms: int, days: int) -> None:
+def _build(dep: Deployment, offline: OfflineKeys, manifest: Manifest, now_ms: int, days: int) -> None:
     now_s = now_ms // 1000
     for directory in (dep.public_dir, dep.certs_dir, dep.nodes_dir, dep.devices_dir, dep.releases_dir):
         directory.mkdir(parents=True)
-    for directory in (dep.private_dir, dep.broker_dir, dep.platform_dir, dep.logs_dir):
+    for directory in (offline.root, dep.broker_dir, dep.platform_dir, dep.logs_dir):
         make_private_dir(directory)
     ca = _Authority(now_s - CLOCK_SKEW_S, now_s + days * 86_400)
     # issuers first, in chain order: each one's certificate is needed to issue the next
     for name, role in ((ROOT, ROOT), (UPDATE, UPDATE), (PLATFORM, PLATFORM), ("issuer", "issuer")):
         cert, keys = ca.issue(name, role)
         write_file(dep.public_dir / f"{name}.cert", cert.to_bytes())
-        write_secret(dep.private_dir / f"{name}.key", keys_to_bytes(keys))
+        write_secret(offline.key_path(name), keys_to_bytes(keys))
     _, root_keys = ca.issued[ROOT]
     write_file(dep.crl_path, sign_revocations(0, now_s, (), root_keys).to_bytes())
     identities = [_install_node(dep, ca, nid) for nid in manifest.login_ids()]
@@ -311,7 +338,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"minor units per payer account (default {DEFAULT_OPENING_BALANCE})",
     )
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--offline",
+        type=Path,
+        default=None,
+        help="directory for the offline keys (root, update, platform, issuer); default: OUT.offline",
+    )
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out or --offline")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -322,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         opening_balance=args.opening_balance,
         force=args.force,
+        offline=args.offline,
     )
     if args.json:
         print(manifest.to_text(), end="")
@@ -333,5 +367,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  devices:  {len(devices)} ({shown}), apps {', '.join(manifest.devices[0].apps)}")
     print(f"  accounts: {len(manifest.accounts)} payers, {len(manifest.merchants)} merchants ({CURRENCY})")
     print(f"  broker:   {b.backend} on {b.host}:{b.port}")
-    print(f"  offline keys (root, update, platform, issuer): {Deployment(args.out).private_dir}")
+    offline = OfflineKeys.of(args.out, args.offline).root
+    print(f"  offline keys (root, update, platform, issuer): {offline} (keep it off the servers)")
     return 0

@@ -16,7 +16,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from nodes.deployment import Deployment, read_tree, write_file
+from nodes.deployment import Deployment, OfflineKeys, read_tree, write_file
 from protocol.appraisal import open_release
 from protocol.errors import ConfigError
 from protocol.measure import APP, CLIENT, install_image, measure
@@ -24,7 +24,7 @@ from protocol.messages import ReleaseUpdate
 from protocol.records import RELEASE_DOMAIN, Release, sign_record
 from protocol.topics import Role, node_id
 
-from .operator import command, operator_node
+from .operator import add_offline_argument, command, deployment_certs, offline_keys, operator_node
 
 HELP = "add a client or app version's signed reference measurements, or --withdraw one"
 
@@ -42,22 +42,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--withdraw", action="store_true", help="make this version untrusted from now on")
     parser.add_argument("--broker", help="broker URL (default: the manifest's)")
+    add_offline_argument(parser)
 
 
 def make_release(
-    dep: Deployment, kind: str, name: str, version: str, path: Path | None, withdraw: bool
+    dep: Deployment,
+    kind: str,
+    name: str,
+    version: str,
+    path: Path | None,
+    withdraw: bool,
+    offline: OfflineKeys | None = None,
 ) -> bytes:
+    offline = offline or OfflineKeys.of(dep.root)
     if withdraw:
         held = dep.release_path(kind, name, version)
         if not held.exists():
             raise ConfigError(f"{kind} {name} {version} was never released ({held} missing)")
-        old = open_release(held.read_bytes(), dep.load_public("issuer"))
+        issuer = dep.load_issuer(deployment_certs(dep), time.time_ns() // 1_000_000_000)
+        old = open_release(held.read_bytes(), issuer)
         code, static = old.code, old.static
     else:
         m = measure(kind, name, version, *_release_files(kind, path), b"")
         code, static = m.code, m.static
     release = Release(kind, name, version, code, static, withdraw, time.time_ns() // 1_000_000)
-    blob = sign_record(release, RELEASE_DOMAIN, dep.load_offline_keys("issuer")).to_bytes()
+    blob = sign_record(release, RELEASE_DOMAIN, offline.load("issuer")).to_bytes()
     write_file(dep.release_path(kind, name, version), blob)
     return blob
 
@@ -93,7 +102,9 @@ async def distribute(dep: Deployment, blob: bytes, broker_url: str | None) -> di
 
 def run(args: argparse.Namespace) -> int:
     dep = Deployment(args.deploy)
-    blob = make_release(dep, args.kind, args.name, args.version, args.path, args.withdraw)
+    blob = make_release(
+        dep, args.kind, args.name, args.version, args.path, args.withdraw, offline_keys(args)
+    )
     what = "withdrawn" if args.withdraw else "released"
     path = dep.release_path(args.kind, args.name, args.version)
     print(f"{args.kind} {args.name} {args.version} {what}: {path}")

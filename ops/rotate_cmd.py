@@ -1,9 +1,11 @@
 """``trustpay rotate-platform``: a new platform key, certified by the update key (claim 3).
 
-Writes the new platform certificate and re-issues the two servers'
-certificates under it, then tells the running servers to reload. Terminals
-hold the old platform key; they accept the new one at their next payment
-(C1) only because the update certificate signed it.
+Writes the new platform certificate and gives the two servers new keys and
+certificates under it, then tells the running servers to reload. New server
+keys, not only new certificates: a leaked server key must not outlive the
+rotation that answers the leak. Terminals hold the old platform key; they
+accept the new one at their next payment (C1) only because the update
+certificate signed it.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import asyncio
 import time
 from pathlib import Path
 
-from nodes.deployment import Deployment, keys_to_bytes, write_file, write_secret
+from nodes.deployment import Deployment, OfflineKeys, keys_to_bytes, write_file, write_secret
 from protocol.certs import PLATFORM, CertBody, Certificate, issue
 from protocol.keys import KeyPair
 from protocol.messages import Empty
 from protocol.topics import Role
 
-from .operator import command, operator_node
+from .operator import add_offline_argument, command, offline_keys, operator_node
 
 HELP = "rotate the platform key through the update certificate and reload the servers"
 SERVERS = (Role.TRUST_SERVER, Role.PAYMENT_SERVER)
@@ -28,6 +30,7 @@ SERVERS = (Role.TRUST_SERVER, Role.PAYMENT_SERVER)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
     parser.add_argument("--broker", help="broker URL (default: the manifest's)")
+    add_offline_argument(parser)
 
 
 def _next_serial(dep: Deployment) -> int:
@@ -35,11 +38,15 @@ def _next_serial(dep: Deployment) -> int:
     return 1 + max(Certificate.from_bytes(p.read_bytes()).serial for p in certs)
 
 
-def rotate(dep: Deployment, now_s: int | None = None) -> Certificate:
-    """Issue and write a new platform certificate and new server certificates; return the platform's."""
+def rotate(dep: Deployment, offline: OfflineKeys | None = None, now_s: int | None = None) -> Certificate:
+    """Issue and write a new platform key and certificate, and new server keys and certificates.
+
+    Returns the new platform certificate.
+    """
+    offline = offline or OfflineKeys.of(dep.root)
     now_s = now_s or time.time_ns() // 1_000_000_000
     old = dep.load_public("platform")
-    update_cert, update_keys = dep.load_public("update"), dep.load_offline_keys("update")
+    update_cert, update_keys = dep.load_public("update"), offline.load("update")
     platform_keys = KeyPair.generate()
     serial = _next_serial(dep)
     platform = issue(
@@ -60,22 +67,24 @@ def rotate(dep: Deployment, now_s: int | None = None) -> Certificate:
     for offset, role in enumerate(SERVERS, start=1):
         nid = role.value
         held = dep.load_cert(nid)
+        keys = KeyPair.generate()
         body = CertBody(
             serial + offset,
             nid,
             role.value,
             "",
-            held.body.sign_key,
-            held.body.box_key,
+            keys.sign_public,
+            keys.box_public,
             now_s - 60,
             held.body.not_after,
             PLATFORM,
             platform.serial,
         )
         cert = issue(body, platform_keys)
+        write_secret(dep.node_key_path(nid), keys_to_bytes(keys))
         write_file(dep.node_cert_path(nid), cert.to_bytes())
         write_file(dep.cert_path(nid), cert.to_bytes())
-    write_secret(dep.offline_key_path("platform"), keys_to_bytes(platform_keys))
+    write_secret(offline.key_path("platform"), keys_to_bytes(platform_keys))
     write_file(dep.public_cert_path("platform"), platform.to_bytes())
     return platform
 
@@ -90,8 +99,8 @@ async def reload_servers(dep: Deployment, broker_url: str | None) -> dict[str, s
 
 def run(args: argparse.Namespace) -> int:
     dep = Deployment(args.deploy)
-    platform = rotate(dep)
-    print(f"platform certificate {platform.serial} issued by the update key")
+    platform = rotate(dep, offline_keys(args))
+    print(f"platform certificate {platform.serial} issued by the update key; new server keys")
     answers = asyncio.run(reload_servers(dep, args.broker))
     for nid, answer in answers.items():
         print(f"  {nid:<16} {'reloaded' if answer == 'ok' else answer}")

@@ -47,7 +47,7 @@ def public_verifier(dep: Deployment) -> Verifier:
     """Signature-only checks (no replay guard, any recipient), anchored in the deployment's public files."""
     certs = CertStore(dep.load_public("root"), dep.load_public("update"))
     certs.install_platform(dep.load_public("platform"))
-    certs.set_revocations(dep.load_public("crl"))
+    certs.set_revocations(dep.load_public("crl"), time.time_ns() // 1_000_000_000)
     return Verifier(frozenset(), certs, None)
 
 

@@ -34,6 +34,10 @@ from .schema import from_map, to_map
 
 CERT_DOMAIN = b"trustpay-cert-v1\x00"
 CRL_DOMAIN = b"trustpay-crl-v1\x00"
+# How far in the future a revocation list may claim to be issued: a list from
+# the future was signed with a wrong clock or prepared in advance to be
+# replayed later; either way it is not the current one.
+CRL_SKEW_S = 60
 
 ROOT, UPDATE, PLATFORM, ISSUER = "root", "update", "platform", "issuer"
 
@@ -198,24 +202,69 @@ class CertStore:
         self._valid.clear()  # server certificates of the old platform key no longer count
         return rotated
 
-    def set_revocations(self, crl: RevocationList) -> None:
+    def set_revocations(self, crl: RevocationList, now_s: int, skew_s: int = CRL_SKEW_S) -> bool:
+        """Hold ``crl`` if the root signed it and it is the newest seen; True if it changed anything.
+
+        The same list again (a retained copy, a restart) changes nothing; an
+        older number, or another list under the held number, is refused, so a
+        replayed list can never lift a revocation.
+        """
         try:
             verify(self.root.body.sign_key, CRL_DOMAIN, pack(to_map(crl.body)), crl.signature)
         except BadSignature as exc:
             raise CertificateInvalid("revocation list is not signed by the root") from exc
+        if crl.body.issued_at > now_s + skew_s:
+            raise CertificateInvalid(
+                f"revocation list {crl.body.number} is issued at {crl.body.issued_at}, "
+                f"in the future of {now_s}: check the clock of the machine that issued it"
+            )
         if crl.body.number < self.crl_number:
-            raise CertificateInvalid("revocation list is older than the one held")
+            raise CertificateInvalid(
+                f"revocation list {crl.body.number} is older than the held {self.crl_number}"
+            )
+        if crl.body.number == self.crl_number:
+            if frozenset(crl.body.serials) != self.revoked:
+                raise CertificateInvalid(f"a different revocation list {crl.body.number} is already held")
+            return False
         self.crl_number = crl.body.number
         self.revoked = frozenset(crl.body.serials)
         self._valid.clear()
+        return True
+
+    def check_root_issued(self, cert: Certificate, role: str, now_s: int) -> Certificate:
+        """``cert`` if it is a current, unrevoked ``role`` certificate the root issued.
+
+        For certificates that are not sent in frames but read from files, such as
+        the issuer's: a copy on disk is only a claim until it chains to the root.
+        """
+        if ISSUER_ROLE.get(role) != ROOT:
+            raise WrongRole(f"a {role} certificate is not issued by the root")
+        self._check_issued_by(cert, self.root, role)
+        self._check_time(cert, now_s)
+        self._check_revoked(cert)
+        return cert
+
+    def is_revoked(self, cert: Certificate) -> bool:
+        return cert.serial in self.revoked
 
     # -- validation --------------------------------------------------------
-    def resolve(self, chain: list[bytes], now_s: int, accept_rotation: bool = True) -> Certificate:
+    def resolve(
+        self, chain: list[bytes], now_s: int, accept_rotation: bool = True, *, allow_revoked: bool = False
+    ) -> Certificate:
         """Validate a chain (leaf first) and return the leaf certificate.
 
         Device chains are one certificate (issued by the root); server chains
-        are the server's certificate then the platform certificate.
+        are the server's certificate then the platform certificate. With
+        ``allow_revoked`` a revoked leaf is returned anyway (never a revoked
+        issuer): the frame verifier then checks the signature before it says
+        "revoked", so only the key holder can be told its certificate is.
         """
+        leaf = self._resolve_chain(chain, now_s, accept_rotation)
+        if not allow_revoked:
+            self._check_revoked(leaf)
+        return leaf
+
+    def _resolve_chain(self, chain: list[bytes], now_s: int, accept_rotation: bool) -> Certificate:
         if not chain:
             raise CertificateInvalid("no certificate chain in the frame")
         leaf_bytes = chain[0]
@@ -247,7 +296,6 @@ class CertStore:
             raise WrongRole(f"a {leaf.role} certificate cannot sign frames")
         self._check_issued_by(leaf, issuer, leaf.role)
         self._check_time(leaf, now_s)
-        self._check_revoked(leaf)
         if len(self._valid) > 100_000:
             self._valid.clear()
         self._valid[leaf_bytes] = leaf

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .measure import LogEntry
-from .topics import CHANNEL_EVENTS, CHANNEL_OPS, CHANNEL_STATUS, LINKS, Role
+from .topics import CHANNEL_CRL, CHANNEL_EVENTS, CHANNEL_OPS, CHANNEL_STATUS, LINKS, Role
 
 Body = Any  # an instance of one of the body dataclasses below
 
@@ -263,6 +263,13 @@ class ReleaseUpdate:
 
 
 @dataclass(frozen=True)
+class RevocationUpdate:
+    """The root-signed revocation list, retained on ``CRL_TOPIC`` for every node."""
+
+    crl: bytes  # protocol.certs.RevocationList
+
+
+@dataclass(frozen=True)
 class MessageSpec:
     name: str
     body: type
@@ -329,5 +336,6 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         _spec("release.ok", Empty, channels=_OPS_REPLY),
         _spec("keys.reload", Empty, (OPS, TS), (OPS, PS)),
         _spec("keys.reloaded", Empty, channels=_OPS_REPLY),
+        _spec("crl", RevocationUpdate, channels=(CHANNEL_CRL,)),
     )
 }

@@ -7,7 +7,9 @@ Every topic names its scope, its sending role and its receiving end::
 
 ``dst`` is a role short name for a link, or one of the channels ``ev`` (signed
 step events), ``status`` (retained signed status) and ``ops`` (replies to the
-operator). The operator writes to ``.../ops/{role}``. Because the device id and
+operator). The operator writes to ``.../ops/{role}``, and publishes the
+root-signed revocation list, retained, on ``tp/v1/plat/ops/crl``, which every
+login may read. Because the device id and
 the sending role are in the topic, a broker ACL can confine each identity to
 its own device and its own direction, and a receiver can check that the signer
 of a frame is who the topic says sent it.
@@ -59,6 +61,8 @@ NODE_ROLES = DEVICE_ROLES + SERVER_ROLES
 CHANNEL_EVENTS = "ev"
 CHANNEL_STATUS = "status"
 CHANNEL_OPS = "ops"
+CHANNEL_CRL = "crl"
+CRL_TOPIC = f"{PREFIX}/plat/{CHANNEL_OPS}/{CHANNEL_CRL}"  # the operator's only broadcast
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,8 @@ def parse_topic(topic: str) -> ParsedTopic:
         if src.on_device != (device is not None):
             raise WrongTopic(f"{topic!r}: a {src.value} channel is not in this scope")
         return ParsedTopic(device, src, None, dst_s)
+    if src is Role.OPERATOR and dst_s == CHANNEL_CRL and device is None:
+        return ParsedTopic(None, src, None, CHANNEL_CRL)
     dst = _BY_SHORT.get(dst_s)
     if dst is None:
         raise WrongTopic(f"{topic!r}: unknown receiver {dst_s!r}")
@@ -186,12 +192,13 @@ def inbound_filters(role: Role, device: str | None = None) -> tuple[str, ...]:
     """Topic filters a node of ``role`` subscribes to.
 
     Servers take every device with ``+``; a later replicated deployment puts a
-    ``$share/{group}/`` in front of the same filters.
+    ``$share/{group}/`` in front of the same filters (never of the revocation
+    list's: every replica needs it).
     """
     if role.on_device:
         base = f"{PREFIX}/dev/{check_device_id(device or '')}"
-        return (f"{base}/+/{role.short}",)
-    filters = [f"{PREFIX}/dev/+/+/{role.short}", f"{PREFIX}/plat/+/{role.short}"]
+        return (f"{base}/+/{role.short}", CRL_TOPIC)
+    filters = [f"{PREFIX}/dev/+/+/{role.short}", f"{PREFIX}/plat/+/{role.short}", CRL_TOPIC]
     return tuple(filters)
 
 
@@ -208,13 +215,14 @@ def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
     if role is Role.OPERATOR:
         return (
             *(AclRule("write", f"{PREFIX}/dev/+/ops/{r.short}") for r in DEVICE_ROLES),
-            AclRule("write", f"{PREFIX}/plat/ops/+"),
+            AclRule("write", f"{PREFIX}/plat/ops/+"),  # the servers' operator topics and CRL_TOPIC
             AclRule("read", f"{PREFIX}/dev/+/+/ops"),
             AclRule("read", f"{PREFIX}/plat/+/ops"),
             AclRule("read", f"{PREFIX}/dev/+/+/status"),
             AclRule("read", f"{PREFIX}/plat/+/status"),
             AclRule("read", f"{PREFIX}/dev/+/+/ev"),
             AclRule("read", f"{PREFIX}/plat/+/ev"),
+            AclRule("read", CRL_TOPIC),
         )
     if role.on_device and not device:
         raise WrongTopic(f"a {role.value} identity needs its device id: it may reach only its own device")
@@ -224,6 +232,7 @@ def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
     reads = [f"{PREFIX}/dev/{dev}/+/{role.short}"]
     if not role.on_device:
         reads.append(f"{PREFIX}/plat/+/{role.short}")
+    reads.append(CRL_TOPIC)
     return tuple(AclRule("write", t) for t in writes) + tuple(AclRule("read", t) for t in reads)
 
 

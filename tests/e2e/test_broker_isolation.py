@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from nodes.bus import topic_matches
-from protocol.topics import Role, acl_for
+from protocol.topics import CRL_TOPIC, Role, acl_for
 
 from .conftest import DEV1, DEV2, E2E, WAIT_S, chip_of, client_of
 
@@ -29,7 +29,7 @@ async def test_a_device_login_receives_nothing_of_another_device_not_even_retain
     assert {f"tp/v1/dev/{DEV2}/chip/status", f"tp/v1/dev/{DEV2}/tm/status"} <= retained
     reads = [rule.pattern for rule in acl_for(Role.CLIENT, DEV1) if rule.access == "read"]
     own = f"tp/v1/dev/{DEV1}/+/client"
-    assert reads == [own]
+    assert reads == [own, CRL_TOPIC]  # its own device, and the revocation list everyone reads
     marker = f"tp/v1/dev/{DEV1}/chip/client"
     received: list[str] = []
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nodes.deployment import Deployment
+from nodes.deployment import Deployment, OfflineKeys
 from protocol.certs import PLATFORM, CertBody, Certificate, issue
 from protocol.keys import KeyPair
 
@@ -25,7 +25,7 @@ def newer_platform_cert(dep: Deployment) -> Certificate:
     platform's servers keep presenting the older one.
     """
     old = dep.load_public("platform")
-    update_cert, update_keys = dep.load_public("update"), dep.load_offline_keys("update")
+    update_cert, update_keys = dep.load_public("update"), OfflineKeys.of(dep.root).load("update")
     held = [*dep.certs_dir.glob("*.cert"), *dep.public_dir.glob("*.cert")]
     serial = 1 + max(Certificate.from_bytes(p.read_bytes()).serial for p in held)
     keys = KeyPair.generate()

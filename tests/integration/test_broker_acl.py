@@ -12,6 +12,7 @@ from protocol.topics import (
     CHANNEL_EVENTS,
     CHANNEL_OPS,
     CHANNEL_STATUS,
+    CRL_TOPIC,
     LINKS,
     NODE_ROLES,
     Role,
@@ -122,7 +123,20 @@ FORBIDDEN_PUBLISH = {
     "other-dev-channel": ("dev-a.chip", "tp/v1/dev/dev-b/chip/ev", "tp/v1/dev/dev-a/chip/ev"),
     "server-as-device": ("trust-server", "tp/v1/dev/dev-a/tm/ts", "tp/v1/dev/dev-a/ts/tm"),
     "server-as-server": ("payment-server", "tp/v1/plat/ts/ps", "tp/v1/plat/ps/ts"),
+    "crl-by-device": ("dev-a.tm", CRL_TOPIC, "tp/v1/dev/dev-a/tm/ts"),
+    "crl-by-server": ("trust-server", CRL_TOPIC, "tp/v1/dev/dev-a/ts/tm"),
 }
+
+
+async def test_every_login_gets_the_operators_retained_revocation_list(broker: Broker, cast: Cast) -> None:
+    """Published once, retained: a node that connects later still reads it on subscribing."""
+    async with broker.client(cast["operator"], identifier="op") as op:
+        await op.publish(CRL_TOPIC, b"crl-1", qos=1, retain=True)
+    for role in NODE_ROLES:
+        async with broker.client(ident_of(cast, role), identifier=f"late-{role.short}") as late:
+            assert granted(await late.subscribe(CRL_TOPIC, qos=1)), role
+            msg = await next_message(late)
+        assert (msg.topic.value, msg.payload) == (CRL_TOPIC, b"crl-1"), role
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import pytest
 from nodes.deployment import (
     Deployment,
     Manifest,
+    OfflineKeys,
     canonical_json,
     load_json,
     parse_node_id,
@@ -37,6 +38,7 @@ def dep(source: tuple[Path, Manifest], tmp_path: Path) -> Deployment:
     """A private copy, so a test may break files without disturbing the others."""
     copy = tmp_path / "copy"
     shutil.copytree(source[0], copy)
+    shutil.copytree(OfflineKeys.of(source[0]).root, OfflineKeys.of(copy).root)
     return Deployment(copy)
 
 
@@ -69,7 +71,7 @@ def test_keys_match_certificates(dep: Deployment) -> None:
         keys, cert = dep.load_keys(nid), dep.load_cert(nid)
         assert (keys.sign_public, keys.box_public) == (cert.body.sign_key, cert.body.box_key)
     for name in ("root", "update", "platform", "issuer"):
-        assert dep.load_offline_keys(name).sign_public == dep.load_public(name).body.sign_key
+        assert OfflineKeys.of(dep.root).load(name).sign_public == dep.load_public(name).body.sign_key
     assert dep.load_update_cert("dev-0001") == dep.load_public("update")
     assert isinstance(dep.load_public("crl"), RevocationList)
     with pytest.raises(ConfigError, match="no public item"):

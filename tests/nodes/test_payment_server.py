@@ -15,6 +15,7 @@ from nodes.deployment import Deployment
 from nodes.ledger import Ledger, LedgerConflict, PaymentRecord, read_snapshot
 from nodes.payment_server import PaymentServer
 from nodes.runtime import Node, Settings, now_ms, ping
+from ops.rotate_cmd import rotate
 from protocol.codec import unpack
 from protocol.envelope import Envelope, Received
 from protocol.errors import Refused
@@ -378,6 +379,21 @@ async def test_after_a_restart_a_retried_order_gets_its_original_receipt(dep: De
         assert await p.balances() == paid
     assert receipt.status == "confirmed" and again == raw
     assert paid[f"{DEV}:wallet"] == OPENING - 4_000
+
+
+async def test_a_retried_order_after_a_rotation_gets_its_receipt_under_the_new_key(dep: Deployment) -> None:
+    """A chip that missed its receipt re-sends the order after a rotation gave the payment-server
+    new keys: the receipt must verify under the certificate the server now presents."""
+    blob = make_order(dep, "o-1", amount=4_000)
+    async with platform(dep) as p:
+        await p.grant(blob)
+        receipt, raw = await p.pay(blob)
+    rotate(dep)
+    async with platform(dep) as p:
+        again, again_raw = await p.pay(blob)  # verified with the new certificate's key inside pay()
+        balance = (await p.balances())[f"{DEV}:wallet"]
+    assert again == receipt and again_raw != raw
+    assert balance == OPENING - 4_000
 
 
 async def test_twenty_concurrent_payments_add_up_exactly(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nodes.bus import FakeBroker
-from nodes.deployment import Deployment, write_file
+from nodes.deployment import Deployment, OfflineKeys, write_file
 from nodes.runtime import Node, Settings, now_ms
 from nodes.trust_db import REVOKED, TrustDb
 from nodes.trust_server import NONCE_TTL_MS, VERDICT_TTL_MS, TrustServer
@@ -350,7 +350,7 @@ async def test_no_verdict_without_an_acknowledged_grant(dep: Deployment) -> None
 
 # -- operator ----------------------------------------------------------------------------------
 async def test_a_withdrawn_client_release_makes_the_terminal_contraindicated(dep: Deployment) -> None:
-    issuer = dep.load_offline_keys("issuer")
+    issuer = OfflineKeys.of(dep.root).load("issuer")
     m = device_log(dep).entries[0].measurement
     withdrawal = Release(CLIENT, m.name, m.version, m.code, m.static, True, now_ms())
     blob = sign_record(withdrawal, RELEASE_DOMAIN, issuer).to_bytes()

@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 
 import nodes
-from nodes.deployment import Deployment, Manifest, read_tree
+from nodes.deployment import Deployment, Manifest, OfflineKeys, read_tree
 from ops.cli import main
 from ops.provision import provision
 from protocol.certs import Certificate, CertStore, RevocationList
@@ -73,14 +73,15 @@ def test_manifest_shape(deployed: tuple[Deployment, Manifest]) -> None:
 
 def test_secret_modes(deployed: tuple[Deployment, Manifest]) -> None:
     dep, manifest = deployed
-    secrets = list(dep.private_dir.glob("*.key"))
+    offline = OfflineKeys.of(dep.root).root
+    secrets = list(offline.glob("*.key"))
     assert {p.stem for p in secrets} == {"root", "update", "platform", "issuer"}
     for nid in manifest.login_ids():
         secrets += [dep.node_key_path(nid), dep.broker_credentials_path(nid)]
         assert mode(dep.node_dir(nid)) == 0o700
         assert mode(dep.state_dir(nid)) == 0o700 and not any(dep.state_dir(nid).iterdir())
     assert all(mode(p) == 0o600 for p in secrets)
-    for directory in (dep.private_dir, dep.platform_dir, dep.broker_dir, dep.logs_dir):
+    for directory in (offline, dep.platform_dir, dep.broker_dir, dep.logs_dir):
         assert mode(directory) == 0o700
     assert mode(dep.broker_dir / "mosquitto.passwd") == 0o600
 
@@ -91,7 +92,7 @@ def test_certificates_chain_to_the_root(deployed: tuple[Deployment, Manifest]) -
               ("root", "update", "platform", "issuer")}  # fmt: skip
     store = CertStore(public["root"], public["update"])
     crl = RevocationList.from_bytes(dep.crl_path.read_bytes())
-    store.set_revocations(crl)
+    store.set_revocations(crl, crl.body.issued_at)
     assert (crl.body.number, crl.body.serials) == (0, ())
     platform = public["platform"].to_bytes()
     serials = [public[n].serial for n in ("root", "update", "platform", "issuer")]
@@ -257,3 +258,37 @@ def test_cli_summary_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["provision", "--out", str(tmp_path / "e"), "--devices", "1", "--broker-port", "70000"]) == 2
     assert "--broker-port" in capsys.readouterr().err
     assert main(["provision", "--devices", "1"]) == 2  # argparse: --out is required
+
+
+# -- the offline keys live outside the running deployment --------------------------------
+def test_no_offline_private_key_is_in_the_deployment(deployed: tuple[Deployment, Manifest]) -> None:
+    """Every key file under the deployment is a node's own; the four offline keys are elsewhere.
+
+    On main ``private/{root,update,platform,issuer}.key`` sat inside the deployment,
+    so anything that reads the deployment (a node, a backup of it) held them.
+    """
+    dep, manifest = deployed
+    offline = OfflineKeys.of(dep.root)
+    offline_publics = {offline.load(n).sign_public for n in ("root", "update", "platform", "issuer")}
+    node_keys = {dep.node_key_path(nid) for nid in manifest.login_ids()}
+    for path in dep.root.rglob("*"):
+        if path.is_file() and path.suffix == ".key":
+            assert path in node_keys, f"{path} is not a node key"
+            assert dep.load_keys(path.parent.name).sign_public not in offline_publics
+    assert not offline.root.is_relative_to(dep.root)
+    assert offline.root == dep.root.parent / "deploy.offline"
+
+
+def test_offline_directory_is_chosen_and_guarded(tmp_path: Path) -> None:
+    out, keys = tmp_path / "deploy", tmp_path / "vault" / "keys"
+    provision(out, 1, now_ms=NOW_MS, backend="amqtt", broker_port=18831, offline=keys)
+    assert {p.name for p in keys.iterdir()} == {"root.key", "update.key", "platform.key", "issuer.key"}
+    assert not (tmp_path / "deploy.offline").exists()
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        provision(tmp_path / "other", 1, backend="amqtt", broker_port=18831, offline=keys)
+    with pytest.raises(ConfigError, match="outside the deployment"):
+        provision(tmp_path / "d3", 1, backend="amqtt", broker_port=18831, offline=tmp_path / "d3" / "k")
+    before = OfflineKeys(keys).load("root").sign_public
+    provision(out, 1, backend="amqtt", broker_port=18831, offline=keys, force=True)
+    assert OfflineKeys(keys).load("root").sign_public != before
+    assert OfflineKeys(keys).load("root").sign_public == Deployment(out).load_public("root").body.sign_key

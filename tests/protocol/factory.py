@@ -27,7 +27,16 @@ from protocol.keys import KeyPair
 from protocol.measure import LogEntry, MeasurementLog, make_quote, measure
 from protocol.messages import MESSAGE_TYPES, Evidence
 from protocol.replay import ReplayGuard
-from protocol.topics import CHANNEL_OPS, Role, channel_topic, link_topic, node_id, operator_topic
+from protocol.topics import (
+    CHANNEL_CRL,
+    CHANNEL_OPS,
+    CRL_TOPIC,
+    Role,
+    channel_topic,
+    link_topic,
+    node_id,
+    operator_topic,
+)
 
 NOW_S = 1_700_000_000
 NOW_MS = NOW_S * 1000
@@ -350,6 +359,9 @@ def routes_for(pki: Pki, spec_links: frozenset, spec_channels: frozenset) -> lis
             topic = topic_between(sender, receiver)
         out.append(Route(sender, receiver, topic))
     for channel in sorted(spec_channels):
+        if channel == CHANNEL_CRL:  # the operator's one broadcast, read by every node
+            out.append(Route(pki.node(Role.OPERATOR), None, CRL_TOPIC))
+            continue
         for role in (Role.TRUST_MODULE, Role.TRUST_SERVER):
             sender = pki.node(role)
             out.append(Route(sender, None, channel_topic(role, channel, sender.device or None)))

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from protocol.certs import (
+    CRL_SKEW_S,
     CertBody,
     Certificate,
     CertStore,
@@ -229,7 +230,7 @@ def test_revocation_list_signed_by_root():
     store = PKI.store()
     assert resolve(store, CHIP.chain) == CHIP.cert  # cached before the list arrives
     crl = sign_revocations(1, NOW_S, (CHIP.cert.serial, TS.cert.serial), PKI.root_keys)
-    store.set_revocations(RevocationList.from_bytes(crl.to_bytes()))
+    store.set_revocations(RevocationList.from_bytes(crl.to_bytes()), NOW_S)
     with exactly(CertificateRevoked):
         resolve(store, CHIP.chain)
     with exactly(CertificateRevoked):
@@ -237,7 +238,7 @@ def test_revocation_list_signed_by_root():
     assert resolve(store, TM.chain) == TM.cert
     assert resolve(store, PS.chain) == PS.cert
     # a newer list without the chip lifts its revocation
-    store.set_revocations(sign_revocations(2, NOW_S, (TS.cert.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(2, NOW_S, (TS.cert.serial,), PKI.root_keys), NOW_S)
     assert resolve(store, CHIP.chain) == CHIP.cert
 
 
@@ -251,7 +252,7 @@ def test_revocation_list_signed_by_someone_else(signer):
     }[signer]
     store = PKI.store()
     with exactly(CertificateInvalid):
-        store.set_revocations(sign_revocations(5, NOW_S, (CHIP.cert.serial,), keys))
+        store.set_revocations(sign_revocations(5, NOW_S, (CHIP.cert.serial,), keys), NOW_S)
     assert store.revoked == frozenset()
     assert resolve(store, CHIP.chain) == CHIP.cert
 
@@ -263,14 +264,14 @@ def test_revocation_list_altered_after_signing():
     store = PKI.store()
     for bad in (widened, emptied):
         with exactly(CertificateInvalid):
-            store.set_revocations(bad)
+            store.set_revocations(bad, NOW_S)
 
 
 def test_older_revocation_list_refused():
     store = PKI.store()
-    store.set_revocations(sign_revocations(5, NOW_S, (CHIP.cert.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(5, NOW_S, (CHIP.cert.serial,), PKI.root_keys), NOW_S)
     with exactly(CertificateInvalid):
-        store.set_revocations(sign_revocations(4, NOW_S, (), PKI.root_keys))
+        store.set_revocations(sign_revocations(4, NOW_S, (), PKI.root_keys), NOW_S)
     assert store.crl_number == 5
     with exactly(CertificateRevoked):
         resolve(store, CHIP.chain)
@@ -278,7 +279,7 @@ def test_older_revocation_list_refused():
 
 def test_revoked_platform_cert_is_not_accepted():
     store = PKI.store(platform=False)
-    store.set_revocations(sign_revocations(1, NOW_S, (PKI.platform.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(1, NOW_S, (PKI.platform.serial,), PKI.root_keys), NOW_S)
     with exactly(CertificateRevoked):
         store.accept_platform(PKI.platform, NOW_S)
     with exactly(CertificateRevoked):
@@ -289,7 +290,7 @@ def test_revoking_the_held_platform_cert_stops_its_servers():
     """Revoking the platform certificate must stop every server certificate it issued."""
     store = PKI.store()
     assert resolve(store, TS.chain) == TS.cert
-    store.set_revocations(sign_revocations(1, NOW_S, (PKI.platform.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(1, NOW_S, (PKI.platform.serial,), PKI.root_keys), NOW_S)
     with pytest.raises(CertificateRevoked):
         resolve(store, TS.chain)
 
@@ -297,7 +298,7 @@ def test_revoking_the_held_platform_cert_stops_its_servers():
 def test_revoked_update_cert_cannot_rotate_the_platform():
     """If the update key is compromised the root revokes it: it must not install a platform key."""
     store = PKI.store()
-    store.set_revocations(sign_revocations(1, NOW_S, (PKI.update.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(1, NOW_S, (PKI.update.serial,), PKI.root_keys), NOW_S)
     new, _ = PKI.rotate("platform-by-revoked-update")
     with pytest.raises(CertificateInvalid):  # CertificateRevoked is one
         store.accept_platform(new, NOW_S)
@@ -422,3 +423,57 @@ def test_install_platform_written_in():
     store.install_platform(PKI.platform)
     assert store.platform == PKI.platform
     assert resolve(store, TS.chain, accept_rotation=False) == TS.cert
+
+
+def test_revocation_list_from_the_future_is_refused():
+    """A list dated ahead of the receiver's clock (beyond the skew) is not the current one."""
+    store = PKI.store()
+    with exactly(CertificateInvalid):
+        store.set_revocations(
+            sign_revocations(1, NOW_S + CRL_SKEW_S + 1, (CHIP.cert.serial,), PKI.root_keys), NOW_S
+        )
+    assert store.crl_number == -1 and resolve(store, CHIP.chain) == CHIP.cert
+    assert store.set_revocations(
+        sign_revocations(1, NOW_S + CRL_SKEW_S, (CHIP.cert.serial,), PKI.root_keys), NOW_S
+    )
+
+
+def test_the_same_list_again_changes_nothing_and_another_under_its_number_is_refused():
+    store = PKI.store()
+    crl = sign_revocations(3, NOW_S, (CHIP.cert.serial,), PKI.root_keys)
+    assert store.set_revocations(crl, NOW_S) is True
+    assert store.set_revocations(RevocationList.from_bytes(crl.to_bytes()), NOW_S) is False  # retained copy
+    with exactly(CertificateInvalid):
+        store.set_revocations(sign_revocations(3, NOW_S, (), PKI.root_keys), NOW_S)
+    assert store.revoked == frozenset({CHIP.cert.serial})
+
+
+def test_a_revoked_leaf_is_returned_only_when_asked_for():
+    store = PKI.store()
+    store.set_revocations(sign_revocations(1, NOW_S, (CHIP.cert.serial,), PKI.root_keys), NOW_S)
+    with exactly(CertificateRevoked):
+        resolve(store, CHIP.chain)
+    assert store.resolve(list(CHIP.chain), NOW_S, allow_revoked=True) == CHIP.cert
+    # never a revoked issuer, even when asked
+    store.set_revocations(sign_revocations(2, NOW_S, (PKI.platform.serial,), PKI.root_keys), NOW_S)
+    with exactly(CertificateRevoked):
+        store.resolve(list(TS.chain), NOW_S, allow_revoked=True)
+
+
+def test_an_issuer_certificate_must_chain_to_the_root():
+    issuer_keys = keypair("issuer")
+    real = PKI.issue_cert("issuer", "issuer", "", issuer_keys, PKI.root, PKI.root_keys)
+    store = PKI.store()
+    assert store.check_root_issued(real, "issuer", NOW_S) == real
+    self_made = PKI.issue_cert("issuer", "issuer", "", ATTACKER, PKI.root, ATTACKER)
+    with exactly(CertificateInvalid):
+        store.check_root_issued(self_made, "issuer", NOW_S)
+    with exactly(WrongRole):
+        store.check_root_issued(PKI.update, "issuer", NOW_S)
+    with exactly(WrongRole):
+        store.check_root_issued(PKI.platform, "platform", NOW_S)  # the update key issues platforms
+    with exactly(CertificateExpired):
+        store.check_root_issued(real, "issuer", PKI.root.body.not_after + 1)
+    store.set_revocations(sign_revocations(1, NOW_S, (real.serial,), PKI.root_keys), NOW_S)
+    with exactly(CertificateRevoked):
+        store.check_root_issued(real, "issuer", NOW_S)

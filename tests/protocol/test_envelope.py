@@ -11,11 +11,10 @@ from hypothesis import strategies as st
 
 from protocol.certs import sign_revocations
 from protocol.codec import pack
-from protocol.envelope import MAX_FRAME, SealedBody, Verifier
+from protocol.envelope import MAX_FRAME, SealedBody, SenderRevoked, Verifier
 from protocol.errors import (
     BadSignature,
     CertificateExpired,
-    CertificateRevoked,
     Duplicate,
     Malformed,
     NotForMe,
@@ -370,20 +369,43 @@ def test_expired_and_revoked_sender():
     with exactly(CertificateExpired):
         verifier(PKI, TS).open(frame, topic, NOW_MS)
 
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce")
+    frame, topic, env = frame_for(TM, TS, "c2.nonce")
     store = PKI.store()
-    store.set_revocations(sign_revocations(1, NOW_S, (TM.cert.serial,), PKI.root_keys))
-    with exactly(CertificateRevoked):
+    store.set_revocations(sign_revocations(1, NOW_S, (TM.cert.serial,), PKI.root_keys), NOW_S)
+    with exactly(SenderRevoked) as info:
         verifier(PKI, TS, store=store).open(frame, topic, NOW_MS)
+    # what the receiver needs to answer the sender, and nothing decoded from the body
+    revoked = info.value.received
+    assert (revoked.envelope.message_id, revoked.envelope.sender) == (env.message_id, TM.name)
+    assert revoked.sender_cert == TM.cert and isinstance(revoked.envelope.body, bytes)
+
+
+def test_revoked_sender_is_named_only_after_its_signature_and_freshness_verify():
+    """Only the holder of the revoked key can draw a "revoked" answer: a forged or replayed
+    frame under a revoked certificate fails as any forged or replayed frame does."""
+    store = PKI.store()
+    store.set_revocations(sign_revocations(1, NOW_S, (TM.cert.serial,), PKI.root_keys), NOW_S)
+    guard = ReplayGuard(floor_ms=0)
+    receiver = Verifier(frozenset({TS.name}), store, guard, keys=TS.keys)
+    frame, topic, _ = frame_for(TM, TS, "c2.nonce")
+    with exactly(BadSignature):
+        receiver.open(flip(frame, len(frame) * 8 - 1), topic, NOW_MS)
+    with exactly(SenderRevoked):
+        receiver.open(frame, topic, NOW_MS)
+    with exactly(Duplicate):
+        receiver.open(frame, topic, NOW_MS)
+    stale, topic, _ = frame_for(TM, TS, "c2.nonce", ts_ms=NOW_MS - 60_000)
+    with exactly(Stale):
+        receiver.open(stale, topic, NOW_MS)
 
 
 def test_revocation_applies_to_a_cached_sender():
     store = PKI.store()
     frame, topic, _ = frame_for(TM, TS, "c2.nonce")
     verifier(PKI, TS, store=store).open(frame, topic, NOW_MS)
-    store.set_revocations(sign_revocations(1, NOW_S, (TM.cert.serial,), PKI.root_keys))
+    store.set_revocations(sign_revocations(1, NOW_S, (TM.cert.serial,), PKI.root_keys), NOW_S)
     frame, topic, _ = frame_for(TM, TS, "c2.nonce")
-    with exactly(CertificateRevoked):
+    with exactly(SenderRevoked):
         verifier(PKI, TS, store=store).open(frame, topic, NOW_MS)
 
 
