@@ -30,7 +30,10 @@ from protocol.records import (
     Order,
     Receipt,
     Verdict,
+    intent_hash,
+    intent_of,
     open_record,
+    peek_record,
     record_hash,
     sign_record,
 )
@@ -68,10 +71,15 @@ def hash_of(blob: bytes) -> bytes:
     return record_hash(unpack(blob)["body"])
 
 
+def intent_of_blob(blob: bytes) -> bytes:
+    """The intent hash a grant names for this order: what the user asked to pay."""
+    return intent_hash(intent_of(peek_record(Order, blob, "order")))
+
+
 def make_verdict(
     dep: Deployment,
     device: str,
-    order_hash: bytes,
+    bound: bytes,
     *,
     status: str = "affirming",
     expires_ms: int | None = None,
@@ -84,7 +92,7 @@ def make_verdict(
         for c in ("client", "app:wallet", "app:transit")
     )
     verdict = Verdict(
-        "trust-server", device, status, appraisals, b"\x00" * 16, order_hash, "test", now_ms(), expires
+        "trust-server", device, status, appraisals, b"\x00" * 16, bound, "test", now_ms(), expires
     )
     return sign_record(verdict, VERDICT_DOMAIN, keys or dep.load_keys("trust-server")).to_bytes()
 
@@ -111,10 +119,10 @@ class Platform:
     async def grant(
         self, blob: bytes, *, device: str = DEV, expires_in_ms: int = 60_000, verdict: bytes | None = None
     ) -> None:
-        order_hash = hash_of(blob)
+        bound = intent_of_blob(blob)
         expires = now_ms() + expires_in_ms
-        verdict = verdict or make_verdict(self.dep, device, order_hash, expires_ms=expires)
-        grant = Grant(device, order_hash, verdict, expires)
+        verdict = verdict or make_verdict(self.dep, device, bound, expires_ms=expires)
+        grant = Grant(device, bound, verdict, expires)
         await self.ts.request(
             self.ts.link(Role.PAYMENT_SERVER),
             "trust.grant",
@@ -264,7 +272,7 @@ async def test_a_grant_from_a_chip_is_rejected(dep: Deployment) -> None:
         chip = p.chips[DEV]
         blob = make_order(dep, "o-1")
         topic = "tp/v1/plat/ts/ps"  # the trust-server's link, which a chip's certificate may not use
-        grant = Grant(DEV, hash_of(blob), make_verdict(dep, DEV, hash_of(blob)), now_ms() + 60_000)
+        grant = Grant(DEV, intent_of_blob(blob), make_verdict(dep, DEV, intent_of_blob(blob)), now_ms() + 60_000)
         await chip.bus.publish(topic, chip.frame(topic, "trust.grant", grant, PS, peer=p.dep.load_cert(PS)))
         await ping(p.ts, Role.PAYMENT_SERVER, PS)  # one reader, in order: the forged frame was handled
         assert p.ps.counters["rejected.wrong_role"] == 1
@@ -280,7 +288,7 @@ async def test_a_grant_from_a_chip_is_rejected(dep: Deployment) -> None:
 async def test_a_verdict_signed_by_another_key_is_rejected(dep: Deployment) -> None:
     async with platform(dep) as p:
         blob = make_order(dep, "o-1")
-        forged = make_verdict(dep, DEV, hash_of(blob), keys=dep.load_keys(f"{DEV}.chip"))
+        forged = make_verdict(dep, DEV, intent_of_blob(blob), keys=dep.load_keys(f"{DEV}.chip"))
         with pytest.raises(Refused) as info:
             await p.grant(blob, verdict=forged)
         receipt, _ = await p.pay(blob)
@@ -292,7 +300,7 @@ async def test_a_contraindicated_verdict_grants_nothing(dep: Deployment) -> None
     async with platform(dep) as p:
         blob = make_order(dep, "o-1")
         with pytest.raises(Refused) as info:
-            await p.grant(blob, verdict=make_verdict(dep, DEV, hash_of(blob), status="contraindicated"))
+            await p.grant(blob, verdict=make_verdict(dep, DEV, intent_of_blob(blob), status="contraindicated"))
         receipt, _ = await p.pay(blob)
     assert info.value.refusal_code == "untrusted"
     assert receipt.code == "not_attested"
@@ -434,8 +442,8 @@ async def test_two_replicas_on_one_database_execute_each_order_once(dep: Deploym
     b = make_node(PaymentServer, dep, PS, FakeBroker(), SETTINGS, deployment=dep)
     async with running(a), running(b):  # nested: each bumps the shared epoch file in turn
         for blob in blobs:
-            verdict = make_verdict(dep, DEV, hash_of(blob))
-            await a.ledger.store_grant(DEV, hash_of(blob), verdict, now_ms() + 60_000)
+            verdict = make_verdict(dep, DEV, intent_of_blob(blob))
+            await a.ledger.store_grant(DEV, intent_of_blob(blob), verdict, now_ms() + 60_000)
         # every order reaches both replicas at once, as if a shared subscription delivered it twice
         answers = await asyncio.gather(*(s.settle(blob, chip) for blob in blobs for s in (a, b)))
         after = {x.account: x.balance for x in (await a.ledger.snapshot()).accounts}
@@ -532,7 +540,7 @@ async def test_a_verdict_that_warns_about_the_paying_app_pays_nothing(dep: Deplo
         before = await p.balances()
         wallet_order, transit_order = make_order(dep, "o-w"), make_order(dep, "o-t", app="transit")
         for blob in (wallet_order, transit_order):
-            verdict = make_verdict(dep, DEV, hash_of(blob), status="warning", tampered=("app:wallet",))
+            verdict = make_verdict(dep, DEV, intent_of_blob(blob), status="warning", tampered=("app:wallet",))
             await p.grant(blob, verdict=verdict)
         refused, _ = await p.pay(wallet_order)
         paid, _ = await p.pay(transit_order)
