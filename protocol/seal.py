@@ -25,7 +25,7 @@ import nacl.public
 from .errors import SealError
 from .keys import KeyPair
 
-PAD_SIZES = (256, 1024, 4096, 16384)  # plaintext sizes, length prefix included
+PAD_SIZES = (512, 2048, 8192, 16384)  # plaintext sizes, length prefix included; an order fits the first
 PAD_STEP = 4096
 _PREFIX = struct.Struct(">I")
 

@@ -272,7 +272,9 @@ async def test_a_grant_from_a_chip_is_rejected(dep: Deployment) -> None:
         chip = p.chips[DEV]
         blob = make_order(dep, "o-1")
         topic = "tp/v1/plat/ts/ps"  # the trust-server's link, which a chip's certificate may not use
-        grant = Grant(DEV, intent_of_blob(blob), make_verdict(dep, DEV, intent_of_blob(blob)), now_ms() + 60_000)
+        grant = Grant(
+            DEV, intent_of_blob(blob), make_verdict(dep, DEV, intent_of_blob(blob)), now_ms() + 60_000
+        )
         await chip.bus.publish(topic, chip.frame(topic, "trust.grant", grant, PS, peer=p.dep.load_cert(PS)))
         await ping(p.ts, Role.PAYMENT_SERVER, PS)  # one reader, in order: the forged frame was handled
         assert p.ps.counters["rejected.wrong_role"] == 1
@@ -300,7 +302,9 @@ async def test_a_contraindicated_verdict_grants_nothing(dep: Deployment) -> None
     async with platform(dep) as p:
         blob = make_order(dep, "o-1")
         with pytest.raises(Refused) as info:
-            await p.grant(blob, verdict=make_verdict(dep, DEV, intent_of_blob(blob), status="contraindicated"))
+            await p.grant(
+                blob, verdict=make_verdict(dep, DEV, intent_of_blob(blob), status="contraindicated")
+            )
         receipt, _ = await p.pay(blob)
     assert info.value.refusal_code == "untrusted"
     assert receipt.code == "not_attested"
@@ -369,6 +373,43 @@ async def test_an_order_signed_for_another_device_is_refused(tmp_path: Path) -> 
         with pytest.raises(Refused) as info:
             await p.pay(blob)
     assert info.value.refusal_code == "wrong_device"
+
+
+async def test_order_ids_are_each_devices_own(tmp_path: Path) -> None:
+    """Another device taking an order id first neither blocks this device's order nor reads it."""
+    dep = provisioned(tmp_path, devices=2)
+    async with platform(dep, devices=2) as p:
+        theirs = make_order(dep, "o-1", amount=300, device="dev-0002")
+        await p.grant(theirs, device="dev-0002")
+        their_receipt, _ = await p.pay(theirs, device="dev-0002")
+        ours = make_order(dep, "o-1", amount=700)
+        await p.grant(ours)
+        our_receipt, our_raw = await p.pay(ours)
+        again, again_raw = await p.pay(ours)  # a repeat still gets our own original receipt
+        their_again, _ = await p.pay(theirs, device="dev-0002")
+        payments = sorted((x.device, x.order_id, x.amount) for x in (await p.ps.ledger.snapshot()).payments)
+    # On a ledger keyed by order id alone, our order is refused "order_id_reused": their id blocks ours.
+    assert their_receipt.status == "confirmed"
+    assert (our_receipt.status, our_receipt.amount, our_receipt.device) == ("confirmed", 700, DEV)
+    assert again_raw == our_raw and again.order_hash == hash_of(ours)
+    assert their_again.order_hash == hash_of(theirs) and their_again.device == "dev-0002"
+    assert payments == [(DEV, "o-1", 700), ("dev-0002", "o-1", 300)]
+
+
+async def test_a_grant_covers_its_intent_not_another_payee_or_amount(dep: Deployment) -> None:
+    async with platform(dep) as p:
+        before = await p.balances()
+        await p.grant(make_order(dep, "o-1", amount=100))  # the user asked 1.00 to shop-1
+        other_payee, _ = await p.pay(make_order(dep, "o-1", amount=100, payee="shop-2", counter=1))
+        other_amount, _ = await p.pay(make_order(dep, "o-1", amount=40_000, counter=1))
+        assert await p.balances() == before
+        # the same intent, as a fresh order with its own counter and time, is what the grant is for
+        paid, _ = await p.pay(make_order(dep, "o-1", amount=100, counter=2))
+        after = await p.balances()
+    # refused refusals are not stored (a grant may still come), so the same id pays afterwards
+    assert (other_payee.code, other_amount.code) == ("not_attested", "not_attested")
+    assert paid.status == "confirmed"
+    assert after[f"{DEV}:wallet"] == before[f"{DEV}:wallet"] - 100
 
 
 # -- durability and concurrency ----------------------------------------------------------
