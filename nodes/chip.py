@@ -228,6 +228,7 @@ class Chip(Node):
         # C6 outside the app's lock: the trust module may delete the app (A3) if it fails
         if result.session and result.code != "untrusted":
             await self._c6(session)
+        self.sandbox.warm_up()  # the next payment's worker, started off this payment's path
         return "pay.result", result
 
     async def _c6(self, session: bytes) -> None:
@@ -328,7 +329,7 @@ class Chip(Node):
         try:
             order = from_map(Order, answer.order, "the app's order")
             next_bytes = canonical_json(answer.dynamic)
-        except (Malformed, ValueError, TypeError) as exc:
+        except (Malformed, ValueError, TypeError, RecursionError) as exc:
             raise Refused("app_failed", f"{req.app} returned a malformed order: {exc}") from exc
         if intent_of(order) != intent:
             # the app tried to pay something other than what the user asked: nothing leaves the chip

@@ -14,8 +14,8 @@ Whatever goes wrong in the worker is a ``Refused("app_failed")``, never an
 exception that would take the chip down.
 
 Starting an interpreter costs tens of milliseconds, so one worker is started
-ahead (warm) and waits for its single request; each payment takes it and a
-new one starts behind it. A worker is used once: nothing of one payment's app
+ahead (warm) and waits for its single request; each payment takes it, and the
+chip starts the next one once the payment is over. A worker is used once: nothing of one payment's app
 survives into the next.
 """
 
@@ -60,13 +60,19 @@ class Sandbox:
         self.log = log
         self.wall_s = wall_s
         self._spare: asyncio.Task[_Worker] | None = None
+        self._ending: set[asyncio.Task[None]] = set()
 
     def warm_up(self) -> None:
-        """Start the next worker now, so the next payment does not wait for it."""
+        """Start the next worker now, so the next payment does not wait for it.
+
+        The chip calls this after a payment, not during one: starting an interpreter
+        costs tens of milliseconds of CPU that the payment itself should not compete with.
+        """
         if self._spare is None:
             self._spare = asyncio.create_task(_spawn(), name="sandbox:spare")
 
     async def close(self) -> None:
+        await asyncio.gather(*self._ending, return_exceptions=True)
         spare, self._spare = self._spare, None
         if spare is None:
             return
@@ -84,7 +90,6 @@ class Sandbox:
             }
         ).encode()
         worker = await self._take()
-        self.warm_up()  # the next payment's worker starts while this one runs
         try:
             async with asyncio.timeout(self.wall_s):
                 output = await _exchange(worker.proc, request)
@@ -92,8 +97,12 @@ class Sandbox:
             raise Refused("app_failed", f"the payment app did not finish within {self.wall_s:g} s") from exc
         except (OSError, ValueError) as exc:  # a worker that died early breaks the pipe
             raise Refused("app_failed", f"the payment app's worker failed: {exc}") from exc
-        finally:
-            await _end(worker)
+        finally:  # killed now; reaped and removed beside the rest of the payment
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
+            ending = asyncio.create_task(_end(worker), name="sandbox:end")
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
         return _answer(output)
 
     async def _take(self) -> _Worker:
@@ -123,6 +132,7 @@ async def _spawn() -> _Worker:
             env={},
             cwd=workdir,
             start_new_session=True,  # a Ctrl-C meant for the chip's terminal is not the worker's
+            limit=MAX_OUTPUT,  # the most one answer line may hold
         )
     except OSError:
         await asyncio.to_thread(shutil.rmtree, workdir, True)
@@ -131,19 +141,17 @@ async def _spawn() -> _Worker:
 
 
 async def _exchange(proc: asyncio.subprocess.Process, request: bytes) -> bytes:
+    """Send the request; the answer is one line (JSON escapes newlines), read without waiting for exit."""
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(request)
     await proc.stdin.drain()
     proc.stdin.close()
-    chunks: list[bytes] = []
-    size = 0
-    while size <= MAX_OUTPUT:  # bounded: each turn reads more, or ends at end of file
-        chunk = await proc.stdout.read(MAX_OUTPUT + 1 - size)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-    raise ValueError(f"the app's answer is over {MAX_OUTPUT} bytes")
+    try:
+        return await proc.stdout.readuntil(b"\n")
+    except asyncio.LimitOverrunError as exc:
+        raise ValueError(f"the app's answer is over {MAX_OUTPUT} bytes") from exc
+    except asyncio.IncompleteReadError as exc:  # it ended without a whole answer: a crash or an exit
+        return exc.partial
 
 
 async def _end(worker: _Worker) -> None:
@@ -158,7 +166,7 @@ async def _end(worker: _Worker) -> None:
 def _answer(output: bytes) -> AppAnswer:
     try:
         answer = json.loads(output)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nesting deep enough to exhaust the stack, too
         raise Refused("app_failed", "the payment app crashed or answered garbage") from exc
     if not isinstance(answer, dict):
         raise Refused("app_failed", "the payment app's answer is not a map")
