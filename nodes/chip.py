@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 
 from protocol.certs import Certificate
-from protocol.errors import ConfigError, Malformed, Refused, RequestTimeout, TrustpayError, WrongRole
+from protocol.errors import ConfigError, Refused, RequestTimeout, TrustpayError, WrongRole
 from protocol.measure import dynamic_digest, measure
 from protocol.messages import (
     AccountInfo,
@@ -249,7 +249,7 @@ class Chip(Node):
         """C1-C5 for one pay.start: attest the intent, then run exactly the measured app bytes."""
         # read once: this buffer is what the trust module's measurement must match and what runs
         files = await asyncio.to_thread(self.dep.read_app, self.device or "", req.app)
-        buffer = measure("app", req.app, "", files.code, files.static, files.dynamic)
+        buffer = measure("app", req.app, "", files.code, files.static, files.dynamic)  # its three digests
         intent = Intent(self.device or "", req.order_id, req.app, req.payee, req.amount, req.currency)
         bound = intent_hash(intent)
         attest = AttestRequest(
@@ -329,15 +329,15 @@ class Chip(Node):
         try:
             order = from_map(Order, answer.order, "the app's order")
             next_bytes = canonical_json(answer.dynamic)
-        except (Malformed, ValueError, TypeError, RecursionError) as exc:
+            if intent_of(order) == intent:
+                return sign_record(order, ORDER_DOMAIN, self.keys), next_bytes
+        except (TrustpayError, ValueError, TypeError, RecursionError) as exc:  # fields, sizes, nesting
             raise Refused("app_failed", f"{req.app} returned a malformed order: {exc}") from exc
-        if intent_of(order) != intent:
-            # the app tried to pay something other than what the user asked: nothing leaves the chip
-            raise Refused(
-                "order_mismatch",
-                f"{req.app} made an order that differs from the payment asked for; nothing was paid",
-            )
-        return sign_record(order, ORDER_DOMAIN, self.keys), next_bytes
+        # the app tried to pay something other than what the user asked: nothing leaves the chip
+        raise Refused(
+            "order_mismatch",
+            f"{req.app} made an order that differs from the payment asked for; nothing was paid",
+        )
 
     async def _tm_cert(self) -> Certificate:
         """The trust module's certificate: sealed requests are boxed for its key."""

@@ -327,7 +327,7 @@ class TrustModule(Node):
         entry: JournalEntry = rx.envelope.body
         key = rx.envelope.session.hex()
         session = self.data["sessions"].get(key)
-        if session is None or not session["trusted"]:
+        if session is None or not session.get("trusted"):
             raise Refused("no_session", "no payment session with a trusted verdict has that id")
         if entry.app != session["app"]:
             raise Refused("wrong_app", f"the session is for {session['app']!r}, not {entry.app!r}")

@@ -555,7 +555,7 @@ def render_errors() -> str:
     )
 
 
-EXTRA_SOURCES = {"trust_server": ("trust_db",), "payment_server": ("ledger",)}
+EXTRA_SOURCES = {"trust_server": ("trust_db",), "payment_server": ("ledger",), "chip": ("sandbox",)}
 
 
 class _CodeFinder(ast.NodeVisitor):

@@ -291,3 +291,29 @@ async def test_a_payment_chain_that_does_not_end_in_the_payment_server_is_refuse
     assert "trust-server" in result.reason
     assert orders == []
     assert after == before
+
+
+async def test_a_payment_cut_off_after_c5_leaves_the_app_trusted_at_the_next_start(dep: Deployment) -> None:
+    async with device(dep) as d:
+
+        def lose_c6(topic: str, frame: bytes) -> list[bytes]:  # the device dies before C6 reaches tm
+            return [] if topic.endswith("/chip/tm") and unpack(frame[:-64])[1] == "c6.done" else [frame]
+
+        d.broker.tap = lose_c6
+        paid = await d.pay(100)
+        d.broker.tap = None
+        d.tm.stop()
+        written = d.dynamic()
+        mark = len(step_events(d.broker))
+        again = make_node(TrustModule, dep, TM, d.broker, deployment=dep)
+        async with running(again):
+            async with asyncio.timeout(10):
+                await again.started.wait()
+            apps = list(again.apps)
+        after = [f"{e.step}:{e.outcome}" for e in step_events(d.broker)[mark:] if e.node == TM]
+    # Without c5.journal the new dynamic digest was never announced: A2 finds the counter changed
+    # outside a session and deletes the app.
+    assert paid.status == "confirmed", paid
+    assert written["counter"] == 1
+    assert sorted(apps) == ["transit", "wallet"]
+    assert "A3:deleted" not in after and "A2:ok" in after
