@@ -30,8 +30,9 @@ from nodes.trust_module import TrustModule
 from nodes.trust_server import TrustServer
 from ops.release_cmd import make_release
 from protocol.codec import unpack
+from protocol.errors import Refused
 from protocol.measure import APP, dynamic_digest, measure
-from protocol.messages import Empty, PayResult, PayStart
+from protocol.messages import Empty, JournalEntry, PayResult, PayStart
 from protocol.records import PACKAGE_DOMAIN, Package, sign_record
 from protocol.topics import Role
 
@@ -317,3 +318,31 @@ async def test_a_payment_cut_off_after_c5_leaves_the_app_trusted_at_the_next_sta
     assert written["counter"] == 1
     assert sorted(apps) == ["transit", "wallet"]
     assert "A3:deleted" not in after and "A2:ok" in after
+
+
+async def test_the_journal_takes_a_digest_only_for_a_session_with_a_trusted_verdict(dep: Deployment) -> None:
+    async with device(dep) as d:
+        # changed outside a session: the attestation of the next payment ends untrusted (C4)
+        (dep.app_dir(DEV, "wallet") / "dynamic.json").write_bytes(b'{"counter":5,"last_order":""}\n')
+        refused = await d.pay(100)
+        wanted = dynamic_digest(b'{"counter":6,"last_order":""}\n')
+        outcomes = []
+        for session in (refused.session, uuid.uuid4().bytes):  # untrusted, and never attested
+            try:
+                await d.chip.request(
+                    d.chip.link(Role.TRUST_MODULE),
+                    "c5.journal",
+                    JournalEntry("wallet", wanted),
+                    recipient=TM,
+                    expect="journalled",
+                    session=session,
+                    peer=dep.load_cert(TM),
+                )
+                outcomes.append("journalled")
+            except Refused as exc:
+                outcomes.append(exc.refusal_code)
+        journalled = {h for s in d.tm.data["sessions"].values() for h in s["pending"].get("app:wallet", [])}
+    # Without the check, the digest joins the untrusted session's journal and A2 would later
+    # accept it: a change made outside an attested payment, let through.
+    assert (refused.code, outcomes) == ("untrusted", ["no_session", "no_session"]), refused
+    assert wanted.hex() not in journalled
