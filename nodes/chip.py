@@ -93,7 +93,7 @@ class Chip(Node):
         self.is_open = False
         self.payment_server: Certificate | None = None
         self._app_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.sandbox = Sandbox(log)
+        self.sandbox = Sandbox()
         self.route("chip.info", self.info)
         self.route("chip.enable", self.set_enabled)
         self.route("app.delete", self.delete_app)

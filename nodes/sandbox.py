@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from protocol.errors import Refused
 
 RUNNER = Path(__file__).with_name("app_runner.py")
@@ -56,8 +54,7 @@ class _Worker:
 
 
 class Sandbox:
-    def __init__(self, log: structlog.typing.FilteringBoundLogger, *, wall_s: float = WALL_S) -> None:
-        self.log = log
+    def __init__(self, *, wall_s: float = WALL_S) -> None:
         self.wall_s = wall_s
         self._spare: asyncio.Task[_Worker] | None = None
         self._ending: set[asyncio.Task[None]] = set()

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from nodes.sandbox import MAX_OUTPUT, Sandbox
 from protocol.errors import Refused
@@ -28,7 +27,7 @@ def _os():
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
-    box = Sandbox(structlog.get_logger(), wall_s=1.0)
+    box = Sandbox(wall_s=1.0)
     try:
         yield box
     finally:
