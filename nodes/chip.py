@@ -3,11 +3,18 @@
 It installs apps only from packages the issuer signed, deletes them when the
 trust module says so (A3), refuses every payment function while disabled (A5)
 or closed (B4), keeps each app's transaction counter, and runs the payment
-itself (C5): the app's installed code makes the order, the chip signs it,
-asks the trust module to attest the terminal for exactly that order (C1-C4),
-seals the order for the payment-server and checks the signed receipt. It
-holds the update certificate (claim 3), so it accepts a rotated platform
-certificate only when the update key signed it.
+itself. On ``pay.start`` it reads the app's files once into a buffer, binds
+the user's intent (device, order id, app, payee, amount, currency) by hash and
+asks the trust module to attest the terminal for that intent, sending the
+buffer's digests (C1-C4); no app code has run yet. Only after a trusted
+verdict does it run the app's code from that buffer, the very bytes the trust
+module measured, in a sandboxed worker (``nodes/sandbox.py``) to make the
+order (C5). An order that is not exactly the intent is refused
+(``order_mismatch``); otherwise the trust module journals the app's next
+dynamic digest, the chip writes it, signs the order and seals it for the
+payment-server, whose certificate it checks is a payment-server's, and checks
+the signed receipt. It holds the update certificate (claim 3), so it accepts a
+rotated platform certificate only when the update key signed it.
 
 An order whose receipt never came is kept and re-sent (same bytes, so the
 payment-server answers with the original receipt) when the client next opens
@@ -18,14 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import types
 from collections import defaultdict
 from typing import Any
 
 import structlog
 
 from protocol.certs import Certificate
-from protocol.errors import ConfigError, Refused, RequestTimeout, TrustpayError
+from protocol.errors import ConfigError, Refused, RequestTimeout, TrustpayError, WrongRole
 from protocol.measure import dynamic_digest, measure
 from protocol.messages import (
     AccountInfo,
@@ -36,6 +42,7 @@ from protocol.messages import (
     Body,
     ChipState,
     DeleteApp,
+    JournalEntry,
     PayOrder,
     PayReceipt,
     PayResult,
@@ -47,18 +54,24 @@ from protocol.records import (
     ORDER_DOMAIN,
     PACKAGE_DOMAIN,
     RECEIPT_DOMAIN,
+    Intent,
     Order,
     Package,
     Receipt,
+    Signed,
+    intent_hash,
+    intent_of,
     open_record,
     record_hash,
     sign_record,
 )
+from protocol.schema import from_map
 from protocol.topics import Role, node_id
 
 from .bus import Bus
-from .deployment import Deployment, canonical_json, load_json
+from .deployment import ComponentFiles, Deployment, canonical_json, load_json
 from .runtime import Node, NodeConfig, now_ms
+from .sandbox import Sandbox
 from .store import JsonState, write_atomic
 
 PS = Role.PAYMENT_SERVER.value
@@ -80,6 +93,7 @@ class Chip(Node):
         self.is_open = False
         self.payment_server: Certificate | None = None
         self._app_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.sandbox = Sandbox()
         self.route("chip.info", self.info)
         self.route("chip.enable", self.set_enabled)
         self.route("app.delete", self.delete_app)
@@ -92,6 +106,16 @@ class Chip(Node):
         return "enabled" if self.data.get("enabled") else "disabled"
 
     # -- start-up ---------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            await self.sandbox.close()
+
+    async def main(self) -> None:
+        # Once running, so the worker it starts is always closed by ``run`` (never by a bare prepare).
+        self.sandbox.warm_up()
+
     async def prepare(self) -> None:
         self.data = self.store.load(
             {
@@ -216,6 +240,7 @@ class Chip(Node):
         # C6 outside the app's lock: the trust module may delete the app (A3) if it fails
         if result.session and result.code != "untrusted":
             await self._c6(session)
+        self.sandbox.warm_up()  # the next payment's worker, started off this payment's path
         return "pay.result", result
 
     async def _c6(self, session: bytes) -> None:
@@ -232,37 +257,15 @@ class Chip(Node):
         except TrustpayError as exc:
             self.log.warning("c6.not_confirmed", reason=str(exc))
 
-    def _load_app(self, app: str, code: bytes) -> types.ModuleType:
-        """Run the app's installed code, the very bytes the trust module measures."""
-        module = types.ModuleType(f"trustpay_app_{app}")
-        exec(
-            compile(code, str(self.dep.app_dir(self.device or "", app) / "code.py"), "exec"), module.__dict__
-        )
-        return module
-
     async def _pay(self, req: PayStart, session: bytes) -> PayResult:
+        """C1-C5 for one pay.start: attest the intent, then run exactly the measured app bytes."""
+        # read once: this buffer is what the trust module's measurement must match and what runs
         files = await asyncio.to_thread(self.dep.read_app, self.device or "", req.app)
-        try:
-            app = self._load_app(req.app, files.code)
-            fields, next_dynamic = app.make_order(
-                load_json(files.static, "static data"),
-                load_json(files.dynamic, "dynamic data"),
-                device=self.device,
-                payee=req.payee,
-                amount=req.amount,
-                currency=req.currency,
-                order_id=req.order_id,
-                now_ms=now_ms(),
-            )
-            order = sign_record(Order(**fields), ORDER_DOMAIN, self.keys)
-        except (ValueError, TypeError, KeyError, ConfigError) as exc:
-            raise Refused("invalid_order", str(exc)) from exc
-        except Exception as exc:  # the app's code is not ours to trust: any failure is a refusal
-            raise Refused("app_failed", f"{req.app} failed to make the order: {exc!r}") from exc
-        order_hash = record_hash(order.data)
-        next_bytes = canonical_json(next_dynamic)
+        buffer = measure("app", req.app, "", files.code, files.static, files.dynamic)  # its three digests
+        intent = Intent(self.device or "", req.order_id, req.app, req.payee, req.amount, req.currency)
+        bound = intent_hash(intent)
         attest = AttestRequest(
-            req.app, req.order_id, order_hash, dynamic_digest(next_bytes), req.client_dyn_next
+            req.app, req.order_id, bound, buffer.code, buffer.static, buffer.dynamic, req.client_dyn_next
         )
         try:
             answer = await self.request(
@@ -272,6 +275,7 @@ class Chip(Node):
                 recipient=self.tm_id,
                 expect="attest.result",
                 session=session,
+                peer=await self._tm_cert(),
                 timeout_s=self.settings.request_timeout_s * self.settings.request_attempts * ATTEST_PATIENCE,
                 attempts=1,
             )
@@ -284,17 +288,73 @@ class Chip(Node):
             return PayResult("refused", "untrusted", result.reason, req.order_id, b"", session)
         try:
             payment_server = self.certs.resolve(list(result.payment_chain), now_ms() // 1000)
+            if payment_server.role != PS:
+                raise WrongRole(f"the payment chain ends in a {payment_server.role}, not the {PS}")
         except TrustpayError as exc:
             return PayResult("refused", "platform_untrusted", str(exc), req.order_id, b"", session)
         self.payment_server = payment_server
-        # C5: the counter moves before the order leaves, so it is never reused
+        # C5: the app runs now, from the very bytes the trust module measured, in a worker
+        try:
+            order, next_bytes = await self._run_app(req, intent, files)
+        except Refused as exc:
+            self.step("C", "C5", "refused", exc.refusal_code, session=session, order_id=req.order_id)
+            return PayResult("refused", exc.refusal_code, exc.refusal_reason, req.order_id, b"", session)
+        try:  # the trust module journals the new digest before it is written (crash-safe, see there)
+            await self.request(
+                self.link(Role.TRUST_MODULE),
+                "c5.journal",
+                JournalEntry(req.app, dynamic_digest(next_bytes)),
+                recipient=self.tm_id,
+                expect="journalled",
+                session=session,
+                peer=await self._tm_cert(),
+            )
+        except (Refused, RequestTimeout) as exc:
+            reason = exc.refusal_reason if isinstance(exc, Refused) else str(exc)
+            return PayResult("refused", "not_journalled", reason, req.order_id, b"", session)
+        # the counter moves before the order leaves, so it is never reused
         path = self.dep.app_dir(self.device or "", req.app) / "dynamic.json"
         await asyncio.to_thread(write_atomic, path, next_bytes, 0o644)
         self.data["pending"][req.order_id] = {"order": order.to_bytes().hex(), "session": session.hex()}
         await self.store.save(self.data)
-        status = await self._send_order(req.order_id, order.to_bytes(), order_hash, session)
+        status = await self._send_order(req.order_id, order.to_bytes(), record_hash(order.data), session)
         receipt = bytes.fromhex(self.data["receipts"].get(req.order_id, ""))
         return PayResult(*status, req.order_id, receipt, session)
+
+    async def _run_app(
+        self, req: PayStart, intent: Intent, files: ComponentFiles
+    ) -> tuple[Signed[Order], bytes]:
+        """The app's order and next dynamic data, refused unless the order is exactly the intent."""
+        answer = await self.sandbox.make_order(
+            files.code,
+            files.static,
+            files.dynamic,
+            {
+                "device": intent.device,
+                "payee": intent.payee,
+                "amount": intent.amount,
+                "currency": intent.currency,
+                "order_id": intent.order_id,
+                "now_ms": now_ms(),
+            },
+        )
+        try:
+            order = from_map(Order, answer.order, "the app's order")
+            next_bytes = canonical_json(answer.dynamic)
+            if intent_of(order) == intent:
+                return sign_record(order, ORDER_DOMAIN, self.keys), next_bytes
+        except (TrustpayError, ValueError, TypeError, RecursionError) as exc:  # fields, sizes, nesting
+            raise Refused("app_failed", f"{req.app} returned a malformed order: {exc}") from exc
+        # the app tried to pay something other than what the user asked: nothing leaves the chip
+        raise Refused(
+            "order_mismatch",
+            f"{req.app} made an order that differs from the payment asked for; nothing was paid",
+        )
+
+    async def _tm_cert(self) -> Certificate:
+        """The trust module's certificate: sealed requests are boxed for its key."""
+        held = self.peers.get(self.tm_id)
+        return held if held is not None else await asyncio.to_thread(self.dep.load_cert, self.tm_id)
 
     async def _send_order(
         self, order_id: str, blob: bytes, order_hash: bytes, session: bytes

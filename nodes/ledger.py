@@ -1,7 +1,8 @@
 """The payment-server's ledger: accounts, payments, grants and counters in SQLite.
 
 Every rule that keeps money right is enforced by the database, not by memory:
-an order id is a primary key (an order executes at most once), a debit is a
+a device's order id is a primary key (an order executes at most once, and one
+device's order ids neither block nor reveal another's), a debit is a
 conditional update (a payer never goes below zero, and a CHECK says so too), a
 grant is consumed by a conditional update, and a counter only moves up. So two
 payment-servers sharing one database (or, later, a PostgreSQL implementation of
@@ -31,7 +32,7 @@ from protocol.errors import TrustpayError
 
 from .deployment import Manifest
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: payments keyed per device, grants by intent hash
 PAYER, MERCHANT = "payer", "merchant"
 CONFIRMED, REFUSED = "confirmed", "refused"
 
@@ -52,7 +53,7 @@ CREATE TABLE IF NOT EXISTS app_accounts (
     PRIMARY KEY (device, app)
 ) STRICT;
 CREATE TABLE IF NOT EXISTS payments (
-    order_id TEXT PRIMARY KEY,
+    order_id TEXT NOT NULL,
     device TEXT NOT NULL,
     app TEXT NOT NULL,
     payer TEXT NOT NULL,
@@ -66,11 +67,12 @@ CREATE TABLE IF NOT EXISTS payments (
     status TEXT NOT NULL CHECK (status IN ('{CONFIRMED}', '{REFUSED}')),
     code TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
-    CHECK (status = '{REFUSED}' OR amount > 0)
+    CHECK (status = '{REFUSED}' OR amount > 0),
+    PRIMARY KEY (device, order_id)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS payments_by_payer ON payments (payer, created_ms);
 CREATE TABLE IF NOT EXISTS grants (
-    order_hash BLOB PRIMARY KEY,
+    intent_hash BLOB PRIMARY KEY,
     device TEXT NOT NULL,
     verdict_blob BLOB NOT NULL,
     expires_ms INTEGER NOT NULL,
@@ -178,15 +180,18 @@ class LedgerTx:
         async with self._db.execute(sql, params) as cur:
             return cur.rowcount
 
-    async def payment(self, order_id: str) -> StoredPayment | None:
-        row = await self._one("SELECT order_hash, receipt_blob FROM payments WHERE order_id = ?", (order_id,))
+    async def payment(self, device: str, order_id: str) -> StoredPayment | None:
+        row = await self._one(
+            "SELECT order_hash, receipt_blob FROM payments WHERE device = ? AND order_id = ?",
+            (device, order_id),
+        )
         return None if row is None else StoredPayment(row[0], row[1])
 
-    async def grant(self, device: str, order_hash: bytes) -> GrantState | None:
+    async def grant(self, device: str, intent_hash: bytes) -> GrantState | None:
         row = await self._one(
             "SELECT device, expires_ms, used_ms, verdict_blob FROM grants"
-            " WHERE order_hash = ? AND device = ?",
-            (order_hash, device),
+            " WHERE intent_hash = ? AND device = ?",
+            (intent_hash, device),
         )
         return None if row is None else GrantState(*row)
 
@@ -221,10 +226,10 @@ class LedgerTx:
             raise LedgerConflict(f"account {account!r} vanished during the payment")
         return int(row[0])
 
-    async def use_grant(self, order_hash: bytes, now_ms: int) -> bool:
+    async def use_grant(self, intent_hash: bytes, now_ms: int) -> bool:
         """Consume the grant; False if it was already used (by a concurrent writer)."""
         changed = await self._changed(
-            "UPDATE grants SET used_ms = ? WHERE order_hash = ? AND used_ms IS NULL", (now_ms, order_hash)
+            "UPDATE grants SET used_ms = ? WHERE intent_hash = ? AND used_ms IS NULL", (now_ms, intent_hash)
         )
         return changed == 1
 
@@ -241,7 +246,7 @@ class LedgerTx:
     async def insert_payment(
         self, p: PaymentRecord, order_hash: bytes, order_blob: bytes, receipt: bytes
     ) -> None:
-        # A duplicate order id or order hash raises IntegrityError -> LedgerConflict, rolling back
+        # A duplicate (device, order id) or order hash raises IntegrityError -> LedgerConflict, rolling back
         # everything this transaction did: the database is what makes execution at-most-once.
         await self._db.execute(
             f"INSERT INTO payments ({_PAYMENT_COLUMNS}, order_hash, order_blob, receipt_blob) "
@@ -298,6 +303,12 @@ class Ledger:
             if not self.readonly:
                 await db.execute("PRAGMA journal_mode = WAL")  # readers (the CLI) never block the server
                 await db.execute("PRAGMA synchronous = FULL")  # a commit is on disk before we answer
+                async with db.execute("PRAGMA user_version") as cur:
+                    version = (await cur.fetchone() or (0,))[0]
+                if version != 0 and version != SCHEMA_VERSION:
+                    raise sqlite3.DatabaseError(
+                        f"schema {version}, not {SCHEMA_VERSION}: provision the deployment again"
+                    )
                 await db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             await db.close()
@@ -353,15 +364,15 @@ class Ledger:
                 [(d.device, app, account) for d in manifest.devices for app, account in d.accounts.items()],
             )
 
-    async def store_grant(self, device: str, order_hash: bytes, verdict: bytes, expires_ms: int) -> None:
+    async def store_grant(self, device: str, intent_hash: bytes, verdict: bytes, expires_ms: int) -> None:
         """Record a grant; a repeated grant may extend an unused one but never revives a used one."""
         async with self._txn("IMMEDIATE") as db:
             await db.execute(
-                "INSERT INTO grants (order_hash, device, verdict_blob, expires_ms) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (order_hash) DO UPDATE SET device = excluded.device, "
+                "INSERT INTO grants (intent_hash, device, verdict_blob, expires_ms) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (intent_hash) DO UPDATE SET device = excluded.device, "
                 "verdict_blob = excluded.verdict_blob, expires_ms = excluded.expires_ms "
                 "WHERE grants.used_ms IS NULL AND excluded.expires_ms > grants.expires_ms",
-                (order_hash, device, verdict, expires_ms),
+                (intent_hash, device, verdict, expires_ms),
             )
 
     async def account_view(

@@ -1,12 +1,17 @@
 """The payment application server (22): issuer and ledger of the payment apps.
 
 It executes a chip's signed order (C5) only if the trust-server has just found
-that terminal trustworthy for exactly that order (C1-C4 end in a ``trust.grant``)
-and answers with a signed receipt. Everything a payment changes (balances, the
-grant, the app's counter, the stored order and receipt) is written in one
-database transaction, and the order id is a key of the payments table, so each
+that terminal trustworthy for exactly that payment: C1-C4 end in a
+``trust.grant`` naming the hash of the user's intent (device, order id, app,
+payee, amount, currency), and the server recomputes that hash from the signed
+order, so an order for another payee or amount finds no grant. It answers
+with a signed receipt. Everything a payment changes (balances, the grant, the
+app's counter, the stored order and receipt) is written in one database
+transaction, and (device, order id) is a key of the payments table, so each
 order executes at most once however often it arrives: a repeat gets the
 original receipt's exact bytes, also after a restart or from another replica.
+Order ids are the device's own: another device's ids neither block nor reveal
+them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from protocol.records import (
     Order,
     Receipt,
     Verdict,
+    intent_hash,
+    intent_of,
     open_record,
     peek_record,
     record_hash,
@@ -118,18 +125,20 @@ class PaymentServer(Node):
                 f"{sender.subject} is a {sender.role}; only the trust-server grants payments",
             )
         verdict = open_record(Verdict, grant.verdict, VERDICT_DOMAIN, sender.body.sign_key, "verdict").body
-        if (verdict.device, verdict.order_hash) != (grant.device, grant.order_hash):
-            raise Refused("grant_mismatch", "the verdict is for another device or order than the grant names")
+        if (verdict.device, verdict.intent_hash) != (grant.device, grant.intent_hash):
+            raise Refused(
+                "grant_mismatch", "the verdict is for another device or payment than the grant names"
+            )
         if verdict.status not in (AFFIRMING, WARNING):
             raise Refused("untrusted", f"the verdict is {verdict.status}: this terminal may not pay")
         expires_ms = min(grant.expires_ms, verdict.expires_ms)
         if expires_ms <= self.clock():
             raise Refused("expired", "the grant or its verdict has expired; attest the terminal again")
-        await self.ledger.store_grant(grant.device, grant.order_hash, grant.verdict, expires_ms)
+        await self.ledger.store_grant(grant.device, grant.intent_hash, grant.verdict, expires_ms)
         self.log.info(
             "grant.stored",
             device=grant.device,
-            order_hash=grant.order_hash.hex(),
+            intent_hash=grant.intent_hash.hex(),
             status=verdict.status,
             expires_ms=expires_ms,
         )
@@ -173,7 +182,7 @@ class PaymentServer(Node):
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _decide(self, tx: LedgerTx, order: Order, order_hash: bytes, blob: bytes) -> Outcome:
-        stored = await tx.payment(order.order_id)
+        stored = await tx.payment(order.device, order.order_id)
         if stored is not None:
             if stored.order_hash != order_hash:
                 raise Refused(
@@ -188,7 +197,8 @@ class PaymentServer(Node):
             resigned = sign_record(receipt, RECEIPT_DOMAIN, self.keys).to_bytes()
             return Outcome(receipt, resigned, repeated=True)
         now = self.clock()
-        grant = await tx.grant(order.device, order_hash)
+        intent = intent_hash(intent_of(order))  # the grant names what the user asked, the order must be it
+        grant = await tx.grant(order.device, intent)
         if grant is None or grant.used_ms is not None:
             # not stored: the grant may still arrive, and then the same order must go through
             why = "the platform has not attested this terminal for this order; attest (C1-C4), then resend it"
@@ -242,7 +252,7 @@ class PaymentServer(Node):
             )
         else:
             outcome = self._refusal(order, order_hash, *refusal, payer_name, balance, now)
-        if not await tx.use_grant(order_hash, now):
+        if not await tx.use_grant(intent, now):
             raise LedgerConflict("the grant was used by a concurrent payment")
         r = outcome.receipt
         record = PaymentRecord(

@@ -27,7 +27,7 @@ import aiosqlite
 from protocol.errors import ConfigError, Rejected
 from protocol.records import Release, record_hash
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: nonces and attestations bind the payment's intent hash
 ACTIVE, REVOKED = "active", "revoked"
 
 SCHEMA = """
@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS nonces (
     nonce BLOB PRIMARY KEY,
     device TEXT NOT NULL REFERENCES devices (device),
-    order_hash BLOB NOT NULL,
+    intent_hash BLOB NOT NULL,
     issued_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
     used_ms INTEGER
@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS nonces (
 CREATE TABLE IF NOT EXISTS attestations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     device TEXT NOT NULL REFERENCES devices (device),
-    order_hash BLOB NOT NULL,
+    intent_hash BLOB NOT NULL,
     nonce BLOB NOT NULL UNIQUE REFERENCES nonces (nonce),
     status TEXT NOT NULL,
     reason TEXT NOT NULL,
@@ -128,7 +128,7 @@ class DeviceRow:
 class NonceRow:
     nonce: bytes
     device: str
-    order_hash: bytes
+    intent_hash: bytes
     issued_ms: int
     expires_ms: int
 
@@ -137,7 +137,7 @@ class NonceRow:
 class AttestationRow:
     id: int
     device: str
-    order_hash: bytes
+    intent_hash: bytes
     nonce: bytes
     status: str
     reason: str
@@ -173,6 +173,12 @@ class TrustDb:
             raise ConfigError(
                 f"trust database {self.path} has schema {version}, newer than this server's "
                 f"{SCHEMA_VERSION}: upgrade trustpay"
+            )
+        if 0 < version < SCHEMA_VERSION:
+            await self.close()
+            raise ConfigError(
+                f"trust database {self.path} has the older schema {version}; its nonces bind orders, "
+                "not intents: provision the deployment again"
             )
         async with self._tx() as tx:
             for statement in SCHEMA.split(";"):
@@ -254,13 +260,13 @@ class TrustDb:
 
     # -- nonces ------------------------------------------------------------------
     async def issue_nonce(
-        self, nonce: bytes, device: str, order_hash: bytes, issued_ms: int, expires_ms: int
+        self, nonce: bytes, device: str, intent_hash: bytes, issued_ms: int, expires_ms: int
     ) -> None:
         async with self._tx() as tx:
             await tx.execute(
-                "INSERT INTO nonces (nonce, device, order_hash, issued_ms, expires_ms)"
+                "INSERT INTO nonces (nonce, device, intent_hash, issued_ms, expires_ms)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (nonce, device, order_hash, issued_ms, expires_ms),
+                (nonce, device, intent_hash, issued_ms, expires_ms),
             )
 
     async def consume_nonce(self, nonce: bytes, device: str, now_ms: int) -> NonceRow:
@@ -268,7 +274,7 @@ class TrustDb:
         async with self._tx() as tx:
             async with tx.execute(
                 "UPDATE nonces SET used_ms = ? WHERE nonce = ? AND device = ? AND used_ms IS NULL"
-                " AND expires_ms >= ? RETURNING order_hash, issued_ms, expires_ms",
+                " AND expires_ms >= ? RETURNING intent_hash, issued_ms, expires_ms",
                 (now_ms, nonce, device, now_ms),
             ) as cur:
                 won = await cur.fetchone()
@@ -303,9 +309,9 @@ class TrustDb:
         """Store one attestation and update the device's summary in the same transaction."""
         async with self._tx() as tx:
             cur = await tx.execute(
-                "INSERT INTO attestations (device, order_hash, nonce, status, reason, verdict, at_ms)"
+                "INSERT INTO attestations (device, intent_hash, nonce, status, reason, verdict, at_ms)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (nonce.device, nonce.order_hash, nonce.nonce, status, reason, verdict, at_ms),
+                (nonce.device, nonce.intent_hash, nonce.nonce, status, reason, verdict, at_ms),
             )
             attestation_id = cur.lastrowid
             await tx.execute(
@@ -322,7 +328,7 @@ class TrustDb:
 
     async def attestations(self, device: str) -> list[AttestationRow]:
         rows = await self._all(
-            "SELECT id, device, order_hash, nonce, status, reason, verdict, at_ms, granted_ms"
+            "SELECT id, device, intent_hash, nonce, status, reason, verdict, at_ms, granted_ms"
             " FROM attestations WHERE device = ? ORDER BY id",
             device,
         )

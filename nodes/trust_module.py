@@ -9,10 +9,17 @@ app paid it re-measures and stores (C6, C7).
 Durable state (``state/trust.json``) is the module's protected storage: stored
 measurements, the platform certificate, reports for the user, and a journal of
 open payment sessions. Dynamic data may change only inside a session, to the
-digest the chip and client announced before writing it; after a crash, the
-start-up checks accept either the stored or the announced digest, so an
-interrupted payment neither bricks the device nor lets a change made outside a
-session through.
+digest the chip and client announced before writing it (the client's with
+``attest.request``, the app's with ``c5.journal`` once its verdict was trusted
+and its order made); after a crash, the start-up checks accept either the
+stored or the announced digest, so an interrupted payment neither bricks the
+device nor lets a change made outside a session through.
+
+At C2 it measures every component from disk and also compares its measurement
+of the paying app with the digests of the buffer the chip read at
+``pay.start`` and will run at C5: if the app changed in between, nothing is
+quoted and the payment is refused (``app_changed``). So the bytes that run are
+the bytes measured.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from protocol.messages import (
     DeleteApp,
     Empty,
     Evidence,
+    JournalEntry,
     Measured,
     NonceRequest,
     PlatformCheck,
@@ -82,6 +90,7 @@ class TrustModule(Node):
         self.started = asyncio.Event()
         self._payment_lock = asyncio.Lock()
         self.route("attest.request", self.attest)
+        self.route("c5.journal", self.c5_journal)
         self.route("c6.done", self.c6_measure_app)
         self.route("c7.done", self.c7_measure_client)
         self.route("reports.get", self.reports)
@@ -331,18 +340,35 @@ class TrustModule(Node):
         return "attest.result", result
 
     async def _open_session(self, session: bytes, req: AttestRequest) -> None:
-        """Journal the dynamic digests the chip and client will write, before they write them."""
+        """Journal the client's next dynamic digest before it is written; the app's comes at C5."""
         pending: dict[str, list[str]] = {}
-        for component, new in ((f"{APP}:{req.app}", req.app_dyn_next), (CLIENT, req.client_dyn_next)):
+        for component, new in ((f"{APP}:{req.app}", b""), (CLIENT, req.client_dyn_next)):
             stored = self.data["measurements"].get(component, {}).get("dynamic", "")
             pending[component] = [d for d in (stored, new.hex()) if d]
         self.data["sessions"][session.hex()] = {
             "app": req.app,
             "order": req.order_id,
             "pending": pending,
+            "trusted": False,
             "opened_ms": now_ms(),
         }
         await self._save()
+
+    async def c5_journal(self, rx: Any) -> tuple[str, Body]:
+        """C5: the chip will write this app's next dynamic data; journal its digest first."""
+        entry: JournalEntry = rx.envelope.body
+        key = rx.envelope.session.hex()
+        session = self.data["sessions"].get(key)
+        if session is None or not session.get("trusted"):
+            raise Refused("no_session", "no payment session with a trusted verdict has that id")
+        if entry.app != session["app"]:
+            raise Refused("wrong_app", f"the session is for {session['app']!r}, not {entry.app!r}")
+        component = f"{APP}:{entry.app}"
+        stored = self.data["measurements"].get(component, {}).get("dynamic", "")
+        session["pending"][component] = [d for d in (stored, entry.dynamic.hex()) if d]
+        await self._save()
+        self.log.info("c5.journalled", app=entry.app, session=key)
+        return "journalled", Empty()
 
     def _untrusted(self, step: str, reason: str, session: bytes, order: str) -> AttestResult:
         self.step("C", step, "refused", reason, session=session, order_id=order)
@@ -385,31 +411,32 @@ class TrustModule(Node):
             self.step(
                 "C", "C1", "trusted", "platform certificate is current", session=session, order_id=order
             )
-        # C2: a fresh nonce bound to this order, then the signed quote and log
+        # C2: a fresh nonce bound to this intent, then the signed quote and log
         try:
             answer = await self.request(
                 self.link(Role.TRUST_SERVER),
                 "c2.nonce",
-                NonceRequest(req.order_hash),
+                NonceRequest(req.intent_hash),
                 recipient=ts,
                 expect="c2.challenge",
                 session=session,
+                peer=self.peers.get(ts),
             )
             nonce = answer.envelope.body.nonce
-            log = MeasurementLog()
-            for component in [CLIENT] + [f"{APP}:{a}" for a in self.apps]:
-                check = await self._check(component)
-                stored = self.data["measurements"].get(component, {}).get("dynamic")
-                log.append(LogEntry(check.measurement, stored == check.measurement.dynamic.hex()))
-            quote = make_quote(self.device or "", nonce, log, self.keys, now_ms())
-            self.step(
-                "C",
-                "C2",
-                "ok",
-                f"quote over {len(log.entries)} measurements",
-                session=session,
-                order_id=order,
-            )
+        except TrustpayError as exc:
+            return self._untrusted("C2", f"attestation did not complete: {exc}", session, order)
+        log = MeasurementLog()
+        for component in [CLIENT] + [f"{APP}:{a}" for a in self.apps]:
+            check = await self._check(component)
+            if component == f"{APP}:{req.app}":
+                await self._same_as_chip(check.measurement, req, session)
+            stored = self.data["measurements"].get(component, {}).get("dynamic")
+            log.append(LogEntry(check.measurement, stored == check.measurement.dynamic.hex()))
+        quote = make_quote(self.device or "", nonce, log, self.keys, now_ms())
+        self.step(
+            "C", "C2", "ok", f"quote over {len(log.entries)} measurements", session=session, order_id=order
+        )
+        try:
             answer = await self.request(
                 self.link(Role.TRUST_SERVER),
                 "c2.evidence",
@@ -429,13 +456,28 @@ class TrustModule(Node):
             ).body
         except TrustpayError as exc:
             return self._untrusted("C4", f"verdict does not verify: {exc}", session, order)
-        if (verdict.nonce, verdict.order_hash, verdict.device) != (nonce, req.order_hash, self.device):
-            return self._untrusted("C4", "verdict is for another nonce, order or device", session, order)
+        if (verdict.nonce, verdict.intent_hash, verdict.device) != (nonce, req.intent_hash, self.device):
+            return self._untrusted("C4", "verdict is for another nonce, payment or device", session, order)
         if verdict.status not in (AFFIRMING, WARNING):
             why = "; ".join(a.reason for a in verdict.appraisals if a.status != AFFIRMING)
             return self._untrusted("C4", f"platform found the terminal untrustworthy: {why}", session, order)
+        self.data["sessions"][session.hex()]["trusted"] = True  # now C5 may journal the app's data
+        await self._save()
         self.step("C", "C4", "trusted", f"verdict {verdict.status}", session=session, order_id=order)
         return AttestResult(True, verdict.status, message.verdict, message.payment_chain)
+
+    async def _same_as_chip(self, m: Measurement, req: AttestRequest, session: bytes) -> None:
+        """Refuse at C2 if the paying app on disk is not the buffer the chip will run."""
+        if (m.code, m.static, m.dynamic) == (req.code, req.static, req.dynamic):
+            return
+        reason = (
+            f"application {req.app!r} changed between the chip reading it and the trust module "
+            "measuring it; nothing was paid"
+        )
+        self.data["sessions"].pop(session.hex(), None)
+        await self._save()
+        self.step("C", "C2", "refused", reason, session=session, order_id=req.order_id)
+        raise Refused("app_changed", reason)
 
     async def c6_measure_app(self, rx: Any) -> tuple[str, Body]:
         """C6: the app has paid; measure it and store its new integrity."""

@@ -80,7 +80,7 @@ from .runtime import Node, NodeConfig, now_ms
 from .trust_db import ACTIVE, REVOKED, DeviceRow, DeviceUnknown, NonceRow, TrustDb
 
 NONCE_SIZE = 32
-ORDER_HASH_SIZE = 32  # protocol.records.record_hash
+INTENT_HASH_SIZE = 32  # protocol.records.intent_hash
 NONCE_TTL_MS = 30_000
 VERDICT_TTL_MS = 60_000
 REFUSED = "refused"  # last_status of a device whose evidence did not even verify
@@ -283,11 +283,11 @@ class TrustServer(Node):
     async def c2_nonce(self, rx: Received) -> tuple[str, Body]:
         req: NonceRequest = rx.envelope.body
         device = self._device_of(rx)
-        if len(req.order_hash) != ORDER_HASH_SIZE:
-            raise Malformed(f"order hash must be {ORDER_HASH_SIZE} bytes, got {len(req.order_hash)}")
+        if len(req.intent_hash) != INTENT_HASH_SIZE:
+            raise Malformed(f"intent hash must be {INTENT_HASH_SIZE} bytes, got {len(req.intent_hash)}")
         await self._registered(rx, device)
         nonce, now = os.urandom(NONCE_SIZE), self.clock()
-        await self.db.issue_nonce(nonce, device, req.order_hash, now, now + NONCE_TTL_MS)
+        await self.db.issue_nonce(nonce, device, req.intent_hash, now, now + NONCE_TTL_MS)
         self.step(
             "C",
             "C2",
@@ -329,7 +329,7 @@ class TrustServer(Node):
             status,
             appraisals,
             nonce.nonce,
-            nonce.order_hash,
+            nonce.intent_hash,
             POLICY,
             now,
             now + VERDICT_TTL_MS,
@@ -356,7 +356,7 @@ class TrustServer(Node):
         check_quote(quote, log, sender.body.sign_key, ev.nonce)
 
     async def _grant(self, nonce: NonceRow, verdict: bytes, expires_ms: int, session: bytes) -> None:
-        grant = Grant(nonce.device, nonce.order_hash, verdict, expires_ms)
+        grant = Grant(nonce.device, nonce.intent_hash, verdict, expires_ms)
         try:
             await self.request(
                 self.link(Role.PAYMENT_SERVER),

@@ -30,7 +30,7 @@ from typing import Any
 
 import nacl.public
 
-from protocol import certs, codec, envelope, errors, keys, measure, messages, records, replay, topics
+from protocol import certs, codec, envelope, errors, keys, measure, messages, records, replay, seal, topics
 from protocol.certs import CertBody, Certificate, CertStore, issue
 from protocol.codec import pack
 from protocol.envelope import FRAME_DOMAIN, Envelope, Verifier, sign_frame, signed_bytes
@@ -561,7 +561,7 @@ def render_errors() -> str:
     )
 
 
-EXTRA_SOURCES = {"trust_server": ("trust_db",), "payment_server": ("ledger",)}
+EXTRA_SOURCES = {"trust_server": ("trust_db",), "payment_server": ("ledger",), "chip": ("sandbox",)}
 
 
 class _CodeFinder(ast.NodeVisitor):
@@ -845,8 +845,9 @@ def build_vectors() -> Vectors:
     # frame 3: c2.evidence, sealed for the trust-server's box key with a fixed nonce
     evidence = Evidence(V_QUOTE_NONCE, quote.to_bytes(), log.entries, "wallet")
     plain = pack(to_map(evidence))
+    padded = seal.pad(plain)
     box = nacl.public.Box(kp["tm"].box_private, nacl.public.PublicKey(cs["trust-server"].body.box_key))
-    sealed = bytes(box.encrypt(plain, V_BOX_NONCE))
+    sealed = bytes(box.encrypt(padded, V_BOX_NONCE))
     env3 = Envelope(
         type="c2.evidence",
         message_id=bytes(range(0x30, 0x40)),
@@ -880,9 +881,11 @@ def build_vectors() -> Vectors:
         "",
         "# frame 3: c2.evidence, sealed: NaCl Box(tm box secret, trust-server box public), FIXED nonce",
         "# for this vector only (real frames use a random nonce); opened by the trust-server at",
-        "# ts_ms + 400, after frame 1",
+        "# ts_ms + 400, after frame 1. The box holds the body padded: u32be length || body || zeros,",
+        f"# to the smallest of {', '.join(map(str, seal.PAD_SIZES))} bytes that fits",
         f"frame3.now_ms = {V_TS_MS + 400}",
         f"frame3.plaintext = {plain.hex()}",
+        f"frame3.padded = {padded.hex()}",
         f"frame3.box_nonce = {V_BOX_NONCE.hex()}",
         f"frame3.sealed = {sealed.hex()}",
     ]

@@ -139,12 +139,18 @@ class PayResult:
 
 @dataclass(frozen=True)
 class AttestRequest:
-    """Chip -> trust module: attest this device for this order before the app pays."""
+    """Chip -> trust module: attest this device for this intent before any app code runs.
+
+    The digests are of the app's files as the chip read them into the buffer it
+    will run at C5; the trust module refuses at C2 if its own measurement differs.
+    """
 
     app: str
     order_id: str
-    order_hash: bytes
-    app_dyn_next: bytes  # digest of the app's dynamic data after the payment
+    intent_hash: bytes  # records.intent_hash of the pay.start
+    code: bytes  # measure.digest of the chip's buffer: code, static data, dynamic data
+    static: bytes
+    dynamic: bytes
     client_dyn_next: bytes
 
 
@@ -173,7 +179,7 @@ class PlatformResult:
 
 @dataclass(frozen=True)
 class NonceRequest:
-    order_hash: bytes
+    intent_hash: bytes
 
 
 @dataclass(frozen=True)
@@ -200,10 +206,10 @@ class VerdictMessage:
 
 @dataclass(frozen=True)
 class Grant:
-    """Trust-server -> payment-server: this device may pay this order until then."""
+    """Trust-server -> payment-server: this device may pay this intent until then."""
 
     device: str
-    order_hash: bytes
+    intent_hash: bytes
     verdict: bytes
     expires_ms: int
 
@@ -216,6 +222,14 @@ class PayOrder:
 @dataclass(frozen=True)
 class PayReceipt:
     receipt: bytes  # signed Receipt
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """C5, chip -> trust module: the app's dynamic data will become this digest in this session."""
+
+    app: str
+    dynamic: bytes
 
 
 @dataclass(frozen=True)
@@ -302,7 +316,8 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         _spec("event", StepEvent, channels=(CHANNEL_EVENTS,)),
         # A
         _spec("chip.info", Empty, (TM, CHIP)),
-        _spec("chip.state", ChipState, (CHIP, TM), (CHIP, CLIENT)),
+        # it lists each app's transaction counter
+        _spec("chip.state", ChipState, (CHIP, TM), (CHIP, CLIENT), sealed=True),
         _spec("chip.enable", SetEnabled, (TM, CHIP)),
         _spec("app.delete", DeleteApp, (TM, CHIP)),
         # B
@@ -313,11 +328,12 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         # C
         _spec("pay.start", PayStart, (CLIENT, CHIP), sealed=True),
         _spec("pay.result", PayResult, (CHIP, CLIENT), sealed=True),
-        _spec("attest.request", AttestRequest, (CHIP, TM)),
+        # the intent hash is over guessable fields, the digests give the counter away: sealed
+        _spec("attest.request", AttestRequest, (CHIP, TM), sealed=True),
         _spec("attest.result", AttestResult, (TM, CHIP), sealed=True),
         _spec("c1.check", PlatformCheck, (TM, TS)),
         _spec("c1.result", PlatformResult, (TS, TM)),
-        _spec("c2.nonce", NonceRequest, (TM, TS)),
+        _spec("c2.nonce", NonceRequest, (TM, TS), sealed=True),
         _spec("c2.challenge", Challenge, (TS, TM)),
         _spec("c2.evidence", Evidence, (TM, TS), sealed=True),
         _spec("c4.verdict", VerdictMessage, (TS, TM), sealed=True),
@@ -326,6 +342,8 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         _spec("trust.granted", Empty, (PS, TS)),
         _spec("pay.order", PayOrder, (CHIP, PS), sealed=True),
         _spec("pay.receipt", PayReceipt, (PS, CHIP), sealed=True),
+        _spec("c5.journal", JournalEntry, (CHIP, TM), sealed=True),  # the next dynamic digest: a counter
+        _spec("journalled", Empty, (TM, CHIP)),
         _spec("c6.done", SessionDone, (CHIP, TM)),
         _spec("c7.done", SessionDone, (CLIENT, TM)),
         _spec("measured", Measured, (TM, CHIP), (TM, CLIENT)),

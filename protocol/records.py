@@ -82,6 +82,35 @@ class Order:
 
 
 @dataclass(frozen=True)
+class Intent:
+    """What the user asked to pay (the client's ``pay.start``), bound from C2 to the receipt.
+
+    The chip builds it before any app code runs; the trust-server's verdict and
+    grant name its hash, and the payment-server recomputes that hash from the
+    signed order, so an order that pays anything else finds no grant.
+    """
+
+    device: str
+    order_id: str
+    app: str
+    payee: str
+    amount: int
+    currency: str
+
+
+def intent_of(order: Order) -> Intent:
+    return Intent(order.device, order.order_id, order.app, order.payee, order.amount, order.currency)
+
+
+def intent_hash(intent: Intent) -> bytes:
+    """Domain-separated, so it can never equal a ``record_hash`` or a measurement digest."""
+    return hashlib.blake2b(pack(to_map(intent)), digest_size=32, person=b"tp-intent").digest()
+
+
+INTENT_HASH_SIZE = 32
+
+
+@dataclass(frozen=True)
 class Receipt:
     """The payment-server's signed answer to an order: confirmed or refused."""
 
@@ -119,7 +148,7 @@ class Verdict:
     status: str
     appraisals: tuple[Appraisal, ...]
     nonce: bytes
-    order_hash: bytes
+    intent_hash: bytes  # the payment the user asked for (``intent_hash``), not yet an order
     policy: str
     issued_ms: int
     expires_ms: int

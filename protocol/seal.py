@@ -6,10 +6,17 @@ trust module and the trust-server for evidence), so a subscriber to every topic
 learns no account, amount or payee. The box key of each end is in its
 certificate. Building a ``Box`` costs about ten times sealing with one, so
 boxes are cached per key pair.
+
+A box hides the bytes but not their number, and an amount of 5 packs shorter
+than one of 50,000. So each plaintext is length-prefixed and padded with zeros
+to the smallest of a few fixed sizes (``PAD_SIZES``) before it is boxed: every
+sealed body of a kind has one length whatever its amount, payee or counter.
+A body over the largest size is padded to a whole number of ``PAD_STEP``.
 """
 
 from __future__ import annotations
 
+import struct
 from functools import lru_cache
 
 import nacl.exceptions
@@ -18,6 +25,32 @@ import nacl.public
 from .errors import SealError
 from .keys import KeyPair
 
+PAD_SIZES = (512, 2048, 8192, 16384)  # plaintext sizes, length prefix included; an order fits the first
+PAD_STEP = 4096
+_PREFIX = struct.Struct(">I")
+
+
+def padded_size(length: int) -> int:
+    """The padded plaintext size for a body of ``length`` bytes."""
+    needed = length + _PREFIX.size
+    for size in PAD_SIZES:
+        if needed <= size:
+            return size
+    return -(-needed // PAD_STEP) * PAD_STEP
+
+
+def pad(body: bytes) -> bytes:
+    return _PREFIX.pack(len(body)) + body + bytes(padded_size(len(body)) - len(body) - _PREFIX.size)
+
+
+def unpad(padded: bytes) -> bytes:
+    if len(padded) < _PREFIX.size:
+        raise SealError("sealed body is too short to hold its length")
+    (length,) = _PREFIX.unpack_from(padded)
+    if length > len(padded) - _PREFIX.size or len(padded) != padded_size(length):
+        raise SealError("sealed body's padding does not match its length")
+    return padded[_PREFIX.size : _PREFIX.size + length]
+
 
 @lru_cache(maxsize=4096)
 def _box(secret: bytes, peer_public: bytes) -> nacl.public.Box:
@@ -25,12 +58,13 @@ def _box(secret: bytes, peer_public: bytes) -> nacl.public.Box:
 
 
 def seal(plaintext: bytes, mine: KeyPair, peer_box_public: bytes) -> bytes:
-    """Encrypt and authenticate ``plaintext`` for the holder of ``peer_box_public``."""
-    return bytes(_box(mine.box_secret, peer_box_public).encrypt(plaintext))
+    """Pad, encrypt and authenticate ``plaintext`` for the holder of ``peer_box_public``."""
+    return bytes(_box(mine.box_secret, peer_box_public).encrypt(pad(plaintext)))
 
 
 def unseal(sealed: bytes, mine: KeyPair, peer_box_public: bytes) -> bytes:
     try:
-        return bytes(_box(mine.box_secret, peer_box_public).decrypt(sealed))
+        padded = bytes(_box(mine.box_secret, peer_box_public).decrypt(sealed))
     except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, TypeError) as exc:
         raise SealError("sealed body does not open with our key and the sender's") from exc
+    return unpad(padded)

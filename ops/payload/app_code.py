@@ -1,11 +1,13 @@
 """A payment application's own code (patent part 12), as installed in the chip.
 
 ``trustpay provision`` copies this file verbatim to
-``devices/{device}/chip/apps/{app}/code.py``; the chip loads and runs it from
-there and the trust module measures those bytes (claim 2). Standard library
-only, so what is measured is all that runs. ``static`` is the app's static
-data (name, version, currency, per-payment limit); ``dynamic`` its stored
-transaction counter.
+``devices/{device}/chip/apps/{app}/code.py``. At a payment the chip reads it
+once; the trust module measures the same bytes (claim 2) and only after a
+trusted verdict does the chip run that very buffer, in a locked-down worker
+(``nodes/sandbox.py``): no files, no ``os``, only a few standard modules
+(``from __future__``, ``typing`` ...). ``static`` is the app's static data
+(name, version, currency, per-payment limit); ``dynamic`` its stored
+transaction counter. The chip checks the order against what the user asked.
 """
 
 from __future__ import annotations

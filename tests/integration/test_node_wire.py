@@ -86,7 +86,7 @@ async def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
 
     async def echo(rx):  # the application: must run exactly once per request
         handled[rx.envelope.message_id] += 1
-        return "c2.challenge", Challenge(rx.envelope.body.order_hash, 0)
+        return "c2.challenge", Challenge(rx.envelope.body.intent_hash, 0)
 
     ts.route("c2.nonce", echo)
     answers: dict[int, bytes] = {}
@@ -104,6 +104,7 @@ async def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
                 NonceRequest(i.to_bytes(32, "big")),
                 recipient="trust-server",
                 expect="c2.challenge",
+                peer=dep.load_cert("trust-server"),  # c2.nonce is sealed
             )
             answers[i] = rx.envelope.body.nonce
             if len(answers) >= REQUESTS // 4:

@@ -31,7 +31,10 @@ from protocol.records import (
     Order,
     Receipt,
     Verdict,
+    intent_hash,
+    intent_of,
     open_record,
+    peek_record,
     record_hash,
     sign_record,
 )
@@ -69,10 +72,15 @@ def hash_of(blob: bytes) -> bytes:
     return record_hash(unpack(blob)["body"])
 
 
+def intent_of_blob(blob: bytes) -> bytes:
+    """The intent hash a grant names for this order: what the user asked to pay."""
+    return intent_hash(intent_of(peek_record(Order, blob, "order")))
+
+
 def make_verdict(
     dep: Deployment,
     device: str,
-    order_hash: bytes,
+    bound: bytes,
     *,
     status: str = "affirming",
     expires_ms: int | None = None,
@@ -85,7 +93,7 @@ def make_verdict(
         for c in ("client", "app:wallet", "app:transit")
     )
     verdict = Verdict(
-        "trust-server", device, status, appraisals, b"\x00" * 16, order_hash, "test", now_ms(), expires
+        "trust-server", device, status, appraisals, b"\x00" * 16, bound, "test", now_ms(), expires
     )
     return sign_record(verdict, VERDICT_DOMAIN, keys or dep.load_keys("trust-server")).to_bytes()
 
@@ -112,10 +120,10 @@ class Platform:
     async def grant(
         self, blob: bytes, *, device: str = DEV, expires_in_ms: int = 60_000, verdict: bytes | None = None
     ) -> None:
-        order_hash = hash_of(blob)
+        bound = intent_of_blob(blob)
         expires = now_ms() + expires_in_ms
-        verdict = verdict or make_verdict(self.dep, device, order_hash, expires_ms=expires)
-        grant = Grant(device, order_hash, verdict, expires)
+        verdict = verdict or make_verdict(self.dep, device, bound, expires_ms=expires)
+        grant = Grant(device, bound, verdict, expires)
         await self.ts.request(
             self.ts.link(Role.PAYMENT_SERVER),
             "trust.grant",
@@ -265,7 +273,9 @@ async def test_a_grant_from_a_chip_is_rejected(dep: Deployment) -> None:
         chip = p.chips[DEV]
         blob = make_order(dep, "o-1")
         topic = "tp/v1/plat/ts/ps"  # the trust-server's link, which a chip's certificate may not use
-        grant = Grant(DEV, hash_of(blob), make_verdict(dep, DEV, hash_of(blob)), now_ms() + 60_000)
+        grant = Grant(
+            DEV, intent_of_blob(blob), make_verdict(dep, DEV, intent_of_blob(blob)), now_ms() + 60_000
+        )
         await chip.bus.publish(topic, chip.frame(topic, "trust.grant", grant, PS, peer=p.dep.load_cert(PS)))
         await ping(p.ts, Role.PAYMENT_SERVER, PS)  # one reader, in order: the forged frame was handled
         assert p.ps.counters["rejected.wrong_role"] == 1
@@ -281,7 +291,7 @@ async def test_a_grant_from_a_chip_is_rejected(dep: Deployment) -> None:
 async def test_a_verdict_signed_by_another_key_is_rejected(dep: Deployment) -> None:
     async with platform(dep) as p:
         blob = make_order(dep, "o-1")
-        forged = make_verdict(dep, DEV, hash_of(blob), keys=dep.load_keys(f"{DEV}.chip"))
+        forged = make_verdict(dep, DEV, intent_of_blob(blob), keys=dep.load_keys(f"{DEV}.chip"))
         with pytest.raises(Refused) as info:
             await p.grant(blob, verdict=forged)
         receipt, _ = await p.pay(blob)
@@ -293,7 +303,9 @@ async def test_a_contraindicated_verdict_grants_nothing(dep: Deployment) -> None
     async with platform(dep) as p:
         blob = make_order(dep, "o-1")
         with pytest.raises(Refused) as info:
-            await p.grant(blob, verdict=make_verdict(dep, DEV, hash_of(blob), status="contraindicated"))
+            await p.grant(
+                blob, verdict=make_verdict(dep, DEV, intent_of_blob(blob), status="contraindicated")
+            )
         receipt, _ = await p.pay(blob)
     assert info.value.refusal_code == "untrusted"
     assert receipt.code == "not_attested"
@@ -362,6 +374,43 @@ async def test_an_order_signed_for_another_device_is_refused(tmp_path: Path) -> 
         with pytest.raises(Refused) as info:
             await p.pay(blob)
     assert info.value.refusal_code == "wrong_device"
+
+
+async def test_order_ids_are_each_devices_own(tmp_path: Path) -> None:
+    """Another device taking an order id first neither blocks this device's order nor reads it."""
+    dep = provisioned(tmp_path, devices=2)
+    async with platform(dep, devices=2) as p:
+        theirs = make_order(dep, "o-1", amount=300, device="dev-0002")
+        await p.grant(theirs, device="dev-0002")
+        their_receipt, _ = await p.pay(theirs, device="dev-0002")
+        ours = make_order(dep, "o-1", amount=700)
+        await p.grant(ours)
+        our_receipt, our_raw = await p.pay(ours)
+        again, again_raw = await p.pay(ours)  # a repeat still gets our own original receipt
+        their_again, _ = await p.pay(theirs, device="dev-0002")
+        payments = sorted((x.device, x.order_id, x.amount) for x in (await p.ps.ledger.snapshot()).payments)
+    # On a ledger keyed by order id alone, our order is refused "order_id_reused": their id blocks ours.
+    assert their_receipt.status == "confirmed"
+    assert (our_receipt.status, our_receipt.amount, our_receipt.device) == ("confirmed", 700, DEV)
+    assert again_raw == our_raw and again.order_hash == hash_of(ours)
+    assert their_again.order_hash == hash_of(theirs) and their_again.device == "dev-0002"
+    assert payments == [(DEV, "o-1", 700), ("dev-0002", "o-1", 300)]
+
+
+async def test_a_grant_covers_its_intent_not_another_payee_or_amount(dep: Deployment) -> None:
+    async with platform(dep) as p:
+        before = await p.balances()
+        await p.grant(make_order(dep, "o-1", amount=100))  # the user asked 1.00 to shop-1
+        other_payee, _ = await p.pay(make_order(dep, "o-1", amount=100, payee="shop-2", counter=1))
+        other_amount, _ = await p.pay(make_order(dep, "o-1", amount=40_000, counter=1))
+        assert await p.balances() == before
+        # the same intent, as a fresh order with its own counter and time, is what the grant is for
+        paid, _ = await p.pay(make_order(dep, "o-1", amount=100, counter=2))
+        after = await p.balances()
+    # refused refusals are not stored (a grant may still come), so the same id pays afterwards
+    assert (other_payee.code, other_amount.code) == ("not_attested", "not_attested")
+    assert paid.status == "confirmed"
+    assert after[f"{DEV}:wallet"] == before[f"{DEV}:wallet"] - 100
 
 
 # -- durability and concurrency ----------------------------------------------------------
@@ -450,8 +499,8 @@ async def test_two_replicas_on_one_database_execute_each_order_once(dep: Deploym
     b = make_node(PaymentServer, dep, PS, FakeBroker(), SETTINGS, deployment=dep)
     async with running(a), running(b):  # nested: each bumps the shared epoch file in turn
         for blob in blobs:
-            verdict = make_verdict(dep, DEV, hash_of(blob))
-            await a.ledger.store_grant(DEV, hash_of(blob), verdict, now_ms() + 60_000)
+            verdict = make_verdict(dep, DEV, intent_of_blob(blob))
+            await a.ledger.store_grant(DEV, intent_of_blob(blob), verdict, now_ms() + 60_000)
         # every order reaches both replicas at once, as if a shared subscription delivered it twice
         answers = await asyncio.gather(*(s.settle(blob, chip) for blob in blobs for s in (a, b)))
         after = {x.account: x.balance for x in (await a.ledger.snapshot()).accounts}
@@ -548,7 +597,7 @@ async def test_a_verdict_that_warns_about_the_paying_app_pays_nothing(dep: Deplo
         before = await p.balances()
         wallet_order, transit_order = make_order(dep, "o-w"), make_order(dep, "o-t", app="transit")
         for blob in (wallet_order, transit_order):
-            verdict = make_verdict(dep, DEV, hash_of(blob), status="warning", tampered=("app:wallet",))
+            verdict = make_verdict(dep, DEV, intent_of_blob(blob), status="warning", tampered=("app:wallet",))
             await p.grant(blob, verdict=verdict)
         refused, _ = await p.pay(wallet_order)
         paid, _ = await p.pay(transit_order)

@@ -178,12 +178,12 @@ async def test_an_ordered_route_handles_one_link_in_arrival_order(dep) -> None:
     let_first_finish = asyncio.Event()
 
     async def in_order(rx):
-        n = rx.envelope.body.order_hash[0]
+        n = rx.envelope.body.intent_hash[0]
         if n == 0:
             first_started.set()
             await let_first_finish.wait()  # the first is slow; the others must still wait for it
         handled.append(n)
-        return "c2.challenge", Challenge(rx.envelope.body.order_hash, 0)
+        return "c2.challenge", Challenge(rx.envelope.body.intent_hash, 0)
 
     ts.route("c2.nonce", in_order, ordered=True)
     async with running(tm, ts):
@@ -195,6 +195,7 @@ async def test_an_ordered_route_handles_one_link_in_arrival_order(dep) -> None:
                     NonceRequest(bytes([n]) * 32),
                     recipient="trust-server",
                     expect="c2.challenge",
+                    peer=dep.load_cert("trust-server"),  # c2.nonce is sealed
                     timeout_s=5,
                     attempts=1,
                 )

@@ -106,6 +106,7 @@ async def platform(
 
 # -- the trust module's side ------------------------------------------------------
 def order_hash(n: int = 1) -> bytes:
+    """Stands for an intent hash: the trust-server only binds it, never opens it."""
     return record_hash(f"order-{n}".encode())
 
 
@@ -134,9 +135,15 @@ async def c1(tm: Node, serial: int, fingerprint: bytes) -> PlatformResult:
     return result
 
 
-async def challenge(tm: Node, oh: bytes) -> Challenge:
+async def challenge(p: Platform, oh: bytes) -> Challenge:
+    tm = p.tm
     answer = await tm.request(
-        tm.link(Role.TRUST_SERVER), "c2.nonce", NonceRequest(oh), recipient=TS, expect="c2.challenge"
+        tm.link(Role.TRUST_SERVER),
+        "c2.nonce",
+        NonceRequest(oh),
+        recipient=TS,
+        expect="c2.challenge",
+        peer=p.dep.load_cert(TS),  # sealed: the intent hash is over guessable fields
     )
     ch: Challenge = answer.envelope.body
     return ch
@@ -167,7 +174,7 @@ async def evidence(
 
 
 async def attest(p: Platform, oh: bytes, tamper: str = "") -> tuple[Challenge, VerdictMessage, Verdict]:
-    ch = await challenge(p.tm, oh)
+    ch = await challenge(p, oh)
     message = await evidence(p.tm, ch.nonce, device_log(p.dep, tamper))
     ts_key = p.dep.load_cert(TS).body.sign_key
     verdict = open_record(Verdict, message.verdict, VERDICT_DOMAIN, ts_key, "verdict").body
@@ -201,7 +208,7 @@ async def test_an_intact_terminal_gets_an_affirming_verdict_and_one_grant(dep: D
     assert len(ch.nonce) == 32 and before + NONCE_TTL_MS <= ch.expires_ms <= now_ms() + NONCE_TTL_MS
     assert verdict.status == AFFIRMING
     assert (verdict.verifier, verdict.device, verdict.policy) == (TS, DEV, POLICY)
-    assert (verdict.nonce, verdict.order_hash) == (ch.nonce, oh)
+    assert (verdict.nonce, verdict.intent_hash) == (ch.nonce, oh)
     assert verdict.expires_ms - verdict.issued_ms == VERDICT_TTL_MS
     assert statuses(verdict) == {"client": AFFIRMING, "app:transit": AFFIRMING, "app:wallet": AFFIRMING}
     assert message.payment_chain == (dep.load_cert(PS).to_bytes(), dep.load_public("platform").to_bytes())
@@ -222,7 +229,7 @@ async def test_a_tampered_client_is_contraindicated_and_not_granted(dep: Deploym
         healed = await p.ts.db.device(DEV)
     assert verdict.status == CONTRAINDICATED
     assert statuses(verdict)["client"] == CONTRAINDICATED
-    assert [g.order_hash for g in p.grants] == [order_hash(2)]  # the tampered attempt was never granted
+    assert [g.intent_hash for g in p.grants] == [order_hash(2)]  # the tampered attempt was never granted
     assert failed is not None and failed.consecutive_failures == 1 and failed.last_status == CONTRAINDICATED
     assert again.status == AFFIRMING
     assert healed is not None and healed.consecutive_failures == 0
@@ -238,7 +245,7 @@ async def test_a_tampered_app_only_warns_and_is_granted(dep: Deployment) -> None
 
 async def test_a_tampered_paying_app_is_contraindicated(dep: Deployment) -> None:
     async with platform(dep) as p:
-        ch = await challenge(p.tm, order_hash())
+        ch = await challenge(p, order_hash())
         message = await evidence(p.tm, ch.nonce, device_log(dep, tamper="app:wallet"), app="wallet")
     verdict = open_record(Verdict, message.verdict, VERDICT_DOMAIN, dep.load_cert(TS).body.sign_key, "v").body
     assert verdict.status == CONTRAINDICATED and p.grants == []
@@ -247,7 +254,7 @@ async def test_a_tampered_paying_app_is_contraindicated(dep: Deployment) -> None
 
 async def test_a_log_without_the_paying_app_is_contraindicated(dep: Deployment) -> None:
     async with platform(dep) as p:
-        ch = await challenge(p.tm, order_hash())
+        ch = await challenge(p, order_hash())
         log = MeasurementLog()
         log.append(device_log(dep).entries[0])  # the client alone
         message = await evidence(p.tm, ch.nonce, log)
@@ -279,7 +286,7 @@ async def test_a_nonce_is_used_once(dep: Deployment) -> None:
 
 async def test_concurrent_evidence_for_one_nonce_has_one_winner(dep: Deployment) -> None:
     async with platform(dep) as p:
-        ch = await challenge(p.tm, order_hash())
+        ch = await challenge(p, order_hash())
         log = device_log(dep)
         results = await asyncio.gather(
             *(evidence(p.tm, ch.nonce, log) for _ in range(4)), return_exceptions=True
@@ -293,7 +300,7 @@ async def test_concurrent_evidence_for_one_nonce_has_one_winner(dep: Deployment)
 
 async def test_an_expired_nonce_is_refused(dep: Deployment) -> None:
     async with platform(dep) as p:
-        ch = await challenge(p.tm, order_hash())
+        ch = await challenge(p, order_hash())
         p.ts.clock = lambda: now_ms() + NONCE_TTL_MS + 1_000
         with pytest.raises(Refused) as expired:
             await evidence(p.tm, ch.nonce, device_log(dep))
@@ -304,7 +311,7 @@ async def test_an_expired_nonce_is_refused(dep: Deployment) -> None:
 
 async def test_a_quote_over_another_nonce_is_refused_and_burns_the_nonce(dep: Deployment) -> None:
     async with platform(dep) as p:
-        ch = await challenge(p.tm, order_hash())
+        ch = await challenge(p, order_hash())
         with pytest.raises(Refused) as mismatch:
             await evidence(p.tm, ch.nonce, device_log(dep), quoted_nonce=os.urandom(32))
         with pytest.raises(Refused) as retry:
@@ -340,7 +347,7 @@ async def test_used_nonces_stay_used_across_a_restart(dep: Deployment) -> None:
 async def test_no_verdict_without_an_acknowledged_grant(dep: Deployment) -> None:
     quick = Settings(request_timeout_s=0.05, request_attempts=2)
     async with platform(dep, with_ps=False, ts_settings=quick) as p:
-        ch = await challenge(p.tm, order_hash())
+        ch = await challenge(p, order_hash())
         with pytest.raises(Refused) as refused:
             await evidence(p.tm, ch.nonce, device_log(dep), timeout_s=5, attempts=1)
         history = await p.ts.db.attestations(DEV)
@@ -381,7 +388,7 @@ async def test_a_withdrawn_client_release_makes_the_terminal_contraindicated(dep
     assert [a.reason for a in after.appraisals if a.component == CLIENT] == [
         f"client: version {m.version} has been withdrawn"
     ]
-    assert [g.order_hash for g in p.grants] == [order_hash(1)]
+    assert [g.intent_hash for g in p.grants] == [order_hash(1)]
     # the withdrawal is durable: a fresh look at the database still has it
     db = TrustDb(dep.trust_db)
     await db.open()

@@ -234,7 +234,7 @@ def test_signature_swapped_between_frames_rejected():
 
 # -- topic binding --------------------------------------------------------------------
 def test_device_frame_on_another_device_topic():
-    frame, _, _ = frame_for(TM, TS, "c2.nonce")
+    frame, _, _ = frame_for(TM, TS, "c1.check")
     with exactly(WrongTopic):
         verifier(PKI, TS).open(frame, link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, "d2"), NOW_MS)
 
@@ -248,7 +248,7 @@ def test_server_frame_on_another_device_topic():
 
 
 def test_frame_in_the_other_direction():
-    frame, _, _ = frame_for(TM, TS, "c2.nonce")
+    frame, _, _ = frame_for(TM, TS, "c1.check")
     with exactly(WrongTopic):
         verifier(PKI, TS).open(frame, TS_TM, NOW_MS)
 
@@ -260,7 +260,7 @@ def test_ping_in_the_other_direction_is_wrong_role():
 
 
 def test_frame_on_another_link_of_the_same_sender():
-    frame, _, _ = frame_for(TM, TS, "c2.nonce")
+    frame, _, _ = frame_for(TM, TS, "c1.check")
     with exactly(WrongTopic):
         verifier(PKI, CHIP).open(frame, link_topic(Role.TRUST_MODULE, Role.CHIP, "d1"), NOW_MS)
 
@@ -294,10 +294,10 @@ def test_not_a_topic(topic):
 
 # -- the ordered checks ------------------------------------------------------------------
 def test_wrong_recipient():
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce")
+    frame, topic, _ = frame_for(TM, TS, "c1.check")
     with exactly(NotForMe):
         verifier(PKI, PS).open(frame, topic, NOW_MS)
-    env = envelope(TM, "payment-server", "c2.nonce", BODIES["c2.nonce"])
+    env = envelope(TM, "payment-server", "c1.check", BODIES["c1.check"])
     with exactly(NotForMe):
         verifier(PKI, TS).open(sign(env, TM_TS, TM), TM_TS, NOW_MS)
 
@@ -319,25 +319,25 @@ def test_version_2():
 
 
 def test_no_chain():
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce", chain=())
+    frame, topic, _ = frame_for(TM, TS, "c1.check", chain=())
     with exactly(UnknownSender):
         verifier(PKI, TS).open(frame, topic, NOW_MS)
 
 
 def test_chain_of_another_node():
     # claims to be d1.tm, carries (and signs with) d1.chip's certificate
-    env = dataclasses.replace(envelope(TM, TS, "c2.nonce", BODIES["c2.nonce"]), chain=CHIP.chain)
+    env = dataclasses.replace(envelope(TM, TS, "c1.check", BODIES["c1.check"]), chain=CHIP.chain)
     with exactly(UnknownSender):
         verifier(PKI, TS).open(sign(env, TM_TS, CHIP), TM_TS, NOW_MS)
     # carries d2.tm's certificate while claiming to be d1.tm
-    env = dataclasses.replace(envelope(TM, TS, "c2.nonce", BODIES["c2.nonce"]), chain=TM2.chain)
+    env = dataclasses.replace(envelope(TM, TS, "c1.check", BODIES["c1.check"]), chain=TM2.chain)
     with exactly(UnknownSender):
         verifier(PKI, TS).open(sign(env, TM_TS, TM2), TM_TS, NOW_MS)
 
 
 def test_chain_of_another_node_signed_with_own_key_is_bad_signature():
     # d1.tm's name and chain, but d2.tm's signing key
-    env = envelope(TM, TS, "c2.nonce", BODIES["c2.nonce"])
+    env = envelope(TM, TS, "c1.check", BODIES["c1.check"])
     with exactly(BadSignature):
         verifier(PKI, TS).open(sign(env, TM_TS, TM2), TM_TS, NOW_MS)
 
@@ -365,11 +365,11 @@ def test_operator_and_monitor_cannot_send_on_links():
 
 def test_expired_and_revoked_sender():
     old = PKI.device_node(Role.TRUST_MODULE, "d1", not_after=NOW_S - 1)
-    frame, topic, _ = frame_for(old, TS, "c2.nonce")
+    frame, topic, _ = frame_for(old, TS, "c1.check")
     with exactly(CertificateExpired):
         verifier(PKI, TS).open(frame, topic, NOW_MS)
 
-    frame, topic, env = frame_for(TM, TS, "c2.nonce")
+    frame, topic, env = frame_for(TM, TS, "c1.check")
     store = PKI.store()
     store.set_revocations(sign_revocations(1, NOW_S, (TM.cert.serial,), PKI.root_keys), NOW_S)
     with exactly(SenderRevoked) as info:
@@ -387,41 +387,41 @@ def test_revoked_sender_is_named_only_after_its_signature_and_freshness_verify()
     store.set_revocations(sign_revocations(1, NOW_S, (TM.cert.serial,), PKI.root_keys), NOW_S)
     guard = ReplayGuard(floor_ms=0)
     receiver = Verifier(frozenset({TS.name}), store, guard, keys=TS.keys)
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce")
+    frame, topic, _ = frame_for(TM, TS, "c1.check")
     with exactly(BadSignature):
         receiver.open(flip(frame, len(frame) * 8 - 1), topic, NOW_MS)
     with exactly(SenderRevoked):
         receiver.open(frame, topic, NOW_MS)
     with exactly(Duplicate):
         receiver.open(frame, topic, NOW_MS)
-    stale, topic, _ = frame_for(TM, TS, "c2.nonce", ts_ms=NOW_MS - 60_000)
+    stale, topic, _ = frame_for(TM, TS, "c1.check", ts_ms=NOW_MS - 60_000)
     with exactly(Stale):
         receiver.open(stale, topic, NOW_MS)
 
 
 def test_revocation_applies_to_a_cached_sender():
     store = PKI.store()
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce")
+    frame, topic, _ = frame_for(TM, TS, "c1.check")
     verifier(PKI, TS, store=store).open(frame, topic, NOW_MS)
     store.set_revocations(sign_revocations(1, NOW_S, (TM.cert.serial,), PKI.root_keys), NOW_S)
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce")
+    frame, topic, _ = frame_for(TM, TS, "c1.check")
     with exactly(SenderRevoked):
         verifier(PKI, TS, store=store).open(frame, topic, NOW_MS)
 
 
 def test_stale_and_future():
     for ts in (NOW_MS - 30_001, NOW_MS + 30_001, NOW_MS - 3_600_000, 0):
-        frame, topic, _ = frame_for(TM, TS, "c2.nonce", ts_ms=ts)
+        frame, topic, _ = frame_for(TM, TS, "c1.check", ts_ms=ts)
         with exactly(Stale):
             verifier(PKI, TS, floor_ms=0).open(frame, topic, NOW_MS)
     for ts in (NOW_MS - 30_000, NOW_MS + 30_000):
-        frame, topic, _ = frame_for(TM, TS, "c2.nonce", ts_ms=ts)
+        frame, topic, _ = frame_for(TM, TS, "c1.check", ts_ms=ts)
         assert verifier(PKI, TS, floor_ms=0).open(frame, topic, NOW_MS)
 
 
 def test_exact_duplicate_is_quiet():
     v = verifier(PKI, TS)
-    frame, topic, env = frame_for(TM, TS, "c2.nonce")
+    frame, topic, env = frame_for(TM, TS, "c1.check")
     v.open(frame, topic, NOW_MS)
     with exactly(Duplicate) as info:
         v.open(frame, topic, NOW_MS + 5)
@@ -432,9 +432,9 @@ def test_exact_duplicate_is_quiet():
 
 def test_same_seq_new_id_is_replayed():
     v = verifier(PKI, TS)
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce", seq=7)
+    frame, topic, _ = frame_for(TM, TS, "c1.check", seq=7)
     v.open(frame, topic, NOW_MS)
-    again, _, _ = frame_for(TM, TS, "c2.nonce", seq=7)
+    again, _, _ = frame_for(TM, TS, "c1.check", seq=7)
     with exactly(Replayed) as info:
         v.open(again, topic, NOW_MS)
     assert info.value.alarm is True
@@ -442,7 +442,7 @@ def test_same_seq_new_id_is_replayed():
 
 def test_forged_frame_does_not_poison_the_replay_tables():
     v = verifier(PKI, TS)
-    frame, topic, env = frame_for(TM, TS, "c2.nonce", seq=3)
+    frame, topic, env = frame_for(TM, TS, "c1.check", seq=3)
     forged = frame[:-SIGNATURE_SIZE] + bytes(SIGNATURE_SIZE)
     with exactly(BadSignature):
         v.open(forged, topic, NOW_MS)
@@ -451,54 +451,54 @@ def test_forged_frame_does_not_poison_the_replay_tables():
 
 def test_signature_checked_before_recipient_and_replay():
     v = verifier(PKI, PS)
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce")
+    frame, topic, _ = frame_for(TM, TS, "c1.check")
     with exactly(BadSignature):
         v.open(flip(frame, len(frame) * 8 - 1), topic, NOW_MS)
 
 
 def test_replay_after_receiver_restart_is_stale():
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce", ts_ms=NOW_MS)
+    frame, topic, _ = frame_for(TM, TS, "c1.check", ts_ms=NOW_MS)
     verifier(PKI, TS).open(frame, topic, NOW_MS)
     restart = NOW_MS + 2_000
     reborn = verifier(PKI, TS, guard=ReplayGuard(floor_ms=restart))
     with exactly(Stale):
         reborn.open(frame, topic, restart + 10)
-    fresh, _, _ = frame_for(TM, TS, "c2.nonce", ts_ms=restart + 5)
+    fresh, _, _ = frame_for(TM, TS, "c1.check", ts_ms=restart + 5)
     assert reborn.open(fresh, topic, restart + 10)
 
 
 def test_sender_restart_with_new_epoch():
     v = verifier(PKI, TS)
     for seq in (1, 2, 50):
-        v.open(frame_for(TM, TS, "c2.nonce", epoch=1, seq=seq)[0], TM_TS, NOW_MS)
-    v.open(frame_for(TM, TS, "c2.nonce", epoch=2, seq=1)[0], TM_TS, NOW_MS)
-    v.open(frame_for(TM, TS, "c2.nonce", epoch=2, seq=2)[0], TM_TS, NOW_MS)
+        v.open(frame_for(TM, TS, "c1.check", epoch=1, seq=seq)[0], TM_TS, NOW_MS)
+    v.open(frame_for(TM, TS, "c1.check", epoch=2, seq=1)[0], TM_TS, NOW_MS)
+    v.open(frame_for(TM, TS, "c1.check", epoch=2, seq=2)[0], TM_TS, NOW_MS)
     with exactly(Replayed):
-        v.open(frame_for(TM, TS, "c2.nonce", epoch=1, seq=51)[0], TM_TS, NOW_MS)
+        v.open(frame_for(TM, TS, "c1.check", epoch=1, seq=51)[0], TM_TS, NOW_MS)
 
 
 def test_replay_state_is_per_sender():
     v = verifier(PKI, TS)
-    v.open(frame_for(TM, TS, "c2.nonce", seq=9)[0], TM_TS, NOW_MS)
+    v.open(frame_for(TM, TS, "c1.check", seq=9)[0], TM_TS, NOW_MS)
     d2 = link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, "d2")
-    assert v.open(frame_for(TM2, TS, "c2.nonce", seq=9, topic=d2)[0], d2, NOW_MS)
+    assert v.open(frame_for(TM2, TS, "c1.check", seq=9, topic=d2)[0], d2, NOW_MS)
 
 
 def test_huge_sequence_number_is_handled():
     """A signed frame with seq near 2**63 must be accepted or Rejected, never crash the receiver."""
     v = verifier(PKI, TS)
-    v.open(frame_for(TM, TS, "c2.nonce", seq=1)[0], TM_TS, NOW_MS)
+    v.open(frame_for(TM, TS, "c1.check", seq=1)[0], TM_TS, NOW_MS)
     try:
-        v.open(frame_for(TM, TS, "c2.nonce", seq=2**63 - 1)[0], TM_TS, NOW_MS)
+        v.open(frame_for(TM, TS, "c1.check", seq=2**63 - 1)[0], TM_TS, NOW_MS)
     except Rejected:
         return
     with exactly(Replayed):  # accepted: everything below it is now out of the window
-        v.open(frame_for(TM, TS, "c2.nonce", seq=2)[0], TM_TS, NOW_MS)
+        v.open(frame_for(TM, TS, "c1.check", seq=2)[0], TM_TS, NOW_MS)
 
 
 # -- malformed headers ---------------------------------------------------------------
 def _with_fields(edit) -> bytes:
-    env = envelope(TM, TS, "c2.nonce", BODIES["c2.nonce"])
+    env = envelope(TM, TS, "c1.check", BODIES["c1.check"])
     fields = envelope_fields(env, pack(to_map(env.body)))
     edit(fields)
     return raw_frame(fields, TM_TS, TM.keys)
@@ -522,8 +522,8 @@ def _with_fields(edit) -> bytes:
         ("missing field", lambda f: f.pop()),
         ("body not msgpack", lambda f: f.__setitem__(11, b"\xc1")),
         ("body not a map", lambda f: f.__setitem__(11, pack([1]))),
-        ("body extra field", lambda f: f.__setitem__(11, pack({"order_hash": b"h", "x": 1}))),
-        ("body wrong field type", lambda f: f.__setitem__(11, pack({"order_hash": "h"}))),
+        ("body extra field", lambda f: f.__setitem__(11, pack({"serial": 1, "fingerprint": b"h", "x": 1}))),
+        ("body wrong field type", lambda f: f.__setitem__(11, pack({"serial": "1", "fingerprint": b"h"}))),
         ("cert not a cert", lambda f: f.__setitem__(10, [pack({"body": 1})])),
     ],
 )
@@ -558,7 +558,7 @@ def test_not_bytes():
 
 def test_monitor_accepts_any_recipient_without_replay_state():
     mon = Verifier(frozenset(), PKI.store(), None)
-    frame, topic, _ = frame_for(TM, TS, "c2.nonce")
+    frame, topic, _ = frame_for(TM, TS, "c1.check")
     assert mon.open(frame, topic, NOW_MS)
     assert mon.open(frame, topic, NOW_MS)  # no guard: a retained frame may be seen again
 

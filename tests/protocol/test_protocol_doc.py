@@ -258,13 +258,17 @@ def test_frame_envelopes_carry_the_stated_certificates_and_bodies() -> None:
 
 def test_sealed_body() -> None:
     plain, nonce, sealed = hx("frame3.plaintext"), hx("frame3.box_nonce"), hx("frame3.sealed")
+    padded = hx("frame3.padded")
+    # the padding, recomputed here: u32be length, the body, zeros to the smallest fixed size that fits
+    size = min(n for n in (512, 2048, 8192, 16384) if n >= len(plain) + 4)
+    assert padded == len(plain).to_bytes(4, "big") + plain + bytes(size - len(plain) - 4)
     tm_secret = nacl.public.PrivateKey(hx("key.tm.box_secret"))
     ts_secret = nacl.public.PrivateKey(hx("key.trust-server.box_secret"))
     sender_side = nacl.public.Box(tm_secret, nacl.public.PublicKey(hx("key.trust-server.box_public")))
     receiver_side = nacl.public.Box(ts_secret, nacl.public.PublicKey(hx("key.tm.box_public")))
-    assert bytes(sender_side.encrypt(plain, nonce)) == sealed
-    assert sealed[:24] == nonce and len(sealed) == len(plain) + 40
-    assert receiver_side.decrypt(sealed) == plain
+    assert bytes(sender_side.encrypt(padded, nonce)) == sealed
+    assert sealed[:24] == nonce and len(sealed) == size + 40
+    assert receiver_side.decrypt(sealed) == padded
     assert unpack(hx("frame3.envelope"))[11] == sealed
     evidence = unpack(plain)
     assert canon(evidence) == plain
