@@ -29,7 +29,6 @@ import structlog
 from protocol.certs import Certificate, CertStore, RevocationList
 from protocol.envelope import Envelope, Received, Verifier, new_id, peek, sign_frame
 from protocol.errors import (
-    CertificateInvalid,
     Duplicate,
     Malformed,
     Refused,
@@ -97,6 +96,16 @@ class NodeConfig:
     settings: Settings = field(default_factory=Settings)
 
 
+@dataclass
+class _Pending:
+    """A request waiting for its answer; only a verified frame from ``peer`` ends it."""
+
+    answer: asyncio.Future[Received]
+    peer: str
+    # why frames that named this request were refused: said at the timeout, never acted on
+    refused: Counter[str] = field(default_factory=Counter)
+
+
 @dataclass(frozen=True)
 class _Route:
     handler: Handler
@@ -148,7 +157,7 @@ class Node:
         self._seq = 0
         self._verifier: Verifier | None = None
         self._routes: dict[str, _Route] = {}
-        self._pending: dict[bytes, tuple[asyncio.Future[Received], str]] = {}  # id -> (answer, from whom)
+        self._pending: dict[bytes, _Pending] = {}  # by request message id
         self._responses: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         self._lanes: dict[str, asyncio.Queue[Received]] = {}
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
@@ -338,7 +347,7 @@ class Node:
         attempts = attempts or self.settings.request_attempts
         message_id = new_id()
         future: asyncio.Future[Received] = asyncio.get_running_loop().create_future()
-        self._pending[message_id] = (future, recipient)
+        pending = self._pending[message_id] = _Pending(future, recipient)
         try:
             for attempt in range(1, attempts + 1):
                 frame = self.frame(
@@ -364,7 +373,9 @@ class Node:
                         f"{recipient} answered {msg_type} with {answer.envelope.type}, not {expect}"
                     )
                 return answer
-            raise RequestTimeout(f"no answer to {msg_type} from {recipient} after {attempts} attempts")
+            raise RequestTimeout(
+                f"no answer to {msg_type} from {recipient} after {attempts} attempts{_refusals(pending)}"
+            )
         finally:
             self._pending.pop(message_id, None)
             if not future.done():
@@ -441,21 +452,20 @@ class Node:
         except Rejected as exc:
             self.counters[f"rejected.{exc.code}"] += 1
             self.log.warning("frame.rejected", code=exc.code, reason=exc.reason, topic=topic, size=len(frame))
-            if isinstance(exc, CertificateInvalid):
-                self._fail_pending(frame, exc)
+            self._note_refused_answer(frame, exc)
             return
         self.counters["accepted"] += 1
         env = received.envelope
         self.peers[env.sender] = received.sender_cert
         if env.reply_to:
             pending = self._pending.get(env.reply_to)
-            if pending is None or pending[0].done():
+            if pending is None or pending.answer.done():
                 self.counters["late_answer"] += 1
-            elif env.sender != pending[1]:  # only the node we asked may answer
+            elif env.sender != pending.peer:  # only the node we asked may answer
                 self.counters["foreign_answer"] += 1
-                self.log.warning("frame.foreign_answer", sender=env.sender, expected=pending[1])
+                self.log.warning("frame.foreign_answer", sender=env.sender, expected=pending.peer)
             else:
-                pending[0].set_result(received)
+                pending.answer.set_result(received)
             return
         route = self._routes.get(env.type)
         if route is None:
@@ -475,16 +485,20 @@ class Node:
         else:
             self.spawn(self._handle(route, received), name=f"handle:{env.type}")
 
-    def _fail_pending(self, frame: bytes, exc: CertificateInvalid) -> None:
-        """An answer we asked for, signed under a certificate we refuse (a platform rolled back,
-        a revoked server): end the request now with that reason instead of a timeout. The frame's
-        content is never used; at worst a forger makes one of our requests fail early."""
+    def _note_refused_answer(self, frame: bytes, exc: Rejected) -> None:
+        """A refused frame whose unsigned header claims to answer one of our requests.
+
+        It never ends the request (anyone can write a header: a forger would end our
+        requests at will); its reason is only remembered, so that if no verified answer
+        comes, the timeout says what arrived instead (e.g. a platform certificate that
+        was rolled back) rather than blaming the network.
+        """
         header = peek(frame)
         if header is None or not header.reply_to:
             return
         pending = self._pending.get(header.reply_to)
-        if pending is not None and not pending[0].done() and header.sender == pending[1]:
-            pending[0].set_exception(exc)
+        if pending is not None and header.sender == pending.peer and len(pending.refused) < 8:
+            pending.refused[f"{exc.code}: {exc.reason}"] += 1
 
     async def _drain_lane(self, lane: asyncio.Queue[Received]) -> None:
         while True:
@@ -519,6 +533,13 @@ class Node:
     async def _on_ping(self, received: Received) -> tuple[str, Body]:
         ping: Ping = received.envelope.body
         return "pong", Pong(ping.nonce, self.id, self.role.value, now_ms() - self.started_ms, self.state())
+
+
+def _refusals(pending: _Pending) -> str:
+    if not pending.refused:
+        return ""
+    seen = "; ".join(f"{reason} (x{count})" for reason, count in pending.refused.items())
+    return f"; frames claiming to answer it were refused (unverified, so not acted on): {seen}"
 
 
 async def ping(node: Node, role: Role, recipient: str, device: str | None = None) -> Pong:
