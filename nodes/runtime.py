@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import os
 import time
 from collections import Counter, OrderedDict
@@ -52,6 +53,7 @@ from protocol.topics import (
 )
 
 from .bus import Bus
+from .store import write_atomic
 
 Handler = Callable[[Received], Awaitable[tuple[str, Body] | None]]
 
@@ -112,20 +114,49 @@ class _Route:
     ordered: bool
 
 
-def _next_epoch(state_dir: Path) -> int:
-    """Bump and persist the boot epoch, so (epoch, seq) never repeats across restarts."""
+class IdentityInUse(TrustpayError):
+    """Another process runs this node's identity: two sessions of one login kick each other off."""
+
+    code = "identity_in_use"
+
+
+def _claim(state_dir: Path, node_id: str) -> int:
+    """Hold an exclusive lock on the node's state dir for as long as the node runs.
+
+    One identity, one process: the lock is the kernel's (flock), so it goes with the
+    process however it ends, and the file names the pid that holds it.
+    """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise IdentityInUse(
+            f"{node_id} is already running in process {holder} (it holds {path}); "
+            "stop that process first: two processes with one identity would kick each other off the broker"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _next_epoch(state_dir: Path) -> int:
+    """Bump and persist the boot epoch, so (epoch, seq) never repeats across restarts.
+
+    Called only while holding the state dir's lock, so no two processes bump it at once.
+    """
     path = state_dir / "epoch"
     try:
         epoch = int(path.read_text()) + 1
     except (FileNotFoundError, ValueError):
         epoch = 1
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        f.write(str(epoch))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(path, str(epoch).encode())
     return epoch
 
 
@@ -165,6 +196,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._outbox: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
         self.failure: TrustpayError | None = None  # why the node stopped by itself, if it did
         self.route("ping", self._on_ping)
 
@@ -189,6 +221,14 @@ class Node:
 
     # -- life cycle --------------------------------------------------------
     async def run(self) -> None:
+        self._lock_fd = await asyncio.to_thread(_claim, self.config.state_dir, self.id)
+        try:
+            await self._run_claimed()
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _run_claimed(self) -> None:
         self.epoch = await asyncio.to_thread(_next_epoch, self.config.state_dir)
         self.started_ms = now_ms()
         guard = ReplayGuard(floor_ms=self.started_ms, skew_ms=self.settings.skew_ms)

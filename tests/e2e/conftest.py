@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -154,10 +155,14 @@ class E2E(Scenario):
         """A bare :class:`Node` holding ``nid``'s keys, certificate and broker login.
 
         It connects with its own MQTT client id (never taking over the real
-        node's session) and uses the real node's state directory, so its boot
-        epoch is newer than any the real node used: its frames are fresh.
+        node's session) and runs on a copy of the real node's state directory
+        (the real node may hold the original's lock), so its boot epoch is newer
+        than any the real node used so far: its frames are fresh.
         """
         config = await asyncio.to_thread(node_config, self.dep, nid)
+        copy = self.tmp / f"{client_id}.state"
+        await asyncio.to_thread(shutil.copytree, config.state_dir, copy, dirs_exist_ok=True)
+        config = dataclasses.replace(config, state_dir=copy)
         logging = NodeLogging(client_id, self.tmp / f"{client_id}.log", console=None)
         bus = MqttBus(self.address(nid), client_id, log=logging.logger)
         node = Node(config, bus, logging.logger)

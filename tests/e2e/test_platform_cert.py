@@ -162,7 +162,8 @@ async def test_c1_refusal_of_an_older_platform_certificate_names_the_certificate
     assert run.code == 1, (run.lines, run.stderr[-2000:])
     c1 = await e2e.wait_event(mark, device=DEV1, step="C1", node=tm, order_id=run.result["order_id"])
     assert c1.outcome == "refused"
+    platform_said = [e.reason for e in e2e.events(mark, device=DEV1, step="C1", node="trust-server")]
     assert "is not newer than" in c1.reason, (
-        f"the terminal's C1 refusal ({c1.reason!r}) does not name the certificate problem; the "
-        f"trust-server had answered: {[e.reason for e in e2e.events(mark, device=DEV1, step='C1', node='trust-server')]}"
+        f"the terminal's C1 refusal ({c1.reason!r}) does not name the certificate problem; "
+        f"the trust-server had answered: {platform_said}"
     )

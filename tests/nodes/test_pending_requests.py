@@ -39,7 +39,16 @@ def forged_pong(topic: str, request_id: bytes) -> bytes:
         forger,
     )
     env = Envelope(
-        "pong", new_id(), TS, TM, b"", request_id, now_ms(), 1, 1, (cert.to_bytes(),),
+        "pong",
+        new_id(),
+        TS,
+        TM,
+        b"",
+        request_id,
+        now_ms(),
+        1,
+        1,
+        (cert.to_bytes(),),
         Pong(b"\x00" * 16, TS, TS, 0, "ready"),
     )
     return sign_frame(env, topic, forger)
