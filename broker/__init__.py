@@ -58,6 +58,9 @@ class Broker(Protocol):
     def url(self) -> str: ...
 
     @property
+    def monitor_port(self) -> int: ...
+
+    @property
     def is_running(self) -> bool: ...
 
     @property
@@ -95,17 +98,23 @@ def free_port() -> int:
     A port the kernel hands out for bind(0) comes from the same range as the
     local ports of outgoing connections, so by the time a broker starts, one of
     our own MQTT clients may hold it. Ports are drawn at random below that range.
+    A broker listens on this port and the next (the monitor's listener): both are free.
     """
     low = _ephemeral_floor()
-    for _ in range(200):  # bounded; each try is one bind
-        port = secrets.randbelow(low - _LOWEST) + _LOWEST
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
+    for _ in range(200):  # bounded; each try is two binds
+        port = secrets.randbelow(low - _LOWEST - 1) + _LOWEST
+        if _bindable(port) and _bindable(port + 1):
             return port
     raise BrokerError(f"no free port found on {HOST} between {_LOWEST} and {low}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
 
 
 def _ephemeral_floor() -> int:

@@ -30,6 +30,7 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
 from protocol.errors import TrustpayError
+from protocol.topics import CLIENT_ID_SEPARATOR, MONITOR_PORT_OFFSET, Role
 
 from .identities import BrokerIdentity, check_unique
 
@@ -62,6 +63,11 @@ def _track(pid: int) -> None:
         atexit.register(_kill_leftovers)
         _atexit_registered = True
     _LIVE.add(pid)
+
+
+def check_ports_free(*ports: int) -> None:
+    for port in ports:
+        check_port_free(port)
 
 
 def check_port_free(port: int) -> None:
@@ -110,7 +116,7 @@ class SubprocessBroker(ABC):
         start_timeout: float = 15.0,
         stop_timeout: float = 10.0,
     ) -> None:
-        if not 0 < port < 65536:
+        if not 0 < port < 65535:  # and port + 1 for the monitor's listener
             raise BrokerError(f"port {port} out of range")
         self.data_dir = Path(data_dir).resolve()
         self.port = port
@@ -142,6 +148,14 @@ class SubprocessBroker(ABC):
         return f"mqtt://{self.host}:{self.port}"
 
     @property
+    def monitor_port(self) -> int:
+        """The second listener, for the monitor login's sessions only (see protocol.topics)."""
+        return self.port + MONITOR_PORT_OFFSET
+
+    def port_for(self, identity: BrokerIdentity) -> int:
+        return self.monitor_port if identity.role is Role.MONITOR else self.port
+
+    @property
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
@@ -158,13 +172,21 @@ class SubprocessBroker(ABC):
         return tail([self.stdio_file, self.log_file], lines)
 
     def client(self, identity: BrokerIdentity, **kwargs: object) -> aiomqtt.Client:
-        """An aiomqtt client for ``identity`` with this broker's protocol version."""
+        """An aiomqtt client for ``identity`` with this broker's protocol version.
+
+        Its client id is the login's own (the username; for the monitor, a fresh
+        ``monitor:...``) unless ``identifier`` is given.
+        """
         proto = (
             aiomqtt.ProtocolVersion.V5 if self.mqtt_version == "5" else aiomqtt.ProtocolVersion.V311
         )
+        own_id = identity.username
+        if identity.role is Role.MONITOR:
+            own_id += f"{CLIENT_ID_SEPARATOR}{secrets.token_hex(6)}"
         opts: dict[str, object] = {
             "hostname": self.host,
-            "port": self.port,
+            "port": self.port_for(identity),
+            "identifier": own_id,
             "username": identity.username,
             "password": identity.password,
             "protocol": proto,
@@ -183,7 +205,7 @@ class SubprocessBroker(ABC):
             self._forget(self._proc)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         argv = self._prepare()
-        check_port_free(self.port)
+        check_ports_free(self.port, self.monitor_port)
         self._stdio = self.stdio_file.open("ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -310,8 +332,7 @@ class SubprocessBroker(ABC):
                 exited.cancel()
 
     async def _probe(self) -> None:
-        ident = f"health-{secrets.token_hex(6)}"
-        async with self.client(self.health_identity, identifier=ident):
+        async with self.client(self.health_identity):
             pass
 
 

@@ -105,7 +105,12 @@ class AmqttBroker(SubprocessBroker):
     def config(self) -> dict[str, Any]:
         auth = write_amqtt_auth(self.data_dir, self.identities)
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{self.port}"}},
+            # the monitor's sessions connect to the second listener, as on Mosquitto;
+            # the client-id rule itself is enforced in amqtt_main for both
+            "listeners": {
+                "default": {"type": "tcp", "bind": f"{HOST}:{self.port}"},
+                "monitor": {"type": "tcp", "bind": f"{HOST}:{self.monitor_port}"},
+            },
             "session_expiry_interval": self.session_expiry_interval,
             # An explicit plugin list replaces amqtt's defaults, which include
             # anonymous access and $SYS publishing.

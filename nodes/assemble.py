@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from protocol.certs import ROOT, Certificate, CertStore
 from protocol.errors import CertificateInvalid, ConfigError
-from protocol.topics import DEVICE_ROLES, Role
+from protocol.topics import DEVICE_ROLES, MONITOR_PORT_OFFSET, Role
 
 from .bus import BrokerAddress, MqttBus, WillFactory
 from .deployment import Deployment, parse_node_id
@@ -99,6 +99,8 @@ def broker_address(dep: Deployment, node_id: str, url: str | None = None) -> Bro
             raise ConfigError(f"broker URL {url!r} must look like mqtt://127.0.0.1:1883")
         host, port = parts.hostname, parts.port or 1883
         version = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("v", "auto")
+    if parse_node_id(node_id)[0] is Role.MONITOR:
+        port += MONITOR_PORT_OFFSET  # the monitor's own listener (protocol.topics)
     return BrokerAddress(host, port, creds.username, creds.password, version)
 
 

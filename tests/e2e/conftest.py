@@ -151,22 +151,22 @@ class E2E(Scenario):
         return broker_address(self.dep, nid, self.launcher.broker_url)
 
     @contextlib.asynccontextmanager
-    async def impersonate(self, nid: str, client_id: str) -> AsyncIterator[Node]:
+    async def impersonate(self, nid: str) -> AsyncIterator[Node]:
         """A bare :class:`Node` holding ``nid``'s keys, certificate and broker login.
 
-        It connects with its own MQTT client id (never taking over the real
-        node's session) and runs on a copy of the real node's state directory
-        (the real node may hold the original's lock), so its boot epoch is newer
-        than any the real node used so far: its frames are fresh.
+        A login has one session, whose client id is its own (the broker refuses or
+        forces any other), so the real node must not be running: stop it first.
+        It runs on a copy of the real node's state directory, so its boot epoch is
+        newer than any the real node used so far: its frames are fresh.
         """
         config = await asyncio.to_thread(node_config, self.dep, nid)
-        copy = self.tmp / f"{client_id}.state"
+        copy = self.tmp / f"{nid}.impostor-state"
         await asyncio.to_thread(shutil.copytree, config.state_dir, copy, dirs_exist_ok=True)
         config = dataclasses.replace(config, state_dir=copy)
-        logging = NodeLogging(client_id, self.tmp / f"{client_id}.log", console=None)
-        bus = MqttBus(self.address(nid), client_id, log=logging.logger)
+        logging = NodeLogging(nid, self.tmp / f"{nid}.impostor.log", console=None)
+        bus = MqttBus(self.address(nid), nid, log=logging.logger)
         node = Node(config, bus, logging.logger)
-        task = asyncio.create_task(node.run(), name=f"impostor:{client_id}")
+        task = asyncio.create_task(node.run(), name=f"impostor:{nid}")
         try:
             async with asyncio.timeout(WAIT_S):
                 await node.connected.wait()
@@ -181,8 +181,8 @@ class E2E(Scenario):
             logging.close()
 
     @contextlib.asynccontextmanager
-    async def raw_client(self, nid: str, client_id: str) -> AsyncIterator[aiomqtt.Client]:
-        """A plain aiomqtt connection with ``nid``'s broker login and a client id of its own."""
+    async def raw_client(self, nid: str, client_id: str | None = None) -> AsyncIterator[aiomqtt.Client]:
+        """A plain aiomqtt connection with ``nid``'s broker login and, unless given, its own client id."""
         a = self.address(nid)
         proto = aiomqtt.ProtocolVersion.V5 if a.mqtt_version == "5" else aiomqtt.ProtocolVersion.V311
         async with aiomqtt.Client(
@@ -190,7 +190,7 @@ class E2E(Scenario):
             port=a.port,
             username=a.username,
             password=a.password,
-            identifier=client_id,
+            identifier=client_id or nid,
             protocol=proto,
         ) as client:
             yield client
