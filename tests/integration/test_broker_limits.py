@@ -1,4 +1,4 @@
-"""Point 5 on both brokers: a login uses only its own client id; no publish over the codec's largest frame is delivered.
+"""Point 5 on both brokers: a login uses only its own client id; no publish over MAX_FRAME is delivered.
 
 What each broker does (pinned below):
 * another login's client id: Mosquitto replaces any client id on the nodes' listener
@@ -96,14 +96,17 @@ async def test_amqtt_refuses_another_logins_client_id_and_mosquitto_renames_it(
 
 async def test_several_monitor_sessions_coexist(backend: str, tmp_path: Path) -> None:
     cast = Cast()
-    async with running_broker(backend, tmp_path, cast) as broker:
-        async with broker.client(cast.monitor) as one, broker.client(cast.monitor) as two:
-            for watcher in (one, two):
-                await watcher.subscribe(TO_CHIP, qos=1)
-            async with broker.client(cast["dev-a.client"]) as pub:
-                await pub.publish(TO_CHIP, b"m", qos=1)
-            for watcher in (one, two):
-                assert [m.payload for m in await until_marker(watcher, b"m")] == [b"m"]
+    async with (
+        running_broker(backend, tmp_path, cast) as broker,
+        broker.client(cast.monitor) as one,
+        broker.client(cast.monitor) as two,
+    ):
+        for watcher in (one, two):
+            await watcher.subscribe(TO_CHIP, qos=1)
+        async with broker.client(cast["dev-a.client"]) as pub:
+            await pub.publish(TO_CHIP, b"m", qos=1)
+        for watcher in (one, two):
+            assert [m.payload for m in await until_marker(watcher, b"m")] == [b"m"]
 
 
 async def test_no_publish_over_the_largest_frame_is_delivered(backend: str, tmp_path: Path) -> None:
