@@ -56,6 +56,7 @@ from .bus import Bus
 from .store import write_atomic
 
 Handler = Callable[[Received], Awaitable[tuple[str, Body] | None]]
+Job = Callable[[], Coroutine[Any, Any, object]]
 
 
 def now_ms() -> int:
@@ -295,6 +296,15 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def every(self, interval_s: float, job: Job, name: str) -> None:
+        """Run ``job`` every ``interval_s`` while the node runs; a failed run is logged, the next comes."""
+        self.spawn(self._periodic(interval_s, job, name), name=f"every:{name}")
+
+    async def _periodic(self, interval_s: float, job: Job, name: str) -> None:
+        while True:  # ends when the node stops: its task group cancels the task
+            await asyncio.sleep(interval_s)  # a timer, not synchronisation
+            await self._guarded(job(), name)
 
     async def _guarded(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         try:
