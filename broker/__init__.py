@@ -18,7 +18,7 @@ from typing import Protocol, Self, runtime_checkable
 
 import aiomqtt
 
-from ._base import HOST, BrokerError
+from ._base import HOST, BrokerError, ClientTls, ServerTls
 from .embedded import AmqttBroker
 from .identities import BrokerIdentity, identities_for
 from .mosquitto import MosquittoBroker
@@ -32,7 +32,9 @@ __all__ = [
     "Broker",
     "BrokerError",
     "BrokerIdentity",
+    "ClientTls",
     "MosquittoBroker",
+    "ServerTls",
     "default_backend",
     "free_port",
     "identities_for",
@@ -134,11 +136,19 @@ def make_broker(
     port: int | None,
     identities: Sequence[BrokerIdentity],
     health_identity: BrokerIdentity,
+    *,
+    tls: ServerTls | None = None,
+    client_tls: ClientTls | None = None,
 ) -> Broker:
-    """A stopped broker; ``port=None`` picks a free one. Start it, or use ``async with``."""
+    """A stopped broker; ``port=None`` picks a free one. Start it, or use ``async with``.
+
+    ``tls`` (Mosquitto only): mqtts with a client certificate required on every listener.
+    """
     chosen = free_port() if port is None else port
     if backend == "mosquitto":
-        return MosquittoBroker(data_dir, chosen, identities, health_identity)
+        return MosquittoBroker(data_dir, chosen, identities, health_identity, tls=tls, client_tls=client_tls)
     if backend == "amqtt":
+        if tls is not None:
+            raise BrokerError("the embedded amqtt broker runs without TLS here: use mosquitto for mqtts")
         return AmqttBroker(data_dir, chosen, identities, health_identity)
     raise BrokerError(f"unknown broker backend {backend!r}; choose one of {', '.join(BACKENDS)}")

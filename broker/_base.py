@@ -20,8 +20,10 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, ClassVar, Self
@@ -42,6 +44,18 @@ _LOG_TAIL_LINES = 40
 # so that a test run that dies between start() and stop() leaves no broker.
 _LIVE: set[int] = set()
 _atexit_registered = False
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The broker's TLS files (PEM): it requires a client certificate signed by ``ca_file``."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+ClientTls = Callable[[BrokerIdentity], ssl.SSLContext]  # a login's client certificate, as a context
 
 
 class BrokerError(TrustpayError):
@@ -115,6 +129,8 @@ class SubprocessBroker(ABC):
         *,
         start_timeout: float = 15.0,
         stop_timeout: float = 10.0,
+        tls: ServerTls | None = None,
+        client_tls: ClientTls | None = None,
     ) -> None:
         if not 0 < port < 65535:  # and port + 1 for the monitor's listener
             raise BrokerError(f"port {port} out of range")
@@ -124,6 +140,10 @@ class SubprocessBroker(ABC):
         self.identities = _with_health(identities, health_identity)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        if tls is not None and client_tls is None:
+            raise BrokerError("a TLS broker needs the clients' certificates for its own health probe")
+        self.tls = tls
+        self.client_tls = client_tls
         self._proc: asyncio.subprocess.Process | None = None
         self._stdio: IO[bytes] | None = None
 
@@ -145,7 +165,7 @@ class SubprocessBroker(ABC):
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def monitor_port(self) -> int:
@@ -193,6 +213,8 @@ class SubprocessBroker(ABC):
             # paho leaves Nagle on: 40+ ms per QoS 1 round trip (FIELD-NOTES).
             "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         }
+        if self.client_tls is not None:
+            opts["tls_context"] = self.client_tls(identity)
         opts.update(kwargs)
         return aiomqtt.Client(**opts)  # type: ignore[arg-type]
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 from protocol.envelope import MAX_FRAME
 from protocol.topics import Role
 
-from ._base import HOST, BrokerError, SubprocessBroker
+from ._base import HOST, BrokerError, ClientTls, ServerTls, SubprocessBroker
 from .identities import (
     PUBLIC_MODE,
     BrokerIdentity,
@@ -54,6 +54,8 @@ class MosquittoBroker(SubprocessBroker):
         persistent_client_expiration: str = "1d",
         start_timeout: float = 15.0,
         stop_timeout: float = 10.0,
+        tls: ServerTls | None = None,
+        client_tls: ClientTls | None = None,
     ) -> None:
         super().__init__(
             data_dir,
@@ -62,6 +64,8 @@ class MosquittoBroker(SubprocessBroker):
             health_identity,
             start_timeout=start_timeout,
             stop_timeout=stop_timeout,
+            tls=tls,
+            client_tls=client_tls,
         )
         self.executable = executable or shutil.which("mosquitto") or "mosquitto"
         self.autosave_interval = autosave_interval
@@ -106,12 +110,14 @@ class MosquittoBroker(SubprocessBroker):
             # to the username, so no login can take over (knock off) another's session.
             f"listener {self.port} {HOST}",
             "use_username_as_clientid true",
+            *self._tls_lines(),
             "allow_anonymous false",
             f"password_file {nodes.password_file}",
             f"acl_file {nodes.acl_file}",
             # The read-only monitor login, open several times at once (watchers): its
             # sessions pick their ids ("monitor:..."); no other login can connect here.
             f"listener {self.monitor_port} {HOST}",
+            *self._tls_lines(),
             "allow_anonymous false",
             f"password_file {watchers.password_file}",
             f"acl_file {watchers.acl_file}",
@@ -148,3 +154,19 @@ class MosquittoBroker(SubprocessBroker):
             # read our owner-only files nor write the data dir: stay who we are.
             lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
         return "\n".join(lines) + "\n"
+
+    def _tls_lines(self) -> list[str]:
+        """mqtts on a listener: a client certificate of the deployment CA *and* the password."""
+        if self.tls is None:
+            return []
+        for path in (self.tls.ca_file, self.tls.cert_file, self.tls.key_file):
+            if any(c.isspace() for c in str(path)):
+                raise BrokerError(f"TLS file {path} must not contain whitespace")
+        return [
+            f"cafile {self.tls.ca_file}",
+            f"certfile {self.tls.cert_file}",
+            f"keyfile {self.tls.key_file}",
+            "require_certificate true",
+            "use_identity_as_username false",  # the password is still checked
+            "tls_version tlsv1.2",
+        ]

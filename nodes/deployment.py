@@ -147,6 +147,7 @@ class BrokerSettings:
     backend: str  # "mosquitto" | "amqtt"
     host: str
     port: int
+    tls: bool = False  # mqtts with client certificates (nodes.tls); Mosquitto only
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,12 @@ class Manifest:
             "created_ms": self.created_ms,
             "currency": self.currency,
             "exponent": self.exponent,
-            "broker": {"backend": self.broker.backend, "host": self.broker.host, "port": self.broker.port},
+            "broker": {
+                "backend": self.broker.backend,
+                "host": self.broker.host,
+                "port": self.broker.port,
+                **({"tls": True} if self.broker.tls else {}),
+            },
             "devices": [
                 {
                     "device": d.device,
@@ -235,7 +241,10 @@ class Manifest:
             currency=_get(top, "currency", str),
             exponent=_get(top, "exponent", int),
             broker=BrokerSettings(
-                _get(broker, "backend", str), _get(broker, "host", str), _get(broker, "port", int)
+                _get(broker, "backend", str),
+                _get(broker, "host", str),
+                _get(broker, "port", int),
+                _get(broker, "tls", bool) if "tls" in broker else False,
             ),
             devices=tuple(_device(d) for d in _get(top, "devices", list)),
             servers=_str_map(top, "servers"),

@@ -13,6 +13,7 @@ interrupted run never leaves a half-provisioned deployment behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -45,6 +46,8 @@ from protocol.measure import APP, CLIENT, measure
 from protocol.records import PACKAGE_DOMAIN, RELEASE_DOMAIN, Package, Release, sign_record
 from protocol.topics import DEVICE_ROLES, SERVER_ROLES, node_id
 
+from .tls_material import write_tls
+
 CURRENCY, EXPONENT = "EUR", 2
 DEFAULT_APPS = ("wallet", "transit")
 MERCHANTS = ("shop-1", "shop-2", "shop-3")
@@ -71,6 +74,7 @@ def provision(
     validity_days: int = DEFAULT_VALIDITY_DAYS,
     force: bool = False,
     now_ms: int | None = None,
+    tls: bool = False,
 ) -> Manifest:
     """Create the deployment ``out`` and return its manifest.
 
@@ -82,6 +86,10 @@ def provision(
     _check_target(out, force)
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     manifest = _manifest(now_ms, devices, apps, backend, broker_port or free_port(), opening_balance)
+    if tls:  # mqtts with client certificates (nodes.tls); the embedded broker stays plain
+        if backend != "mosquitto":
+            raise ConfigError("--tls needs the mosquitto backend: the embedded amqtt broker has no TLS here")
+        manifest = dataclasses.replace(manifest, broker=dataclasses.replace(manifest.broker, tls=True))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".provisioning", dir=out.parent))
     try:
@@ -225,6 +233,8 @@ def _build(dep: Deployment, manifest: Manifest, now_ms: int, days: int) -> None:
     else:
         # amqtt keeps its topic ACL in the config the broker writes at start (broker.embedded)
         write_amqtt_auth(dep.broker_dir, identities)
+    if manifest.broker.tls:
+        write_tls(dep, manifest.login_ids(), now_s, days)
     write_file(dep.manifest_path, manifest.to_text().encode())
 
 
@@ -307,6 +317,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_OPENING_BALANCE,
         help=f"minor units per payer account (default {DEFAULT_OPENING_BALANCE})",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mqtts: a broker certificate and a client certificate per login (mosquitto only)",
+    )
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
@@ -319,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         opening_balance=args.opening_balance,
         force=args.force,
+        tls=args.tls,
     )
     if args.json:
         print(manifest.to_text(), end="")
@@ -329,6 +345,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"provisioned {args.out}")
     print(f"  devices:  {len(devices)} ({shown}), apps {', '.join(manifest.devices[0].apps)}")
     print(f"  accounts: {len(manifest.accounts)} payers, {len(manifest.merchants)} merchants ({CURRENCY})")
-    print(f"  broker:   {b.backend} on {b.host}:{b.port}")
+    print(f"  broker:   {b.backend} on {b.host}:{b.port}{' (mqtts, client certificates)' if b.tls else ''}")
     print(f"  offline keys (root, update, platform, issuer): {Deployment(args.out).private_dir}")
     return 0

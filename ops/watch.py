@@ -68,6 +68,7 @@ def monitor_client(
         password=address.password,
         # the monitor login's own client ids: "monitor:{purpose}-{time}" (protocol.topics)
         identifier=f"{address.username}{CLIENT_ID_SEPARATOR}{purpose}-{time.time_ns():x}",
+        tls_context=address.tls,
         protocol=aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311,
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )

@@ -192,6 +192,7 @@ class E2E(Scenario):
             password=a.password,
             identifier=client_id or nid,
             protocol=proto,
+            tls_context=a.tls,
         ) as client:
             yield client
 
@@ -242,11 +243,11 @@ def node_stopped_counters(dep: Deployment, nid: str) -> list[dict[str, int]]:
     return out
 
 
-@pytest.fixture(params=BACKENDS)
-async def e2e(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E2E]:
-    backend: str = request.param
+@contextlib.asynccontextmanager
+async def running_deployment(tmp_path: Path, backend: str, *, tls: bool = False) -> AsyncIterator[E2E]:
+    """Provision two devices, start everything, wait until both devices finished start-up."""
     root = tmp_path / "deploy"
-    await asyncio.to_thread(provision, root, len(DEVICES), backend=backend)
+    await asyncio.to_thread(provision, root, len(DEVICES), backend=backend, tls=tls)
     dep = Deployment(root)
     async with contextlib.AsyncExitStack() as stack:
         launcher = await stack.enter_async_context(Launcher(dep, backend=backend, log_level="warning"))
@@ -262,3 +263,17 @@ async def e2e(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
         yield scn
         surprises = [e.describe() for e in launcher.unexpected_exits]
         assert not surprises, "nodes died during the test:\n" + "\n".join(surprises)
+
+
+@pytest.fixture(params=BACKENDS)
+async def e2e(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E2E]:
+    async with running_deployment(tmp_path, request.param) as scn:
+        yield scn
+
+
+@pytest.fixture
+async def e2e_tls(tmp_path: Path) -> AsyncIterator[E2E]:
+    """A deployment provisioned with --tls (mqtts, client certificates): Mosquitto only
+    (mark the test like the mosquitto parameter of ``e2e``)."""
+    async with running_deployment(tmp_path, "mosquitto", tls=True) as scn:
+        yield scn
