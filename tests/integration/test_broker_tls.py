@@ -41,7 +41,9 @@ def write_pki(directory: Path, logins: list[str]) -> tuple[ServerTls, dict[str, 
         leaf = issue(ca, login, now_s, 1, server=False)
         (directory / f"{login}.pem").write_bytes(leaf.cert_pem)
         (directory / f"{login}.key").write_bytes(leaf.key_pem)
-        clients[login] = TlsFiles(directory / "ca.pem", directory / f"{login}.pem", directory / f"{login}.key")
+        clients[login] = TlsFiles(
+            directory / "ca.pem", directory / f"{login}.pem", directory / f"{login}.key"
+        )
     return ServerTls(directory / "ca.pem", directory / "server.pem", directory / "server.key"), clients
 
 
