@@ -7,6 +7,12 @@ the persistent sessions, their queued QoS 1 messages and retained messages
 
 ACL behaviour seen here: a forbidden SUBSCRIBE is granted and every message
 is then checked at delivery; a forbidden PUBLISH is acknowledged and dropped.
+
+Two listeners, each with its own logins (``per_listener_settings``): the port,
+for every login but the monitor, where the client id is forced to the username;
+port + 1, for the monitor's concurrent sessions. Mosquitto 2.0 has no per-login
+rule for client ids, so on port + 1 the monitor could still name another's id.
+With ``tls`` both listeners require TLS, a client certificate and the password.
 """
 
 from __future__ import annotations
