@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from protocol.codec import pack, unpack
 from protocol.errors import ConfigError, Malformed, TrustpayError, WrongTopic
 from protocol.keys import KeyPair
 from protocol.topics import DEVICE_ROLES, Role, check_device_id, node_id
+
+from .store import write_atomic
 
 MANIFEST_FORMAT = 1
 SECRET_FILE_MODE = 0o600
@@ -61,18 +62,7 @@ def write_file(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE) -> Path:
     Atomic because a crash mid-write of a dynamic.json would otherwise leave a
     component that fails its integrity check for a reason that is not tampering.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)  # the umask may have dropped bits we want
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode)
     return path
 
 
