@@ -18,7 +18,7 @@ from typing import Protocol, Self, runtime_checkable
 
 import aiomqtt
 
-from ._base import HOST, BrokerError
+from ._base import HOST, BrokerError, ClientTls, ServerTls
 from .embedded import AmqttBroker
 from .identities import BrokerIdentity, identities_for
 from .mosquitto import MosquittoBroker
@@ -32,7 +32,9 @@ __all__ = [
     "Broker",
     "BrokerError",
     "BrokerIdentity",
+    "ClientTls",
     "MosquittoBroker",
+    "ServerTls",
     "default_backend",
     "free_port",
     "identities_for",
@@ -56,6 +58,9 @@ class Broker(Protocol):
 
     @property
     def url(self) -> str: ...
+
+    @property
+    def monitor_port(self) -> int: ...
 
     @property
     def is_running(self) -> bool: ...
@@ -95,17 +100,23 @@ def free_port() -> int:
     A port the kernel hands out for bind(0) comes from the same range as the
     local ports of outgoing connections, so by the time a broker starts, one of
     our own MQTT clients may hold it. Ports are drawn at random below that range.
+    A broker listens on this port and the next (the monitor's listener): both are free.
     """
     low = _ephemeral_floor()
-    for _ in range(200):  # bounded; each try is one bind
-        port = secrets.randbelow(low - _LOWEST) + _LOWEST
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
+    for _ in range(200):  # bounded; each try is two binds
+        port = secrets.randbelow(low - _LOWEST - 1) + _LOWEST
+        if _bindable(port) and _bindable(port + 1):
             return port
     raise BrokerError(f"no free port found on {HOST} between {_LOWEST} and {low}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
 
 
 def _ephemeral_floor() -> int:
@@ -125,11 +136,19 @@ def make_broker(
     port: int | None,
     identities: Sequence[BrokerIdentity],
     health_identity: BrokerIdentity,
+    *,
+    tls: ServerTls | None = None,
+    client_tls: ClientTls | None = None,
 ) -> Broker:
-    """A stopped broker; ``port=None`` picks a free one. Start it, or use ``async with``."""
+    """A stopped broker; ``port=None`` picks a free one. Start it, or use ``async with``.
+
+    ``tls`` (Mosquitto only): mqtts with a client certificate required on every listener.
+    """
     chosen = free_port() if port is None else port
     if backend == "mosquitto":
-        return MosquittoBroker(data_dir, chosen, identities, health_identity)
+        return MosquittoBroker(data_dir, chosen, identities, health_identity, tls=tls, client_tls=client_tls)
     if backend == "amqtt":
+        if tls is not None:
+            raise BrokerError("the embedded amqtt broker runs without TLS here: use mosquitto for mqtts")
         return AmqttBroker(data_dir, chosen, identities, health_identity)
     raise BrokerError(f"unknown broker backend {backend!r}; choose one of {', '.join(BACKENDS)}")

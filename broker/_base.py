@@ -20,8 +20,10 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, ClassVar, Self
@@ -30,6 +32,7 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
 from protocol.errors import TrustpayError
+from protocol.topics import CLIENT_ID_SEPARATOR, MONITOR_PORT_OFFSET, Role
 
 from .identities import BrokerIdentity, check_unique
 
@@ -41,6 +44,18 @@ _LOG_TAIL_LINES = 40
 # so that a test run that dies between start() and stop() leaves no broker.
 _LIVE: set[int] = set()
 _atexit_registered = False
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The broker's TLS files (PEM): it requires a client certificate signed by ``ca_file``."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+ClientTls = Callable[[BrokerIdentity], ssl.SSLContext]  # a login's client certificate, as a context
 
 
 class BrokerError(TrustpayError):
@@ -62,6 +77,11 @@ def _track(pid: int) -> None:
         atexit.register(_kill_leftovers)
         _atexit_registered = True
     _LIVE.add(pid)
+
+
+def check_ports_free(*ports: int) -> None:
+    for port in ports:
+        check_port_free(port)
 
 
 def check_port_free(port: int) -> None:
@@ -109,8 +129,10 @@ class SubprocessBroker(ABC):
         *,
         start_timeout: float = 15.0,
         stop_timeout: float = 10.0,
+        tls: ServerTls | None = None,
+        client_tls: ClientTls | None = None,
     ) -> None:
-        if not 0 < port < 65536:
+        if not 0 < port < 65535:  # and port + 1 for the monitor's listener
             raise BrokerError(f"port {port} out of range")
         self.data_dir = Path(data_dir).resolve()
         self.port = port
@@ -118,6 +140,10 @@ class SubprocessBroker(ABC):
         self.identities = _with_health(identities, health_identity)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        if tls is not None and client_tls is None:
+            raise BrokerError("a TLS broker needs the clients' certificates for its own health probe")
+        self.tls = tls
+        self.client_tls = client_tls
         self._proc: asyncio.subprocess.Process | None = None
         self._stdio: IO[bytes] | None = None
 
@@ -139,7 +165,15 @@ class SubprocessBroker(ABC):
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
+    def monitor_port(self) -> int:
+        """The second listener, for the monitor login's sessions only (see protocol.topics)."""
+        return self.port + MONITOR_PORT_OFFSET
+
+    def port_for(self, identity: BrokerIdentity) -> int:
+        return self.monitor_port if identity.role is Role.MONITOR else self.port
 
     @property
     def is_running(self) -> bool:
@@ -158,19 +192,29 @@ class SubprocessBroker(ABC):
         return tail([self.stdio_file, self.log_file], lines)
 
     def client(self, identity: BrokerIdentity, **kwargs: object) -> aiomqtt.Client:
-        """An aiomqtt client for ``identity`` with this broker's protocol version."""
+        """An aiomqtt client for ``identity`` with this broker's protocol version.
+
+        Its client id is the login's own (the username; for the monitor, a fresh
+        ``monitor:...``) unless ``identifier`` is given.
+        """
         proto = (
             aiomqtt.ProtocolVersion.V5 if self.mqtt_version == "5" else aiomqtt.ProtocolVersion.V311
         )
+        own_id = identity.username
+        if identity.role is Role.MONITOR:
+            own_id += f"{CLIENT_ID_SEPARATOR}{secrets.token_hex(6)}"
         opts: dict[str, object] = {
             "hostname": self.host,
-            "port": self.port,
+            "port": self.port_for(identity),
+            "identifier": own_id,
             "username": identity.username,
             "password": identity.password,
             "protocol": proto,
             # paho leaves Nagle on: 40+ ms per QoS 1 round trip (FIELD-NOTES).
             "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         }
+        if self.client_tls is not None:
+            opts["tls_context"] = self.client_tls(identity)
         opts.update(kwargs)
         return aiomqtt.Client(**opts)  # type: ignore[arg-type]
 
@@ -183,7 +227,7 @@ class SubprocessBroker(ABC):
             self._forget(self._proc)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         argv = self._prepare()
-        check_port_free(self.port)
+        check_ports_free(self.port, self.monitor_port)
         self._stdio = self.stdio_file.open("ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -310,8 +354,7 @@ class SubprocessBroker(ABC):
                 exited.cancel()
 
     async def _probe(self) -> None:
-        ident = f"health-{secrets.token_hex(6)}"
-        async with self.client(self.health_identity, identifier=ident):
+        async with self.client(self.health_identity):
             pass
 
 

@@ -16,6 +16,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from protocol.envelope import MAX_FRAME
+from protocol.topics import client_id_allowed
+
 _PARENT_POLL_S = 1.0
 
 
@@ -29,18 +32,55 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
 
 
 def confined_broker(config: dict[str, Any]) -> Any:
-    """An amqtt 0.12.1 broker with its retained-message delivery at CONNECT fixed.
+    """An amqtt 0.12.1 broker with three of its flaws fixed.
 
-    At every CONNECT amqtt walks *every* topic filter anyone has subscribed to
-    and sends the connecting client every matching retained message, without
-    asking the ACL, and awaits inside that walk, so a concurrent SUBSCRIBE
-    changes the dict under it ("dictionary changed size during iteration") and
-    the connecting client's session stalls. Here a session receives retained
-    messages only for filters it subscribed to itself (which the ACL approved),
-    and delivery runs as its own task, so the walk never yields.
+    * Retained messages at CONNECT: amqtt walks *every* topic filter anyone has
+      subscribed to and sends the connecting client every matching retained
+      message, without asking the ACL, and awaits inside that walk, so a
+      concurrent SUBSCRIBE changes the dict under it ("dictionary changed size
+      during iteration") and the connecting client's session stalls. Here a
+      session receives retained messages only for filters it subscribed to itself
+      (which the ACL approved), and delivery runs as its own task.
+    * Session takeover: amqtt deletes or takes over the session of the CONNECT's
+      client id *before* it looks at the password, and lets any login use any
+      client id, so one login (even a wrong password) knocks another node off.
+      Here a CONNECT is refused before anything happens to a session unless its
+      client id is the login's own and its password checks out.
+    * Message size: a publish larger than the codec's largest frame is dropped
+      (still acknowledged), never delivered. amqtt reads the whole packet first
+      (up to MQTT's 256 MB): no listener option bounds that.
     """
-    from amqtt.broker import Broker  # heavy import, only in the broker process
+    import amqtt.broker as amqtt_broker  # heavy imports, only in the broker process
+    from amqtt.broker import Broker
+    from amqtt.errors import MQTTError
+    from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, IDENTIFIER_REJECTED, ConnackPacket
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
     from amqtt.session import Session
+
+    log = logging.getLogger(__name__)
+
+    class OwnClientIdHandler(BrokerProtocolHandler):  # type: ignore[misc]
+        @classmethod
+        async def init_from_connect(
+            cls, reader: Any, writer: Any, plugins_manager: Any, loop: Any = None
+        ) -> Any:
+            handler, session = await super().init_from_connect(reader, writer, plugins_manager, loop)
+            user, client_id = session.username, session.client_id or ""
+            if not user or not client_id_allowed(user, client_id):
+                code, why = IDENTIFIER_REJECTED, f"{user!r} may not use client id {client_id!r}"
+            elif not await _authenticated(plugins_manager, session):
+                code, why = BAD_USERNAME_PASSWORD, f"bad credentials for {session.username!r}"
+            else:
+                return handler, session
+            log.warning("CONNECT refused before any session was touched: %s", why)
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+            raise MQTTError(why)
+
+    # Broker._initialize_client_session reads CONNECT through this module-level
+    # name; replacing it here (in the broker's own process) is the only hook that
+    # runs before amqtt touches the existing session.
+    amqtt_broker.BrokerProtocolHandler = OwnClientIdHandler
 
     class ConfinedBroker(Broker):  # type: ignore[misc]
         def __init__(self, cfg: dict[str, Any]) -> None:
@@ -58,7 +98,27 @@ def confined_broker(config: dict[str, Any]) -> Any:
             self._retained_tasks.add(task)
             task.add_done_callback(self._retained_tasks.discard)
 
+        async def _handle_message_delivery(
+            self, client_session: Session, handler: Any, wait_deliver: asyncio.Future[Any]
+        ) -> bool:
+            message = wait_deliver.result()
+            data = getattr(message, "data", None)
+            if data is not None and len(data) > MAX_FRAME:
+                log.warning(
+                    "%s published %d bytes to %s, over the %d-byte frame limit: dropped",
+                    client_session.client_id, len(data), message.topic, MAX_FRAME,
+                )  # fmt: skip
+                return True  # the connection stays; the message goes nowhere
+            return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+
     return ConfinedBroker(config)
+
+
+async def _authenticated(plugins_manager: Any, session: Any) -> bool:
+    """The broker's own rule: every authentication plugin that answers says yes."""
+    answers = await plugins_manager.map_plugin_auth(session=session)
+    results = [r for r in (answers or {}).values() if r is not None]
+    return bool(results) and all(results)
 
 
 async def serve(config: dict[str, Any], parent: int | None) -> None:

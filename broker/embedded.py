@@ -2,7 +2,8 @@
 
 It needs no system package, so it is the fallback where ``mosquitto`` is not
 installed. It runs ``python -m broker.amqtt_main`` with a generated JSON
-config: one TCP listener on 127.0.0.1 only (amqtt's default binds 0.0.0.0),
+config: two TCP listeners on 127.0.0.1 only (amqtt's default binds 0.0.0.0): the
+port, and port + 1 for the monitor's sessions, as on Mosquitto;
 ``FileAuthPlugin`` with Argon2id hashes of the same credentials, and
 :class:`broker.amqtt_acl.TopicAclPlugin` with the same ``acl_for`` patterns.
 
@@ -44,7 +45,18 @@ in a one-off run; [source] = read in amqtt's code, not observable with our ACL.
   pattern accepts a ``#`` at the same, last filter level (none of our read
   patterns ends in ``+``, so nothing is widened today); ``a/#`` does not
   match ``a`` [source].
-* Password checks run Argon2 on the broker's event loop at every CONNECT;
+* Client ids: amqtt 0.12.1 lets any login use any client id, and deletes or
+  takes over the session of a CONNECT's client id *before* it checks the
+  password, so one login (or a wrong password) knocks another node off.
+  ``amqtt_main`` refuses such a CONNECT (0x02 identifier rejected, 0x04 bad
+  credentials) before any session is touched [tested:
+  tests/integration/test_broker_limits.py, tests/e2e/test_session_takeover.py].
+* Message size: no packet limit; ``amqtt_main`` drops (still acknowledges) a
+  publish over ``MAX_FRAME`` after amqtt has read it whole [tested].
+* No TLS here (amqtt has listener options for it, not wired up): ``--tls``
+  deployments need Mosquitto.
+* Password checks run Argon2 on the broker's event loop at every CONNECT
+  (twice now: once before any session is touched, once by amqtt itself);
   we write cheap Argon2 parameters (our passwords are random, not stretched).
 * About half Mosquitto's throughput (FIELD-NOTES).
 """
@@ -105,7 +117,12 @@ class AmqttBroker(SubprocessBroker):
     def config(self) -> dict[str, Any]:
         auth = write_amqtt_auth(self.data_dir, self.identities)
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{self.port}"}},
+            # the monitor's sessions connect to the second listener, as on Mosquitto;
+            # the client-id rule itself is enforced in amqtt_main for both
+            "listeners": {
+                "default": {"type": "tcp", "bind": f"{HOST}:{self.port}"},
+                "monitor": {"type": "tcp", "bind": f"{HOST}:{self.monitor_port}"},
+            },
             "session_expiry_interval": self.session_expiry_interval,
             # An explicit plugin list replaces amqtt's defaults, which include
             # anonymous access and $SYS publishing.

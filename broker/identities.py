@@ -156,15 +156,15 @@ class MosquittoAuthFiles:
 
 
 def write_mosquitto_auth(
-    directory: Path, identities: Iterable[BrokerIdentity]
+    directory: Path, identities: Iterable[BrokerIdentity], stem: str = "mosquitto"
 ) -> MosquittoAuthFiles:
     idents = check_unique(identities)
     pw = write_file(
-        directory / "mosquitto.passwd",
+        directory / f"{stem}.passwd",
         "".join(f"{i.username}:{mosquitto_hash(i.password)}\n" for i in idents),
         SECRET_MODE,
     )
-    acl = write_file(directory / "mosquitto.acl", mosquitto_acl_text(idents), SECRET_MODE)
+    acl = write_file(directory / f"{stem}.acl", mosquitto_acl_text(idents), SECRET_MODE)
     return MosquittoAuthFiles(pw, acl)
 
 

@@ -13,12 +13,13 @@ from urllib.parse import urlsplit
 
 from protocol.certs import ROOT, Certificate, CertStore
 from protocol.errors import CertificateInvalid, ConfigError
-from protocol.topics import DEVICE_ROLES, Role
+from protocol.topics import DEVICE_ROLES, MONITOR_PORT_OFFSET, Role
 
 from .bus import BrokerAddress, MqttBus, WillFactory
 from .deployment import Deployment, parse_node_id
 from .logs import NodeLogging
 from .runtime import Anchors, Identity, NodeConfig, Settings
+from .tls import client_context, node_tls
 
 
 def identity(dep: Deployment, node_id: str) -> Identity:
@@ -88,18 +89,24 @@ def node_config(dep: Deployment, node_id: str, settings: Settings | None = None)
 
 
 def broker_address(dep: Deployment, node_id: str, url: str | None = None) -> BrokerAddress:
-    """The manifest's broker, or ``url`` (mqtt://host:port[?v=5|3.1.1]) when given."""
+    """The manifest's broker, or ``url`` (mqtt[s]://host:port[?v=5|3.1.1]) when given.
+
+    TLS (``mqtts``, or a manifest saying so) presents the login's own client certificate.
+    """
     creds = dep.load_broker_credentials(node_id)
     manifest = dep.load_manifest()
-    host, port = manifest.broker.host, manifest.broker.port
+    host, port, tls = manifest.broker.host, manifest.broker.port, manifest.broker.tls
     version = "5" if manifest.broker.backend == "mosquitto" else "3.1.1"
     if url:
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise ConfigError(f"broker URL {url!r} must look like mqtt://127.0.0.1:1883")
-        host, port = parts.hostname, parts.port or 1883
+        if parts.scheme not in ("mqtt", "tcp", "mqtts") or not parts.hostname:
+            raise ConfigError(f"broker URL {url!r} must look like mqtt://127.0.0.1:1883 or mqtts://...")
+        host, port, tls = parts.hostname, parts.port or 1883, parts.scheme == "mqtts"
         version = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("v", "auto")
-    return BrokerAddress(host, port, creds.username, creds.password, version)
+    if parse_node_id(node_id)[0] is Role.MONITOR:
+        port += MONITOR_PORT_OFFSET  # the monitor's own listener (protocol.topics)
+    context = client_context(node_tls(dep, node_id)) if tls else None
+    return BrokerAddress(host, port, creds.username, creds.password, version, context)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -44,6 +45,7 @@ class BrokerAddress:
     username: str
     password: str
     mqtt_version: str = "auto"  # "5", "3.1.1" or "auto" (try 5, fall back)
+    tls: ssl.SSLContext | None = field(default=None, compare=False)  # mqtts (nodes.tls)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class MqttBus:
             username=self.address.username,
             password=self.address.password,
             identifier=self.client_id,
+            tls_context=self.address.tls,
             will=will,
             keepalive=self.keepalive_s,
             timeout=self.publish_timeout_s,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ from protocol.errors import ConfigError, Malformed, Rejected, TrustpayError, Wro
 from protocol.keys import KeyPair
 from protocol.measure import install_image
 from protocol.topics import DEVICE_ROLES, Role, check_device_id, node_id
+
+from .store import write_atomic
 
 MANIFEST_FORMAT = 1
 SECRET_FILE_MODE = 0o600
@@ -68,18 +69,7 @@ def write_file(path: Path, data: bytes, mode: int = PUBLIC_FILE_MODE) -> Path:
     Atomic because a crash mid-write of a dynamic.json would otherwise leave a
     component that fails its integrity check for a reason that is not tampering.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)  # the umask may have dropped bits we want
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode)
     return path
 
 
@@ -154,6 +144,7 @@ class BrokerSettings:
     backend: str  # "mosquitto" | "amqtt"
     host: str
     port: int
+    tls: bool = False  # mqtts with client certificates (nodes.tls); Mosquitto only
 
 
 @dataclass(frozen=True)
@@ -210,7 +201,12 @@ class Manifest:
             "created_ms": self.created_ms,
             "currency": self.currency,
             "exponent": self.exponent,
-            "broker": {"backend": self.broker.backend, "host": self.broker.host, "port": self.broker.port},
+            "broker": {
+                "backend": self.broker.backend,
+                "host": self.broker.host,
+                "port": self.broker.port,
+                **({"tls": True} if self.broker.tls else {}),
+            },
             "devices": [
                 {
                     "device": d.device,
@@ -242,7 +238,10 @@ class Manifest:
             currency=_get(top, "currency", str),
             exponent=_get(top, "exponent", int),
             broker=BrokerSettings(
-                _get(broker, "backend", str), _get(broker, "host", str), _get(broker, "port", int)
+                _get(broker, "backend", str),
+                _get(broker, "host", str),
+                _get(broker, "port", int),
+                _get(broker, "tls", bool) if "tls" in broker else False,
             ),
             devices=tuple(_device(d) for d in _get(top, "devices", list)),
             servers=_str_map(top, "servers"),

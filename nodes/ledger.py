@@ -375,6 +375,16 @@ class Ledger:
                 (intent_hash, device, verdict, expires_ms),
             )
 
+    async def prune_grants(self, now_ms: int, limit: int) -> int:
+        """Forget up to ``limit`` grants that expired unused (a used one stays with its payment)."""
+        async with self._txn("IMMEDIATE") as db:
+            cur = await db.execute(
+                "DELETE FROM grants WHERE rowid IN (SELECT rowid FROM grants "
+                "WHERE used_ms IS NULL AND expires_ms < ? LIMIT ?)",
+                (now_ms, limit),
+            )
+            return cur.rowcount
+
     async def account_view(
         self, device: str, app: str, limit: int
     ) -> tuple[Account, list[PaymentRecord]] | None:

@@ -64,6 +64,8 @@ DEFAULT_PAYMENT_LIMIT = 50_000  # minor units per payment, enforced here whateve
 MAX_ACCOUNT_LINES = 100
 CONFLICT_ATTEMPTS = 3  # a conflict means another replica wrote first; the retry then sees its result
 MAX_ORDER_ID = 128
+PRUNE_EVERY_S = 10.0
+PRUNE_BATCH = 1_000  # grants per round: each round is one short transaction
 INT64 = 2**63  # SQLite integers are signed 64-bit; larger numbers in an order are malformed
 
 
@@ -103,6 +105,16 @@ class PaymentServer(Node):
             await super().run()
         finally:
             await self.ledger.close()
+
+    async def main(self) -> None:
+        self.every(PRUNE_EVERY_S, self.prune, "prune")
+
+    async def prune(self) -> int:
+        """One bounded round: grants that expired unused (an attested order never paid)."""
+        pruned = await self.ledger.prune_grants(self.clock(), PRUNE_BATCH)
+        if pruned:
+            self.log.info("ledger.pruned", grants=pruned)
+        return pruned
 
     # -- the operator: a platform key rotation ----------------------------------
     async def keys_reload(self, rx: Received) -> tuple[str, Body]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import os
 import time
 from collections import Counter, OrderedDict
@@ -33,7 +34,6 @@ import structlog
 from protocol.certs import Certificate, CertStore, RevocationList
 from protocol.envelope import Envelope, Received, SenderRevoked, Verifier, new_id, peek, sign_frame
 from protocol.errors import (
-    CertificateInvalid,
     Duplicate,
     Malformed,
     Refused,
@@ -58,8 +58,10 @@ from protocol.topics import (
 )
 
 from .bus import Bus
+from .store import write_atomic
 
 Handler = Callable[[Received], Awaitable[tuple[str, Body] | None]]
+Job = Callable[[], Coroutine[Any, Any, object]]
 
 
 def now_ms() -> int:
@@ -102,26 +104,65 @@ class NodeConfig:
     settings: Settings = field(default_factory=Settings)
 
 
+@dataclass
+class _Pending:
+    """A request waiting for its answer; only a verified frame from ``peer`` ends it."""
+
+    answer: asyncio.Future[Received]
+    peer: str
+    # why frames that named this request were refused: said at the timeout, never acted on
+    refused: Counter[str] = field(default_factory=Counter)
+
+
 @dataclass(frozen=True)
 class _Route:
     handler: Handler
     ordered: bool
 
 
-def _next_epoch(state_dir: Path) -> int:
-    """Bump and persist the boot epoch, so (epoch, seq) never repeats across restarts."""
+class IdentityInUse(TrustpayError):
+    """Another process runs this node's identity: two sessions of one login kick each other off."""
+
+    code = "identity_in_use"
+
+
+def _claim(state_dir: Path, node_id: str) -> int:
+    """Hold an exclusive lock on the node's state dir for as long as the node runs.
+
+    One identity, one process: the lock is the kernel's (flock), so it goes with the
+    process however it ends, and the file names the pid that holds it.
+    """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise IdentityInUse(
+            f"{node_id} is already running in process {holder} (it holds {path}); "
+            "stop that process first: two processes with one identity would kick each other off the broker"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _next_epoch(state_dir: Path) -> int:
+    """Bump and persist the boot epoch, so (epoch, seq) never repeats across restarts.
+
+    Called only while holding the state dir's lock, so no two processes bump it at once.
+    """
     path = state_dir / "epoch"
     try:
         epoch = int(path.read_text()) + 1
     except (FileNotFoundError, ValueError):
         epoch = 1
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        f.write(str(epoch))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(path, str(epoch).encode())
     return epoch
 
 
@@ -157,7 +198,7 @@ class Node:
         # keeps an old list from ever replacing a newer one (CertStore.set_revocations).
         self._crl_verifier = Verifier(frozenset(), self.certs, None)
         self._routes: dict[str, _Route] = {}
-        self._pending: dict[bytes, tuple[asyncio.Future[Received], str]] = {}  # id -> (answer, from whom)
+        self._pending: dict[bytes, _Pending] = {}  # by request message id
         self._responses: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         self._lanes: dict[str, asyncio.Queue[Received]] = {}
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
@@ -165,6 +206,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._outbox: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
         self.failure: TrustpayError | None = None  # why the node stopped by itself, if it did
         self.route("ping", self._on_ping)
 
@@ -189,6 +231,14 @@ class Node:
 
     # -- life cycle --------------------------------------------------------
     async def run(self) -> None:
+        self._lock_fd = await asyncio.to_thread(_claim, self.config.state_dir, self.id)
+        try:
+            await self._run_claimed()
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _run_claimed(self) -> None:
         self.epoch = await asyncio.to_thread(_next_epoch, self.config.state_dir)
         self.started_ms = now_ms()
         guard = ReplayGuard(floor_ms=self.started_ms, skew_ms=self.settings.skew_ms)
@@ -255,6 +305,15 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def every(self, interval_s: float, job: Job, name: str) -> None:
+        """Run ``job`` every ``interval_s`` while the node runs; a failed run is logged, the next comes."""
+        self.spawn(self._periodic(interval_s, job, name), name=f"every:{name}")
+
+    async def _periodic(self, interval_s: float, job: Job, name: str) -> None:
+        while True:  # ends when the node stops: its task group cancels the task
+            await asyncio.sleep(interval_s)  # a timer, not synchronisation
+            await self._guarded(job(), name)
 
     async def _guarded(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         try:
@@ -347,7 +406,7 @@ class Node:
         attempts = attempts or self.settings.request_attempts
         message_id = new_id()
         future: asyncio.Future[Received] = asyncio.get_running_loop().create_future()
-        self._pending[message_id] = (future, recipient)
+        pending = self._pending[message_id] = _Pending(future, recipient)
         try:
             for attempt in range(1, attempts + 1):
                 frame = self.frame(
@@ -373,7 +432,9 @@ class Node:
                         f"{recipient} answered {msg_type} with {answer.envelope.type}, not {expect}"
                     )
                 return answer
-            raise RequestTimeout(f"no answer to {msg_type} from {recipient} after {attempts} attempts")
+            raise RequestTimeout(
+                f"no answer to {msg_type} from {recipient} after {attempts} attempts{_refusals(pending)}"
+            )
         finally:
             self._pending.pop(message_id, None)
             if not future.done():
@@ -456,21 +517,20 @@ class Node:
         except Rejected as exc:
             self.counters[f"rejected.{exc.code}"] += 1
             self.log.warning("frame.rejected", code=exc.code, reason=exc.reason, topic=topic, size=len(frame))
-            if isinstance(exc, CertificateInvalid):
-                self._fail_pending(frame, exc)
+            self._note_refused_answer(frame, exc)
             return
         self.counters["accepted"] += 1
         env = received.envelope
         self.peers[env.sender] = received.sender_cert
         if env.reply_to:
             pending = self._pending.get(env.reply_to)
-            if pending is None or pending[0].done():
+            if pending is None or pending.answer.done():
                 self.counters["late_answer"] += 1
-            elif env.sender != pending[1]:  # only the node we asked may answer
+            elif env.sender != pending.peer:  # only the node we asked may answer
                 self.counters["foreign_answer"] += 1
-                self.log.warning("frame.foreign_answer", sender=env.sender, expected=pending[1])
+                self.log.warning("frame.foreign_answer", sender=env.sender, expected=pending.peer)
             else:
-                pending[0].set_result(received)
+                pending.answer.set_result(received)
             return
         route = self._routes.get(env.type)
         if route is None:
@@ -523,8 +583,8 @@ class Node:
         self.log.warning("frame.rejected", code=exc.code, reason=exc.reason, topic=topic, sender=env.sender)
         if env.reply_to:
             pending = self._pending.get(env.reply_to)
-            if pending is not None and not pending[0].done() and env.sender == pending[1]:
-                pending[0].set_exception(exc)
+            if pending is not None and not pending.answer.done() and env.sender == pending.peer:
+                pending.answer.set_exception(exc)
             return
         if env.type in self._routes:
             reason = (
@@ -532,16 +592,20 @@ class Node:
             )
             self.spawn(self._refuse(received, "revoked", reason), name="refuse:revoked")
 
-    def _fail_pending(self, frame: bytes, exc: CertificateInvalid) -> None:
-        """An answer we asked for, signed under a certificate we refuse (a platform rolled back,
-        a revoked server): end the request now with that reason instead of a timeout. The frame's
-        content is never used; at worst a forger makes one of our requests fail early."""
+    def _note_refused_answer(self, frame: bytes, exc: Rejected) -> None:
+        """A refused frame whose unsigned header claims to answer one of our requests.
+
+        It never ends the request (anyone can write a header: a forger would end our
+        requests at will); its reason is only remembered, so that if no verified answer
+        comes, the timeout says what arrived instead (e.g. a platform certificate that
+        was rolled back) rather than blaming the network.
+        """
         header = peek(frame)
         if header is None or not header.reply_to:
             return
         pending = self._pending.get(header.reply_to)
-        if pending is not None and not pending[0].done() and header.sender == pending[1]:
-            pending[0].set_exception(exc)
+        if pending is not None and header.sender == pending.peer and len(pending.refused) < 8:
+            pending.refused[f"{exc.code}: {exc.reason}"] += 1
 
     async def _drain_lane(self, lane: asyncio.Queue[Received]) -> None:
         while True:
@@ -576,6 +640,13 @@ class Node:
     async def _on_ping(self, received: Received) -> tuple[str, Body]:
         ping: Ping = received.envelope.body
         return "pong", Pong(ping.nonce, self.id, self.role.value, now_ms() - self.started_ms, self.state())
+
+
+def _refusals(pending: _Pending) -> str:
+    if not pending.refused:
+        return ""
+    seen = "; ".join(f"{reason} (x{count})" for reason, count in pending.refused.items())
+    return f"; frames claiming to answer it were refused (unverified, so not acted on): {seen}"
 
 
 async def ping(node: Node, role: Role, recipient: str, device: str | None = None) -> Pong:

@@ -296,10 +296,15 @@ class TrustDb:
             "request a new challenge and answer it within its lifetime"
         )
 
-    async def prune_nonces(self, now_ms: int) -> int:
-        """Forget challenges that expired unanswered; answered ones stay with their attestation."""
+    async def prune_nonces(self, now_ms: int, limit: int = -1) -> int:
+        """Forget up to ``limit`` (-1: all) challenges that expired unanswered; answered ones
+        stay with their attestation. A limit keeps each run of the periodic prune short."""
         async with self._tx() as tx:
-            cur = await tx.execute("DELETE FROM nonces WHERE used_ms IS NULL AND expires_ms < ?", (now_ms,))
+            cur = await tx.execute(
+                "DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces "
+                "WHERE used_ms IS NULL AND expires_ms < ? LIMIT ?)",
+                (now_ms, limit),
+            )
             return cur.rowcount
 
     # -- attestations ---------------------------------------------------------------

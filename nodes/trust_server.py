@@ -76,6 +76,7 @@ from protocol.topics import DEVICE_ROLES, Role, node_id
 from .assemble import reloaded_identity
 from .bus import Bus
 from .deployment import Deployment, Manifest
+from .rate_limit import RateLimiter
 from .runtime import Node, NodeConfig, now_ms
 from .trust_db import ACTIVE, REVOKED, DeviceRow, DeviceUnknown, NonceRow, TrustDb
 
@@ -84,6 +85,12 @@ INTENT_HASH_SIZE = 32  # protocol.records.intent_hash
 NONCE_TTL_MS = 30_000
 VERDICT_TTL_MS = 60_000
 REFUSED = "refused"  # last_status of a device whose evidence did not even verify
+# A payment takes one nonce; one device paying back to back measured ~25/s over a
+# short run (FIELD-NOTES), so a burst of 30 then 10/s never slows an honest device much.
+NONCE_BURST = 30
+NONCE_PER_S = 10.0
+PRUNE_EVERY_S = 10.0
+PRUNE_BATCH = 1_000  # rows per round: each round is one short transaction
 PAYMENT_SERVER = node_id(Role.PAYMENT_SERVER)
 
 
@@ -143,11 +150,14 @@ class TrustServer(Node):
         *,
         db: TrustDb | None = None,
         clock: Callable[[], int] = now_ms,
+        nonce_limit: RateLimiter | None = None,
     ) -> None:
         super().__init__(config, bus, log)
         self.dep = deployment
         self.db = db or TrustDb(deployment.trust_db)
         self.clock = clock  # for nonce and verdict lifetimes; tests move it instead of sleeping
+        # a device flooding c2.nonce would fill the nonce table and the server's CPU
+        self.nonce_limit = nonce_limit or RateLimiter(NONCE_BURST, NONCE_PER_S)
         self.payment_cert: Certificate | None = None
         self.device_serials: dict[str, frozenset[int]] = {}
         self.route("c1.check", self.c1_check)
@@ -164,6 +174,18 @@ class TrustServer(Node):
             await super().run()
         finally:
             await self.db.close()
+
+    async def main(self) -> None:
+        self.every(PRUNE_EVERY_S, self.prune, "prune")
+
+    async def prune(self) -> int:
+        """One bounded round of forgetting: expired unanswered nonces, idle rate-limit buckets."""
+        now = self.clock()
+        pruned = await self.db.prune_nonces(now, PRUNE_BATCH)
+        self.nonce_limit.forget_idle(now)
+        if pruned:
+            self.log.info("trust_db.pruned", nonces=pruned)
+        return pruned
 
     async def _seed(self) -> None:
         """Bring the database up to the deployment: devices, releases, CRL, platform certificate."""
@@ -286,6 +308,12 @@ class TrustServer(Node):
         if len(req.intent_hash) != INTENT_HASH_SIZE:
             raise Malformed(f"intent hash must be {INTENT_HASH_SIZE} bytes, got {len(req.intent_hash)}")
         await self._registered(rx, device)
+        wait_ms = self.nonce_limit.take(device, self.clock())
+        if wait_ms:
+            raise Refused(
+                "rate_limited",
+                f"{device} asked for nonces faster than {NONCE_PER_S:g}/s; retry in {wait_ms} ms",
+            )
         nonce, now = os.urandom(NONCE_SIZE), self.clock()
         await self.db.issue_nonce(nonce, device, req.intent_hash, now, now + NONCE_TTL_MS)
         self.step(

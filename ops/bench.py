@@ -118,7 +118,7 @@ async def _raw_rt(
             password=tm_pw,
             protocol=mqtt,
             socket_options=opts,
-            identifier="bench-raw-a",
+            identifier=tm_user,  # a login may use only its own client id
         ) as a,
         aiomqtt.Client(
             host,
@@ -127,7 +127,7 @@ async def _raw_rt(
             password=ts_pw,
             protocol=mqtt,
             socket_options=opts,
-            identifier="bench-raw-b",
+            identifier=ts_user,
         ) as b,
     ):
         await a.subscribe(rsp, qos=1)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 from pathlib import Path
 
-from broker import BACKENDS, Broker, BrokerIdentity, make_broker
+from broker import BACKENDS, Broker, BrokerIdentity, ServerTls, make_broker
 from nodes.deployment import Deployment, Manifest, parse_node_id
+from nodes.tls import broker_tls, client_context, node_tls
 
 HELP = "run the deployment's broker (Mosquitto, or the embedded amqtt) with its logins and ACL"
 
@@ -34,12 +36,25 @@ def broker_for(dep: Deployment, backend: str | None = None, port: int | None = N
     manifest = dep.load_manifest()
     identities = broker_identities(dep, manifest)
     health = next(i for i in identities if i.username == "monitor")
+    tls = client_tls = None
+    if manifest.broker.tls:
+        files = broker_tls(dep)
+        tls = ServerTls(files.ca, files.cert, files.key)
+        contexts: dict[str, ssl.SSLContext] = {}
+
+        def client_tls(ident: BrokerIdentity) -> ssl.SSLContext:  # the broker's own health probe
+            if ident.username not in contexts:
+                contexts[ident.username] = client_context(node_tls(dep, ident.username))
+            return contexts[ident.username]
+
     return make_broker(
         backend or manifest.broker.backend,
         dep.broker_dir / "data",
         port or manifest.broker.port,
         identities,
         health,
+        tls=tls,
+        client_tls=client_tls,
     )
 
 

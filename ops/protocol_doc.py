@@ -149,8 +149,9 @@ def render_parameters() -> str:
     ]
     rows += [
         ("codec integers", f"{codec.MIN_INT} .. {codec.MAX_INT}", "signed 64-bit; floats and ext refused"),
-        ("ReplayGuard skew_ms", guard["skew_ms"], "accepted clock difference, either way"),
-        ("ReplayGuard max_ids", guard["max_ids"], "remembered message ids"),
+        ("ReplayGuard skew_ms", guard["skew_ms"], "how far behind the receiver's clock a stamp may be"),
+        ("ReplayGuard ahead_ms", guard["ahead_ms"], "how far ahead of the receiver's clock a stamp may be"),
+        ("ReplayGuard max_ids", guard["max_ids"], "remembered message ids per sender"),
         ("protocol.replay.WINDOW_BITS", replay.WINDOW_BITS, "sequence window per sender and epoch"),
         ("Settings.request_timeout_s", settings.request_timeout_s, "seconds per request attempt"),
         ("Settings.request_attempts", settings.request_attempts, "attempts, all with the same message id"),

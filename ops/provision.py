@@ -16,6 +16,7 @@ default ``{out}.offline`` beside it: nothing a node reads holds them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -50,6 +51,7 @@ from protocol.records import PACKAGE_DOMAIN, RELEASE_DOMAIN, Package, Release, s
 from protocol.topics import DEVICE_ROLES, SERVER_ROLES, node_id
 
 from .client_install import write_client_install
+from .tls_material import write_tls
 
 CURRENCY, EXPONENT = "EUR", 2
 DEFAULT_APPS = ("wallet", "transit")
@@ -78,6 +80,7 @@ def provision(
     force: bool = False,
     now_ms: int | None = None,
     offline: Path | None = None,
+    tls: bool = False,
 ) -> Manifest:
     """Create the deployment ``out`` and its offline keys directory; return the manifest.
 
@@ -93,6 +96,10 @@ def provision(
     _check_target(offline_dir, force, "--offline")
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     manifest = _manifest(now_ms, devices, apps, backend, broker_port or free_port(), opening_balance)
+    if tls:  # mqtts with client certificates (nodes.tls); the embedded broker stays plain
+        if backend != "mosquitto":
+            raise ConfigError("--tls needs the mosquitto backend: the embedded amqtt broker has no TLS here")
+        manifest = dataclasses.replace(manifest, broker=dataclasses.replace(manifest.broker, tls=True))
     out.parent.mkdir(parents=True, exist_ok=True)
     offline_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".provisioning", dir=out.parent))
@@ -255,6 +262,8 @@ def _build(dep: Deployment, offline: OfflineKeys, manifest: Manifest, now_ms: in
     else:
         # amqtt keeps its topic ACL in the config the broker writes at start (broker.embedded)
         write_amqtt_auth(dep.broker_dir, identities)
+    if manifest.broker.tls:
+        write_tls(dep, offline, manifest.login_ids(), now_s, days)
     write_file(dep.manifest_path, manifest.to_text().encode())
 
 
@@ -337,6 +346,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_OPENING_BALANCE,
         help=f"minor units per payer account (default {DEFAULT_OPENING_BALANCE})",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mqtts: a broker certificate and a client certificate per login (mosquitto only)",
+    )
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     parser.add_argument(
         "--offline",
@@ -356,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
         opening_balance=args.opening_balance,
         force=args.force,
         offline=args.offline,
+        tls=args.tls,
     )
     if args.json:
         print(manifest.to_text(), end="")
@@ -366,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"provisioned {args.out}")
     print(f"  devices:  {len(devices)} ({shown}), apps {', '.join(manifest.devices[0].apps)}")
     print(f"  accounts: {len(manifest.accounts)} payers, {len(manifest.merchants)} merchants ({CURRENCY})")
-    print(f"  broker:   {b.backend} on {b.host}:{b.port}")
+    print(f"  broker:   {b.backend} on {b.host}:{b.port}{' (mqtts, client certificates)' if b.tls else ''}")
     offline = OfflineKeys.of(args.out, args.offline).root
     print(f"  offline keys (root, update, platform, issuer): {offline} (keep it off the servers)")
     return 0

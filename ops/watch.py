@@ -33,7 +33,7 @@ from protocol.certs import CertStore
 from protocol.envelope import Verifier
 from protocol.errors import TrustpayError
 from protocol.messages import Status, StepEvent
-from protocol.topics import CHANNEL_EVENTS, CHANNEL_STATUS, PREFIX
+from protocol.topics import CHANNEL_EVENTS, CHANNEL_STATUS, CLIENT_ID_SEPARATOR, PREFIX
 
 HELP = "show every signed step event and status as it happens (verified, read-only)"
 FILTERS = tuple(
@@ -66,7 +66,9 @@ def monitor_client(
         port=address.port,
         username=address.username,
         password=address.password,
-        identifier=f"{purpose}-{time.time_ns():x}",
+        # the monitor login's own client ids: "monitor:{purpose}-{time}" (protocol.topics)
+        identifier=f"{address.username}{CLIENT_ID_SEPARATOR}{purpose}-{time.time_ns():x}",
+        tls_context=address.tls,
         protocol=aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311,
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )

@@ -236,6 +236,22 @@ def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
     return tuple(AclRule("write", t) for t in writes) + tuple(AclRule("read", t) for t in reads)
 
 
+# The monitor login is read-only and legitimately open several times at once (the
+# launcher's supervision, `trustpay watch`, tests): its sessions get client ids of their
+# own, "monitor:{purpose}", and connect to the broker's second listener (port + 1).
+# Every other login has exactly one session, whose client id is its username.
+CLIENT_ID_SEPARATOR = ":"  # never part of a username, so no login's ids overlap another's
+MONITOR_PORT_OFFSET = 1
+
+
+def client_id_allowed(username: str, client_id: str) -> bool:
+    """Whether ``username`` may connect with ``client_id``: only its own, never another login's."""
+    if client_id == username:
+        return True
+    prefix = username + CLIENT_ID_SEPARATOR
+    return username == Role.MONITOR.value and client_id.startswith(prefix) and len(client_id) > len(prefix)
+
+
 def role_from_name(name: str) -> Role:
     try:
         return Role(name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -150,18 +151,22 @@ class E2E(Scenario):
         return broker_address(self.dep, nid, self.launcher.broker_url)
 
     @contextlib.asynccontextmanager
-    async def impersonate(self, nid: str, client_id: str) -> AsyncIterator[Node]:
+    async def impersonate(self, nid: str) -> AsyncIterator[Node]:
         """A bare :class:`Node` holding ``nid``'s keys, certificate and broker login.
 
-        It connects with its own MQTT client id (never taking over the real
-        node's session) and uses the real node's state directory, so its boot
-        epoch is newer than any the real node used: its frames are fresh.
+        A login has one session, whose client id is its own (the broker refuses or
+        forces any other), so the real node must not be running: stop it first.
+        It runs on a copy of the real node's state directory, so its boot epoch is
+        newer than any the real node used so far: its frames are fresh.
         """
         config = await asyncio.to_thread(node_config, self.dep, nid)
-        logging = NodeLogging(client_id, self.tmp / f"{client_id}.log", console=None)
-        bus = MqttBus(self.address(nid), client_id, log=logging.logger)
+        copy = self.tmp / f"{nid}.impostor-state"
+        await asyncio.to_thread(shutil.copytree, config.state_dir, copy, dirs_exist_ok=True)
+        config = dataclasses.replace(config, state_dir=copy)
+        logging = NodeLogging(nid, self.tmp / f"{nid}.impostor.log", console=None)
+        bus = MqttBus(self.address(nid), nid, log=logging.logger)
         node = Node(config, bus, logging.logger)
-        task = asyncio.create_task(node.run(), name=f"impostor:{client_id}")
+        task = asyncio.create_task(node.run(), name=f"impostor:{nid}")
         try:
             async with asyncio.timeout(WAIT_S):
                 await node.connected.wait()
@@ -176,8 +181,8 @@ class E2E(Scenario):
             logging.close()
 
     @contextlib.asynccontextmanager
-    async def raw_client(self, nid: str, client_id: str) -> AsyncIterator[aiomqtt.Client]:
-        """A plain aiomqtt connection with ``nid``'s broker login and a client id of its own."""
+    async def raw_client(self, nid: str, client_id: str | None = None) -> AsyncIterator[aiomqtt.Client]:
+        """A plain aiomqtt connection with ``nid``'s broker login and, unless given, its own client id."""
         a = self.address(nid)
         proto = aiomqtt.ProtocolVersion.V5 if a.mqtt_version == "5" else aiomqtt.ProtocolVersion.V311
         async with aiomqtt.Client(
@@ -185,8 +190,9 @@ class E2E(Scenario):
             port=a.port,
             username=a.username,
             password=a.password,
-            identifier=client_id,
+            identifier=client_id or nid,
             protocol=proto,
+            tls_context=a.tls,
         ) as client:
             yield client
 
@@ -237,11 +243,11 @@ def node_stopped_counters(dep: Deployment, nid: str) -> list[dict[str, int]]:
     return out
 
 
-@pytest.fixture(params=BACKENDS)
-async def e2e(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E2E]:
-    backend: str = request.param
+@contextlib.asynccontextmanager
+async def running_deployment(tmp_path: Path, backend: str, *, tls: bool = False) -> AsyncIterator[E2E]:
+    """Provision two devices, start everything, wait until both devices finished start-up."""
     root = tmp_path / "deploy"
-    await asyncio.to_thread(provision, root, len(DEVICES), backend=backend)
+    await asyncio.to_thread(provision, root, len(DEVICES), backend=backend, tls=tls)
     dep = Deployment(root)
     async with contextlib.AsyncExitStack() as stack:
         launcher = await stack.enter_async_context(Launcher(dep, backend=backend, log_level="warning"))
@@ -257,3 +263,17 @@ async def e2e(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
         yield scn
         surprises = [e.describe() for e in launcher.unexpected_exits]
         assert not surprises, "nodes died during the test:\n" + "\n".join(surprises)
+
+
+@pytest.fixture(params=BACKENDS)
+async def e2e(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E2E]:
+    async with running_deployment(tmp_path, request.param) as scn:
+        yield scn
+
+
+@pytest.fixture
+async def e2e_tls(tmp_path: Path) -> AsyncIterator[E2E]:
+    """A deployment provisioned with --tls (mqtts, client certificates): Mosquitto only
+    (mark the test like the mosquitto parameter of ``e2e``)."""
+    async with running_deployment(tmp_path, "mosquitto", tls=True) as scn:
+        yield scn

@@ -26,7 +26,7 @@ async def test_closed_chip_refuses_payment_from_the_clients_own_identity(e2e: E2
     chip = e2e.dep.load_cert(chip_of(DEV1))
 
     # the client's own keys and certificate, but no chip.open first (B1 skipped)
-    async with e2e.impersonate(client_of(DEV1), f"{client_of(DEV1)}-e2e") as impostor:
+    async with e2e.impersonate(client_of(DEV1)) as impostor:
         start = PayStart(f"ord-{uuid.uuid4().hex}", "wallet", 100, "EUR", "shop-1", dynamic_digest(b"{}\n"))
         with pytest.raises(Refused) as refused:
             await impostor.request(

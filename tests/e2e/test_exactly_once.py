@@ -67,10 +67,12 @@ async def test_same_order_three_times_is_charged_once_and_a_replayed_old_frame_i
         assert list(stored) == [order_id]
         row = stored[order_id]
 
-        # (a) the exact frame three more times, from the chip's broker login on another connection:
-        # the payment-server drops each as a duplicate and re-sends its cached answer, unchanged
+        # (a) the exact frame three more times, from the chip's broker login (the chip stopped:
+        # a login has one session): the payment-server drops each as a duplicate and
+        # re-sends its cached answer, unchanged
+        await e2e.launcher.kill(chip_of(DEV1), 15)
         base = capture.on(to_chip).count(receipt_frame)
-        async with e2e.raw_client(chip_of(DEV1), f"{chip_of(DEV1)}-e2e-raw") as raw:
+        async with e2e.raw_client(chip_of(DEV1)) as raw:
             for _ in range(3):
                 await raw.publish(to_ps, order_frame, qos=1)
         await capture.wait_until(lambda: capture.on(to_chip).count(receipt_frame) == base + 3)
@@ -80,7 +82,7 @@ async def test_same_order_three_times_is_charged_once_and_a_replayed_old_frame_i
         # (b) the same signed order in three new frames from the chip's own identity:
         # each answer is the original receipt, byte for byte, and nothing more is charged
         mark = e2e.watcher.mark()
-        async with e2e.impersonate(chip_of(DEV1), f"{chip_of(DEV1)}-e2e") as chip:
+        async with e2e.impersonate(chip_of(DEV1)) as chip:
             ps_cert = e2e.dep.load_cert(PS)
             for _ in range(3):
                 answer = await chip.request(

@@ -69,13 +69,16 @@ async def running_broker(
             await broker.kill()  # a no-op unless stop() itself failed
 
 
-def persistent_client(broker: Broker, ident: BrokerIdentity, client_id: str) -> aiomqtt.Client:
-    """A client whose session (subscriptions, queued QoS 1) outlives its connection."""
+def persistent_client(broker: Broker, ident: BrokerIdentity) -> aiomqtt.Client:
+    """A client whose session (subscriptions, queued QoS 1) outlives its connection.
+
+    Its client id is the login's own: the session belongs to the login.
+    """
     if broker.mqtt_version == "5":
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
-        return broker.client(ident, identifier=client_id, clean_start=False, properties=props)
-    return broker.client(ident, identifier=client_id, clean_session=False)
+        return broker.client(ident, clean_start=False, properties=props)
+    return broker.client(ident, clean_session=False)
 
 
 async def next_message(client: aiomqtt.Client, wait: float = WAIT_S) -> aiomqtt.Message:
@@ -104,7 +107,7 @@ async def refused(broker: Broker, ident: BrokerIdentity, **kwargs: object) -> bo
     """Whether the broker answers CONNECT for ``ident`` with a refusal."""
     try:
         async with asyncio.timeout(WAIT_S):
-            async with broker.client(ident, identifier="probe-refused", **kwargs):
+            async with broker.client(ident, **kwargs):
                 return False
     except aiomqtt.MqttCodeError:
         return True

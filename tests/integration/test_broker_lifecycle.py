@@ -121,11 +121,11 @@ async def test_async_with_starts_and_stops(backend: str, tmp_path: Path, cast: C
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_offline_session_gets_queued_messages(backend: str, tmp_path: Path, cast: Cast) -> None:
     async with running_broker(backend, tmp_path / "b", cast) as broker:
-        async with persistent_client(broker, cast["dev-a.tm"], "tm-1") as tm:
+        async with persistent_client(broker, cast["dev-a.tm"]) as tm:
             assert granted(await tm.subscribe(DOWN, qos=1))
-        async with broker.client(cast["trust-server"], identifier="ts") as ts:
+        async with broker.client(cast["trust-server"]) as ts:
             await ts.publish(DOWN, b"while-away", qos=1)
-        async with persistent_client(broker, cast["dev-a.tm"], "tm-1") as tm:
+        async with persistent_client(broker, cast["dev-a.tm"]) as tm:
             msg = await next_message(tm)
     assert (msg.topic.value, msg.payload, msg.qos) == (DOWN, b"while-away", 1)
     if backend == "mosquitto":
@@ -137,14 +137,14 @@ async def test_offline_session_gets_queued_messages(backend: str, tmp_path: Path
 async def test_queued_message_across_restart(backend: str, tmp_path: Path, cast: Cast) -> None:
     """(f) Mosquitto keeps a persistent session's QoS 1 backlog over a restart; amqtt loses it."""
     async with running_broker(backend, tmp_path / "b", cast) as broker:
-        async with persistent_client(broker, cast["dev-a.tm"], "tm-1") as tm:
+        async with persistent_client(broker, cast["dev-a.tm"]) as tm:
             assert granted(await tm.subscribe(DOWN, qos=1))
-        async with broker.client(cast["trust-server"], identifier="ts") as ts:
+        async with broker.client(cast["trust-server"]) as ts:
             await ts.publish(DOWN, b"before-restart", qos=1)
 
         await broker.restart()
 
-        async with persistent_client(broker, cast["dev-a.tm"], "tm-1") as tm:
+        async with persistent_client(broker, cast["dev-a.tm"]) as tm:
             if backend == "mosquitto":
                 msg = await next_message(tm)
                 assert (msg.topic.value, msg.payload) == (DOWN, b"before-restart")
@@ -152,7 +152,7 @@ async def test_queued_message_across_restart(backend: str, tmp_path: Path, cast:
                 # The session is gone: subscribe again, then a marker proves that
                 # nothing from before the restart was waiting for us.
                 assert granted(await tm.subscribe(DOWN, qos=1))
-                async with broker.client(cast["trust-server"], identifier="ts") as ts:
+                async with broker.client(cast["trust-server"]) as ts:
                     await ts.publish(DOWN, b"marker", qos=1)
                 got = await until_marker(tm, b"marker")
                 assert [m.payload for m in got] == [b"marker"]

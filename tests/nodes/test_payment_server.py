@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -497,7 +498,9 @@ async def test_two_replicas_on_one_database_execute_each_order_once(dep: Deploym
     blobs = [make_order(dep, f"o-{i}", amount=1_000, counter=i) for i in range(1, 6)]
     a = make_node(PaymentServer, dep, PS, FakeBroker(), SETTINGS, deployment=dep)
     b = make_node(PaymentServer, dep, PS, FakeBroker(), SETTINGS, deployment=dep)
-    async with running(a), running(b):  # nested: each bumps the shared epoch file in turn
+    # one state dir is held by one process at a time (IdentityInUse): the replica gets its own
+    b.config = dataclasses.replace(b.config, state_dir=b.config.state_dir.with_name("state-replica"))
+    async with running(a), running(b):
         for blob in blobs:
             verdict = make_verdict(dep, DEV, intent_of_blob(blob))
             await a.ledger.store_grant(DEV, intent_of_blob(blob), verdict, now_ms() + 60_000)

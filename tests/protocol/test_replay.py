@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from protocol.replay import WINDOW_BITS, ReplayGuard
 from .factory import NOW_MS, exactly
 
 SKEW = 30_000
+AHEAD = 5_000
 
 
 def mid(n: int) -> bytes:
@@ -36,12 +38,13 @@ class Feed:
 
 
 def test_time_window_and_floor():
-    g = ReplayGuard(floor_ms=NOW_MS - 10_000, skew_ms=SKEW)
+    g = ReplayGuard(floor_ms=NOW_MS - 10_000, skew_ms=SKEW, ahead_ms=AHEAD)
     f = Feed(g)
-    for ts in (NOW_MS - SKEW - 1, NOW_MS + SKEW + 1, NOW_MS - 10_001, 0):
+    # behind by up to the skew, ahead by far less: a stamp ahead is what a flooder uses
+    for ts in (NOW_MS - SKEW - 1, NOW_MS + AHEAD + 1, NOW_MS + SKEW, NOW_MS - 10_001, 0):
         with exactly(Stale):
             f.check(1, ts=ts)
-    for seq, ts in enumerate((NOW_MS - 10_000, NOW_MS + SKEW, NOW_MS), start=1):
+    for seq, ts in enumerate((NOW_MS - 10_000, NOW_MS + AHEAD, NOW_MS), start=1):
         f.check(seq, ts=ts)
     assert g.tracked_ids == 3
 
@@ -164,18 +167,61 @@ def test_id_table_is_bounded_and_floor_rises():
     accepted = []
     for i in range(40):
         ts = NOW_MS - 20_000 + i * 100
-        # a different sender for each frame, so only the id table and the floor can catch a replay
-        g.check(f"s{i}", mid(i), ts, 1, 1, NOW_MS)
-        accepted.append((f"s{i}", mid(i), ts))
+        g.check("a", mid(i), ts, 1, i, NOW_MS)
+        accepted.append((mid(i), ts, i))
         assert g.tracked_ids <= 8
     assert g.tracked_ids == 8
-    assert g.floor_ms == accepted[-9][2] + 1
-    for sender, message_id, ts in accepted[:-8]:  # forgotten ids
+    assert g.floor_of("a") == accepted[-9][1] + 1
+    assert g.floor_of("b") == 0  # only the sender that overflowed its table lost anything
+    for message_id, ts, seq in accepted[:-8]:  # forgotten ids
         with exactly(Stale):
-            g.check(sender, message_id, ts, 1, 1, NOW_MS)
-    for sender, message_id, ts in accepted[-8:]:  # remembered ids
+            g.check("a", message_id, ts, 1, seq, NOW_MS)
+    for message_id, ts, seq in accepted[-8:]:  # remembered ids
         with exactly(Duplicate):
-            g.check(sender, message_id, ts, 1, 1, NOW_MS)
+            g.check("a", message_id, ts, 1, seq, NOW_MS)
+
+
+def test_each_sender_has_its_own_table():
+    g = ReplayGuard(0, skew_ms=SKEW, max_ids=4)
+    for sender in ("a", "b", "c"):
+        for i in range(4):
+            g.check(sender, f"{sender}{i}".encode(), NOW_MS, 1, i, NOW_MS)
+    assert g.tracked_ids == 12
+    assert {g.floor_of(s) for s in "abc"} == {0}
+
+
+def test_a_sender_whose_table_is_full_of_future_stamps_waits_for_the_clock():
+    g = ReplayGuard(0, skew_ms=SKEW, max_ids=4, ahead_ms=AHEAD)
+    for i in range(4):
+        g.check("flood", mid(i), NOW_MS + AHEAD, 1, i, NOW_MS)
+    with exactly(Stale):  # forgetting one would need a floor past our clock
+        g.check("flood", mid(10), NOW_MS, 1, 10, NOW_MS)
+    assert g.floor_of("flood") == 0
+    g.check("other", mid(11), NOW_MS, 1, 1, NOW_MS)
+    later = NOW_MS + AHEAD + 1
+    g.check("flood", mid(12), later, 1, 12, later)
+    assert g.floor_of("flood") == NOW_MS + AHEAD + 1 <= later
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    max_ids=st.integers(1, 8),
+    flood=st.lists(st.tuples(st.integers(0, 2 * AHEAD), st.integers(0, 2_000)), min_size=1, max_size=60),
+    honest_age=st.integers(0, SKEW),
+)
+def test_a_flooding_sender_never_makes_another_senders_fresh_frames_stale(max_ids, flood, honest_age):
+    """One sender floods future-stamped frames (main raised everyone's floor past now)."""
+    start = NOW_MS - SKEW
+    g = ReplayGuard(start, skew_ms=SKEW, max_ids=max_ids)
+    now = NOW_MS
+    for n, (ahead, advance) in enumerate(flood):
+        now += advance
+        with contextlib.suppress(Rejected):  # the flooder's own frames may be refused
+            g.check("flood", mid(n), now + ahead, 1, n, now)
+        assert g.floor_of("flood") <= now, "a floor moved past the clock"
+    honest_ts = max(start, now - honest_age)
+    g.check("honest", mid(10_000), honest_ts, 1, 1, now)  # raises if it was refused
+    assert g.tracked_ids <= 2 * max_ids
 
 
 def test_old_ids_expire():
@@ -212,6 +258,7 @@ def test_ids_within_twice_the_skew_are_kept():
 )
 def test_no_frame_is_ever_accepted_twice(max_ids, steps):
     """Whatever the arrival order, clock and table size, an accepted frame never passes again."""
+    senders = 3
     g = ReplayGuard(NOW_MS - 60_000, skew_ms=SKEW, max_ids=max_ids)
     now = NOW_MS
     frames: list[tuple[str, bytes, int, int]] = []
@@ -221,18 +268,18 @@ def test_no_frame_is_ever_accepted_twice(max_ids, steps):
         if replay and frames:
             frame = frames[pick % len(frames)]
         else:
-            # each new frame from its own sender: the sequence windows cannot help
-            frame = (f"s{n}", mid(n), now + offset, 1)
+            # a few senders, so that their own tables overflow and their floors rise
+            frame = (f"s{pick % senders}", mid(n), now + offset, n)
             frames.append(frame)
-        sender, message_id, ts, seq = frame
+        sender, message_id, ts, epoch = frame
         try:
-            g.check(sender, message_id, ts, 1, seq, now)
+            g.check(sender, message_id, ts, epoch, 1, now)
         except Rejected:
             pass
         else:
             assert message_id not in accepted, f"{message_id.hex()} accepted twice"
             accepted.add(message_id)
-        assert g.tracked_ids <= max_ids
+        assert g.tracked_ids <= senders * max_ids
 
 
 @pytest.mark.parametrize("max_ids", [1, 2, 100])
