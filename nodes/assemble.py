@@ -30,7 +30,14 @@ def identity(dep: Deployment, node_id: str) -> Identity:
     chain: tuple[bytes, ...] = (cert.to_bytes(),)
     if cert.body.issuer != ROOT:  # servers: their certificate, then the platform's
         chain += (dep.load_public("platform").to_bytes(),)
-    return Identity(node_id, role, device, dep.load_keys(node_id), cert, chain)
+    keys = dep.load_keys(node_id)
+    # A rotation writes the key and the certificate one file at a time: never run on a mixed pair.
+    if (keys.sign_public, keys.box_public) != (cert.body.sign_key, cert.body.box_key):
+        raise ConfigError(
+            f"{dep.node_key_path(node_id)} does not hold the key certified in {dep.node_cert_path(node_id)}: "
+            "a key rotation was interrupted; run `trustpay rotate-platform` again"
+        )
+    return Identity(node_id, role, device, keys, cert, chain)
 
 
 def reloaded_identity(

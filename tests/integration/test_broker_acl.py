@@ -134,10 +134,10 @@ FORBIDDEN_PUBLISH = {
 
 async def test_every_login_gets_the_operators_retained_revocation_list(broker: Broker, cast: Cast) -> None:
     """Published once, retained: a node that connects later still reads it on subscribing."""
-    async with broker.client(cast["operator"], identifier="op") as op:
+    async with broker.client(cast["operator"]) as op:
         await op.publish(CRL_TOPIC, b"crl-1", qos=1, retain=True)
     for role in NODE_ROLES:
-        async with broker.client(ident_of(cast, role), identifier=f"late-{role.short}") as late:
+        async with broker.client(ident_of(cast, role)) as late:
             assert granted(await late.subscribe(CRL_TOPIC, qos=1)), role
             msg = await next_message(late)
         assert (msg.topic.value, msg.payload) == (CRL_TOPIC, b"crl-1"), role

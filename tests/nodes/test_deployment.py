@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from nodes.assemble import identity
 from nodes.deployment import (
     Deployment,
     Manifest,
     OfflineKeys,
     canonical_json,
+    keys_to_bytes,
     load_json,
     parse_node_id,
     write_secret,
@@ -23,6 +25,7 @@ from ops.broker_cmd import broker_identities
 from ops.provision import provision
 from protocol.certs import RevocationList
 from protocol.errors import ConfigError
+from protocol.keys import KeyPair
 from protocol.records import RELEASE_DOMAIN, Release, open_record
 from protocol.topics import Role, node_id
 
@@ -161,3 +164,12 @@ def test_file_helpers(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
     with pytest.raises(ConfigError, match="not a JSON object"):
         load_json(b"[1]", "static data")
+
+
+def test_a_node_never_runs_on_a_key_its_certificate_does_not_name(dep: Deployment) -> None:
+    """A rotation interrupted between the key and the certificate must stop the server, not sign
+    frames every receiver refuses (or, worse, pair an old leaked key with the new certificate)."""
+    identity(dep, "trust-server")  # the provisioned pair is consistent
+    write_secret(dep.node_key_path("trust-server"), keys_to_bytes(KeyPair.generate()))
+    with pytest.raises(ConfigError, match="rotation was interrupted"):
+        identity(dep, "trust-server")

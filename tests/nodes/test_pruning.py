@@ -19,6 +19,7 @@ from nodes.payment_server import PaymentServer
 from nodes.rate_limit import RateLimiter
 from nodes.runtime import Node, now_ms
 from nodes.trust_server import NONCE_TTL_MS, TrustServer
+from protocol.certs import Certificate
 from protocol.errors import Refused, TrustpayError
 from protocol.messages import Challenge, NonceRequest
 from protocol.records import record_hash
@@ -43,13 +44,14 @@ def dep(tmp_path: Path) -> Deployment:
     return provisioned(tmp_path, devices=2)
 
 
-async def challenge(tm: Node, n: int) -> Challenge:
+async def challenge(tm: Node, n: int, ts: Certificate) -> Challenge:
     answer = await tm.request(
         tm.link(Role.TRUST_SERVER),
         "c2.nonce",
         NonceRequest(record_hash(f"order-{n}".encode())),
         recipient=TS,
         expect="c2.challenge",
+        peer=ts,  # c2.nonce is sealed for the trust-server
     )
     ch: Challenge = answer.envelope.body
     return ch
@@ -70,7 +72,7 @@ async def test_expired_nonces_are_pruned_while_the_trust_server_runs(dep: Deploy
     tm = make_node(Node, dep, f"{DEV1}.tm", broker)
     async with running(ts, tm):
         await asyncio.wait_for(_until(lambda: f"{TS}:every:prune" in task_names(ts)), 10)
-        issued = [await challenge(tm, n) for n in range(3)]
+        issued = [await challenge(tm, n, ts.config.identity.cert) for n in range(3)]
         assert len(rows(dep.trust_db, "SELECT nonce FROM nonces")) == 3
         assert await ts.prune() == 0  # none expired yet
         clock.ms += NONCE_TTL_MS + 1
@@ -86,15 +88,15 @@ async def test_nonce_issue_is_rate_limited_per_device(dep: Deployment) -> None:
     tm1 = make_node(Node, dep, f"{DEV1}.tm", broker)
     tm2 = make_node(Node, dep, f"{DEV2}.tm", broker)
     async with running(ts, tm1, tm2):
-        await challenge(tm1, 1)
-        await challenge(tm1, 2)
+        await challenge(tm1, 1, ts.config.identity.cert)
+        await challenge(tm1, 2, ts.config.identity.cert)
         with pytest.raises(Refused) as limited:
-            await challenge(tm1, 3)
-        await challenge(tm2, 1)  # another device is not slowed by the first
+            await challenge(tm1, 3, ts.config.identity.cert)
+        await challenge(tm2, 1, ts.config.identity.cert)  # another device is not slowed by the first
         clock.ms += 1_000
-        await challenge(tm1, 4)
+        await challenge(tm1, 4, ts.config.identity.cert)
         with pytest.raises(Refused):
-            await challenge(tm1, 5)
+            await challenge(tm1, 5, ts.config.identity.cert)
         assert ts.nonce_limit.tracked == 2
         clock.ms += 10_000
         await ts.prune()  # buckets that refilled are forgotten: memory follows active devices
@@ -123,10 +125,10 @@ async def test_expired_unused_grants_are_pruned_while_the_payment_server_runs(de
         for name, ttl in (("expired", 1_000), ("used", 1_000), ("live", 120_000)):
             await ps.ledger.store_grant(DEV1, name.encode().ljust(32, b"."), b"verdict", clock.ms + ttl)
         with contextlib.closing(sqlite3.connect(dep.ledger_db)) as conn, conn:
-            conn.execute("UPDATE grants SET used_ms = 1 WHERE order_hash = ?", (b"used".ljust(32, b"."),))
+            conn.execute("UPDATE grants SET used_ms = 1 WHERE intent_hash = ?", (b"used".ljust(32, b"."),))
         clock.ms += 2_000
         assert await ps.prune() == 1
-        left = {bytes(h).rstrip(b".") for (h,) in rows(dep.ledger_db, "SELECT order_hash FROM grants")}
+        left = {bytes(h).rstrip(b".") for (h,) in rows(dep.ledger_db, "SELECT intent_hash FROM grants")}
     assert left == {b"used", b"live"}
 
 
