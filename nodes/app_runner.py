@@ -124,7 +124,6 @@ def run(request: dict[str, object]) -> dict[str, object]:
 
 
 def main() -> None:
-    os.nice(10)  # a warm worker starts while a payment runs: it must not slow that payment down
     limit_resources()
     for name in sorted(ALLOWED_IMPORTS):  # while files can still be opened
         __import__(name)
