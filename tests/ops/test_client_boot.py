@@ -157,7 +157,7 @@ def test_trustpay_client_imports_nothing_of_the_project_before_the_boot_path_che
     )
     code, modules = done.stdout.splitlines()[-1].split(" ", 1)
     assert code == "3", done
-    assert modules.split() == ["ops", "ops.client_boot", "ops.client_cmd"]
+    assert modules.split() == ["ops", "ops.cli_common", "ops.client_boot", "ops.client_cmd"]
 
 
 def test_trustpay_node_client_points_to_trustpay_client(
