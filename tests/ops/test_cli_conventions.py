@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ from ops import cli
 from ops.cli_common import DEPLOY_ENV, resolve_deploy
 from ops.provision import provision
 
+from .test_launcher import NODES, deploy, finish, lines_until, run_up
+
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS_WITH_DEPLOY = {
     "node", "client", "broker", "up", "release", "rotate-platform", "revoke", "ledger", "watch", "ping"
@@ -26,7 +29,7 @@ COMMANDS_WITH_DEPLOY = {
 
 
 @pytest.fixture(scope="module")
-def deploy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def unmeasured(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A deployment no node ran on: the client's boot path refuses it (exit 3), saying where it looked."""
     root = tmp_path_factory.mktemp("conventions") / "deploy"
     provision(root, 1, broker_port=1, backend="amqtt")
@@ -153,16 +156,16 @@ def disabled_reason(done: subprocess.CompletedProcess[str]) -> str:
     return str(result["reason"])
 
 
-def test_a_command_without_deploy_uses_dot_deploy_in_its_working_directory(deploy: Path) -> None:
-    done = run_trustpay(deploy.parent, "client", "balance", "--json")
+def test_a_command_without_deploy_uses_dot_deploy_in_its_working_directory(unmeasured: Path) -> None:
+    done = run_trustpay(unmeasured.parent, "client", "balance", "--json")
     # the reason names the trust module's record under the deployment it found
     assert "deploy/nodes/dev-0001.tm/state/client.measured" in disabled_reason(done)
 
 
-def test_a_command_without_deploy_uses_trustpay_deploy(deploy: Path, tmp_path: Path) -> None:
+def test_a_command_without_deploy_uses_trustpay_deploy(unmeasured: Path, tmp_path: Path) -> None:
     (tmp_path / "deploy").mkdir()  # an empty ./deploy: the variable wins over it
-    done = run_trustpay(tmp_path, "client", "balance", "--json", deploy_env=str(deploy))
-    assert f"{deploy}/nodes/dev-0001.tm/state/client.measured" in disabled_reason(done)
+    done = run_trustpay(tmp_path, "client", "balance", "--json", deploy_env=str(unmeasured))
+    assert f"{unmeasured}/nodes/dev-0001.tm/state/client.measured" in disabled_reason(done)
 
 
 def test_without_deploy_variable_or_dot_deploy_the_error_names_all_three(tmp_path: Path) -> None:
@@ -203,8 +206,8 @@ def test_ledger_json_is_one_json_object(tmp_path: Path) -> None:
     assert ledger["payments"] == [] and ledger["total"] == sum(a["balance"] for a in ledger["accounts"])
 
 
-def test_client_json_refusal_is_one_json_object(deploy: Path) -> None:
-    done = run_trustpay(REPO, "client", "--json", "--deploy", str(deploy), "pay", "1.25", "shop-1")
+def test_client_json_refusal_is_one_json_object(unmeasured: Path) -> None:
+    done = run_trustpay(REPO, "client", "--json", "--deploy", str(unmeasured), "pay", "1.25", "shop-1")
     assert "has not checked this client yet" in disabled_reason(done)
 
 
@@ -213,3 +216,22 @@ def test_bench_json_is_one_json_line(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     assert out.count("\n") == 1
     assert json.loads(out)["ping.frame_bytes"] > 0
+
+
+async def test_up_json_prints_one_json_event_per_line_and_the_text_on_stderr(tmp_path: Path) -> None:
+    proc = await run_up(deploy(tmp_path, "amqtt"), "--json")
+    try:
+        seen = await lines_until(proc, '"event": "all_up"')
+        proc.send_signal(signal.SIGTERM)
+        code, out, err = await finish(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0, err
+    events = [json.loads(line) for line in [*seen, *out.splitlines()]]
+    assert [e["event"] for e in events[:2]] == ["broker", "starting"]
+    assert {e["node"] for e in events if e["event"] == "up"} == NODES
+    assert {e["node"] for e in events if e["event"] == "down"} == NODES
+    assert events[-1] == {"event": "stopped", "nodes": 4, "broker": True, "exit": 0}
+    assert "all 4 nodes up" in err  # the lines for a person, kept off stdout
