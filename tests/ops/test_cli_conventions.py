@@ -235,3 +235,33 @@ async def test_up_json_prints_one_json_event_per_line_and_the_text_on_stderr(tmp
     assert {e["node"] for e in events if e["event"] == "down"} == NODES
     assert events[-1] == {"event": "stopped", "nodes": 4, "broker": True, "exit": 0}
     assert "all 4 nodes up" in err  # the lines for a person, kept off stdout
+
+
+async def test_broker_and_revoke_json_on_a_running_broker(tmp_path: Path) -> None:
+    dep = deploy(tmp_path, "amqtt")
+    broker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ops.cli", "broker", "--json", "--deploy", str(dep.root),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        up = json.loads((await lines_until(broker, '"event": "up"'))[-1])
+        assert (up["backend"], up["pid"] > 0) == ("amqtt", True)
+        revoke = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ops.cli", "revoke", "dev-0001.chip", "--json",  # the manifest's broker
+            cwd=tmp_path, env={**os.environ, DEPLOY_ENV: str(dep.root)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            out, err = await revoke.communicate()
+        assert revoke.returncode == 0, err.decode()
+        result = json.loads(out)
+        assert (result["number"], result["revoked"]) == (1, ["dev-0001.chip"])  # provision signs list 0
+        assert result["crl"] == str(dep.crl_path)
+        broker.send_signal(signal.SIGTERM)
+        code, rest, err_text = await finish(broker)
+    finally:
+        if broker.returncode is None:
+            broker.kill()
+            await broker.wait()
+    assert code == 0, err_text
+    assert [json.loads(line) for line in rest.splitlines()] == [{"event": "stopped"}]
