@@ -1,6 +1,7 @@
-"""The CLI conventions against a live deployment: options after the payment's words, --deploy from
-$TRUSTPAY_DEPLOY and ./deploy, --json lines from the client, ping and the ledger. One backend: the
-command line is parsed before any broker is involved (the payment itself is tested on both)."""
+"""The CLI conventions against a live deployment: options after the payment's words, --deploy
+from $TRUSTPAY_DEPLOY and ./deploy, --json from the client, ping, ledger, release and
+rotate-platform. One backend: the command line is parsed before any broker is involved (the
+payment itself is tested on both)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nodes.deployment import canonical_json
 from ops.cli_common import DEPLOY_ENV
 
 from .conftest import DEV1, OPENING, WAIT_S, running_deployment
@@ -83,3 +85,21 @@ async def test_json_after_the_payments_words_is_an_option_and_deploy_comes_from_
         assert code == 0, err
         ledger = json.loads("\n".join(lines))
         assert [(p["order_id"], p["status"]) for p in ledger["payments"]] == [(paid["order_id"], "confirmed")]
+
+        # release and rotate-platform --json: one object with every node's answer
+        build = tmp_path / "wallet-1.0.1"
+        build.mkdir()
+        app = e2e.dep.app_dir(DEV1, "wallet")
+        (build / "code.py").write_bytes((app / "code.py").read_bytes())
+        static = json.loads((app / "static.json").read_bytes())
+        (build / "static.json").write_bytes(canonical_json({**static, "version": "1.0.1"}))
+        code, lines, err = await trustpay(tmp_path, "release", "app", "wallet", "1.0.1", str(build), "--json")
+        assert code == 0, err
+        (released,) = map(json.loads, lines)
+        assert released["released"] == "deploy/releases/app-wallet-1.0.1.release"  # found from ./deploy
+        assert set(released["answers"].values()) == {"ok"} and len(released["answers"]) == 3  # ts, 2 tms
+
+        code, lines, err = await trustpay(tmp_path, "rotate-platform", "--json", "--broker", url)
+        assert code == 0, err
+        (rotated,) = map(json.loads, lines)
+        assert rotated["answers"] == {"trust-server": "ok", "payment-server": "ok"}
