@@ -265,3 +265,10 @@ async def test_broker_and_revoke_json_on_a_running_broker(tmp_path: Path) -> Non
             await broker.wait()
     assert code == 0, err_text
     assert [json.loads(line) for line in rest.splitlines()] == [{"event": "stopped"}]
+
+
+def test_demo_json_is_one_json_object_and_the_story_goes_to_stderr(tmp_path: Path) -> None:
+    done = run_trustpay(tmp_path, "demo", "--json", "--backend", "amqtt", "--keep", str(tmp_path / "kept"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == {"passed": True, "exit": 0, "deployment": str(tmp_path / "kept")}
+    assert "demo passed" in done.stderr
