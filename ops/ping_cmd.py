@@ -48,7 +48,8 @@ async def ping_all(
     for nid, (answer, ms) in zip(node_ids, answers, strict=True):
         if as_json:
             if isinstance(answer, Pong):
-                print_json({"node": nid, "ok": True, "state": answer.state, "uptime_ms": answer.uptime_ms})
+                pong = {"state": answer.state, "uptime_ms": answer.uptime_ms, "ms": round(ms, 1)}
+                print_json({"node": nid, "ok": True, **pong})
             else:
                 print_json({"node": nid, "ok": False, "error": answer})
         elif isinstance(answer, Pong):

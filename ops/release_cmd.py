@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
     # nodes that are down read releases/ when they start; the trust-server must have it now
     code = 0 if answers.get(Role.TRUST_SERVER.value) == "ok" else 1
     if args.json:
-        release = {"kind": args.kind, "name": args.name, "version": args.version, what: str(path)}
-        print_json({**release, "answers": answers, "exit": code})
+        release = {"kind": args.kind, "name": args.name, "version": args.version, "withdrawn": args.withdraw}
+        print_json({**release, "path": str(path), "answers": answers, "exit": code})
         return code
     for nid, answer in answers.items():
         print(f"  {nid:<24} {answer if answer != 'ok' else 'updated'}")

@@ -96,7 +96,8 @@ async def test_json_after_the_payments_words_is_an_option_and_deploy_comes_from_
         code, lines, err = await trustpay(tmp_path, "release", "app", "wallet", "1.0.1", str(build), "--json")
         assert code == 0, err
         (released,) = map(json.loads, lines)
-        assert released["released"] == "deploy/releases/app-wallet-1.0.1.release"  # found from ./deploy
+        assert (released["version"], released["withdrawn"]) == ("1.0.1", False)
+        assert released["path"] == "deploy/releases/app-wallet-1.0.1.release"  # found from ./deploy
         assert set(released["answers"].values()) == {"ok"} and len(released["answers"]) == 3  # ts, 2 tms
 
         code, lines, err = await trustpay(tmp_path, "rotate-platform", "--json", "--broker", url)
