@@ -35,6 +35,8 @@ from protocol.messages import Evidence, Ping, StepEvent
 from protocol.replay import ReplayGuard
 from protocol.topics import Role, link_topic
 
+from .cli_common import add_examples, add_json_argument, print_json
+
 if TYPE_CHECKING:
     from ops.watch import Seen
 
@@ -265,6 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["mosquitto", "amqtt"], default=None)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--n", type=int, default=2000, help="messages per micro batch")
+    add_json_argument(parser, "the result as one JSON line (default: indented JSON)")
+    add_examples(parser, "trustpay bench micro", "trustpay bench pay --payments 50 --backend amqtt --json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -281,5 +285,8 @@ def run(args: argparse.Namespace) -> int:
             result = asyncio.run(payments(dep, args.payments))
         else:
             result = asyncio.run(round_trips(dep, args.rounds, backend))
-    print(json.dumps(result, indent=2))
+    if args.json:
+        print_json(result)
+    else:
+        print(json.dumps(result, indent=2))
     return 0

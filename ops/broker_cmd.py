@@ -6,17 +6,24 @@ import argparse
 import asyncio
 import signal
 import ssl
-from pathlib import Path
 
 from broker import BACKENDS, Broker, BrokerIdentity, ServerTls, make_broker
 from nodes.deployment import Deployment, Manifest, parse_node_id
 from nodes.tls import broker_tls, client_context, node_tls
 
+from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
+
 HELP = "run the deployment's broker (Mosquitto, or the embedded amqtt) with its logins and ACL"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    add_deploy_argument(parser)
+    add_json_argument(parser, 'print {"event": "up", ...} and {"event": "stopped"} as JSON lines')
+    add_examples(
+        parser,
+        "trustpay broker --deploy deploy",
+        "trustpay broker --backend amqtt --port 18830 --json   # deploy from $TRUSTPAY_DEPLOY, else ./deploy",
+    )
     parser.add_argument("--backend", choices=BACKENDS, help="default: the manifest's")
     parser.add_argument("--port", type=int, help="default: the manifest's")
 
@@ -58,17 +65,25 @@ def broker_for(dep: Deployment, backend: str | None = None, port: int | None = N
     )
 
 
-async def serve(broker: Broker) -> None:
+async def serve(broker: Broker, as_json: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with broker:
-        print(f"broker {broker.backend} up at {broker.url} (pid {broker.pid}); Ctrl-C stops it", flush=True)
+        if as_json:
+            print_json({"event": "up", "backend": broker.backend, "url": broker.url, "pid": broker.pid})
+        else:
+            print(
+                f"broker {broker.backend} up at {broker.url} (pid {broker.pid}); Ctrl-C stops it", flush=True
+            )
         await stop.wait()
-    print("broker stopped", flush=True)
+    if as_json:
+        print_json({"event": "stopped"})
+    else:
+        print("broker stopped", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(broker_for(Deployment(args.deploy), args.backend, args.port)))
+    asyncio.run(serve(broker_for(Deployment(args.deploy), args.backend, args.port), args.json))
     return 0

@@ -5,8 +5,11 @@ Each subcommand lives in its own module, which provides ``HELP: str``,
 line in :data:`COMMANDS`. Only the chosen command's module is imported (every
 one only for the overview that ``trustpay --help`` prints), so one command's
 dependencies never slow another, and ``trustpay client`` runs no project code
-but its boot path (:mod:`ops.client_boot`): this module imports none at the top.
-A module with ``HANDLES_ERRORS = True`` reports its own errors.
+but its boot path (:mod:`ops.client_boot`): this module imports no project code
+at the top but :mod:`ops.cli_common` (standard library only, part of that path).
+A module with ``HANDLES_ERRORS = True`` reports its own errors. Options work
+anywhere on the line; the conventions every command follows (``--deploy``,
+``--json``, examples under ``--help``) are in :mod:`ops.cli_common`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol, cast
+
+from .cli_common import resolve_deploy
 
 PROG = "trustpay"
 EXIT_ERROR, EXIT_CONFIG = 1, 2  # 2 is also what argparse uses for a bad command line
@@ -44,26 +49,49 @@ class CommandModule(Protocol):
     run: Callable[[argparse.Namespace], int]
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser for command ``only`` (importing just its module), or for every command."""
-    parser = argparse.ArgumentParser(prog=PROG, description="attestation-gated mobile payments over MQTT")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        if only is not None and name != only:
-            continue
-        module = cast(CommandModule, importlib.import_module(module_name))
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(command)
-        command.set_defaults(run=module.run, handles_errors=getattr(module, "HANDLES_ERRORS", False))
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of command ``name``, importing just its module."""
+    module = cast(CommandModule, importlib.import_module(COMMANDS[name]))
+    parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=module.HELP)
+    module.add_arguments(parser)
+    parser.set_defaults(run=module.run, handles_errors=getattr(module, "HANDLES_ERRORS", False))
     return parser
 
 
+def overview_parser() -> argparse.ArgumentParser:
+    """``trustpay --help``: every command and what it does (each module imported for its HELP)."""
+    parser = argparse.ArgumentParser(prog=PROG, description="attestation-gated mobile payments over MQTT")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        sub.add_parser(name, help=cast(CommandModule, importlib.import_module(module_name)).HELP)
+    parser.epilog = f"`{PROG} COMMAND --help` shows a command's options and examples"
+    return parser
+
+
+def parse(words: Sequence[str]) -> argparse.Namespace:
+    """The command line, options anywhere (``--`` before a word that starts with a dash).
+
+    The command is the first word (the top level has no options but --help);
+    its own parser reads the rest intermixed, so ``pay 1.25 shop-1 --json``
+    means what it says. Raises SystemExit as argparse does.
+    """
+    if not words or words[0] not in COMMANDS:
+        overview_parser().parse_args(words)  # --help, or a usage error naming the commands
+        raise SystemExit(EXIT_CONFIG)  # not reached: no command parses without one
+    parser = command_parser(words[0])
+    args = parser.parse_intermixed_args(words[1:])
+    args.command = words[0]
+    if "deploy" in vars(args):
+        try:
+            args.deploy = resolve_deploy(args.deploy)
+        except ValueError as exc:
+            parser.error(str(exc))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
-    # the command is the first word (the top level has no options but --help)
-    parser = build_parser(words[0] if words and words[0] in COMMANDS else None)
     try:
-        args = parser.parse_args(words)
+        args = parse(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # argparse exits on --help and on usage errors; callers want a code
         return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
     run = cast(Callable[[argparse.Namespace], int], args.run)

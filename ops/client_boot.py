@@ -2,8 +2,9 @@
 
 ``trustpay client`` runs these project files and no other outside the client
 install: ``ops/__init__.py``, ``ops/cli.py`` (which imports only the chosen
-command), ``ops/client_cmd.py`` (the command line) and this module, all with
-the standard library only. Here:
+command), ``ops/cli_common.py`` (the options every command shares),
+``ops/client_cmd.py`` (the command line) and this module, all with the
+standard library only. Here:
 
 1. the whole install (``devices/{device}/client/code/`` and ``static.json``)
    is read into memory, once;

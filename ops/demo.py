@@ -28,6 +28,7 @@ from typing import Any
 from nodes.deployment import Deployment
 from protocol.messages import StepEvent
 
+from .cli_common import add_examples, add_json_argument, print_json
 from .launcher import Launcher
 from .ledger_cmd import to_json, to_text
 from .provision import provision
@@ -195,11 +196,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep", type=Path, help="build the deployment here and keep it, instead of a temp dir"
     )
+    add_json_argument(parser, 'the story on stderr; on stdout {"passed": ..., "exit": ...} as JSON')
+    add_examples(parser, "trustpay demo", "trustpay demo --backend amqtt --keep /tmp/tp-demo --json")
 
 
 def run(args: argparse.Namespace) -> int:
+    out = sys.stderr if args.json else sys.stdout  # with --json, stdout carries only the result
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(play(args.keep, args.backend))
-    with tempfile.TemporaryDirectory(prefix="trustpay-demo-") as tmp:
-        return asyncio.run(play(Path(tmp), args.backend))
+        code = asyncio.run(play(args.keep, args.backend, out))
+    else:
+        with tempfile.TemporaryDirectory(prefix="trustpay-demo-") as tmp:
+            code = asyncio.run(play(Path(tmp), args.backend, out))
+    if args.json:
+        print_json({"passed": code == 0, "exit": code, "deployment": str(args.keep) if args.keep else None})
+    return code

@@ -22,12 +22,19 @@ from typing import Any
 from nodes.deployment import Deployment
 from nodes.ledger import Snapshot, read_snapshot
 
+from .cli_common import add_deploy_argument, add_examples, add_json_argument
+
 HELP = "show the ledger: every account's balance and every payment"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deploy", type=Path, required=True, help="the deployment directory")
-    parser.add_argument("--json", action="store_true", help="print JSON, amounts in integer minor units")
+    add_deploy_argument(parser)
+    add_json_argument(parser, "print JSON, amounts in integer minor units")
+    add_examples(
+        parser,
+        "trustpay ledger --deploy deploy",
+        "trustpay ledger --json | jq .total   # deploy from $TRUSTPAY_DEPLOY, else ./deploy",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from pathlib import Path
 
 from nodes.deployment import Deployment
 from protocol.errors import ConfigError
 from protocol.topics import NODE_ROLES, Role, role_from_name
 
+from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 from .roles import resolve_node_id, run_node
 
 HELP = "run one node (trust-module, chip, client, trust-server, payment-server) until stopped"
@@ -21,7 +21,13 @@ HELP = "run one node (trust-module, chip, client, trust-server, payment-server) 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("role", choices=[r.value for r in NODE_ROLES])
-    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    add_deploy_argument(parser)
+    add_json_argument(parser, "when the node stops, print which node stopped as JSON (logs stay on stderr)")
+    add_examples(
+        parser,
+        "trustpay node trust-server --deploy deploy",
+        "trustpay node chip --device dev-0002 --json   # deploy from $TRUSTPAY_DEPLOY, else ./deploy",
+    )
     parser.add_argument("--device", help="device id, for device roles (default: the only device)")
     parser.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883 (default: the manifest's)")
     parser.add_argument(
@@ -41,4 +47,6 @@ def run(args: argparse.Namespace) -> int:
     dep = Deployment(args.deploy)
     nid = resolve_node_id(dep, role, args.device)
     asyncio.run(run_node(dep, nid, args.broker, console_level=args.log_level))
+    if args.json:
+        print_json({"node": nid, "stopped": True})
     return 0

@@ -50,6 +50,7 @@ from protocol.measure import APP, CLIENT, measure
 from protocol.records import PACKAGE_DOMAIN, RELEASE_DOMAIN, Package, Release, sign_record
 from protocol.topics import DEVICE_ROLES, SERVER_ROLES, node_id
 
+from .cli_common import add_examples, add_json_argument
 from .client_install import write_client_install
 from .tls_material import write_tls
 
@@ -351,7 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="mqtts: a broker certificate and a client certificate per login (mosquitto only)",
     )
-    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    add_json_argument(parser, "print the manifest as JSON")
     parser.add_argument(
         "--offline",
         type=Path,
@@ -359,6 +360,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory for the offline keys (root, update, platform, issuer); default: OUT.offline",
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out or --offline")
+    add_examples(
+        parser,
+        "trustpay provision --out deploy --devices 2          # ./deploy: found by every command",
+        "trustpay provision --out /srv/tp --devices 100 --tls --json   # then TRUSTPAY_DEPLOY=/srv/tp",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

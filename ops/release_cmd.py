@@ -24,13 +24,21 @@ from protocol.messages import ReleaseUpdate
 from protocol.records import RELEASE_DOMAIN, Release, sign_record
 from protocol.topics import Role, node_id
 
+from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 from .operator import add_offline_argument, command, deployment_certs, offline_keys, operator_node
 
 HELP = "add a client or app version's signed reference measurements, or --withdraw one"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    add_deploy_argument(parser)
+    add_json_argument(parser, "print the release and each node's answer as one JSON object")
+    add_examples(
+        parser,
+        "trustpay release --deploy deploy app wallet 1.1.0 ./wallet-1.1.0   # holds code.py, static.json",
+        "trustpay release client trustpay-client 1.1.0 ./client-1.1.0       # holds code/, static.json",
+        "trustpay release app wallet 1.0.0 --withdraw --json                # stop trusting a version",
+    )
     parser.add_argument("kind", choices=[CLIENT, APP])
     parser.add_argument("name", help="the client's name (trustpay-client) or the app's (wallet, transit)")
     parser.add_argument("version")
@@ -102,14 +110,18 @@ async def distribute(dep: Deployment, blob: bytes, broker_url: str | None) -> di
 
 def run(args: argparse.Namespace) -> int:
     dep = Deployment(args.deploy)
-    blob = make_release(
-        dep, args.kind, args.name, args.version, args.path, args.withdraw, offline_keys(args)
-    )
+    blob = make_release(dep, args.kind, args.name, args.version, args.path, args.withdraw, offline_keys(args))
     what = "withdrawn" if args.withdraw else "released"
     path = dep.release_path(args.kind, args.name, args.version)
-    print(f"{args.kind} {args.name} {args.version} {what}: {path}")
+    if not args.json:
+        print(f"{args.kind} {args.name} {args.version} {what}: {path}")
     answers = asyncio.run(distribute(dep, blob, args.broker))
+    # nodes that are down read releases/ when they start; the trust-server must have it now
+    code = 0 if answers.get(Role.TRUST_SERVER.value) == "ok" else 1
+    if args.json:
+        release = {"kind": args.kind, "name": args.name, "version": args.version, "withdrawn": args.withdraw}
+        print_json({**release, "path": str(path), "answers": answers, "exit": code})
+        return code
     for nid, answer in answers.items():
         print(f"  {nid:<24} {answer if answer != 'ok' else 'updated'}")
-    # nodes that are down read releases/ when they start; the trust-server must have it now
-    return 0 if answers.get(Role.TRUST_SERVER.value) == "ok" else 1
+    return code

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 from nodes.deployment import Deployment, Manifest, OfflineKeys, write_file
 from protocol.certs import RevocationList, sign_revocations
@@ -23,13 +22,20 @@ from protocol.errors import ConfigError
 from protocol.messages import RevocationUpdate
 from protocol.topics import CRL_TOPIC, DEVICE_ROLES, Role
 
+from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 from .operator import add_offline_argument, offline_keys, operator_node
 
 HELP = "revoke devices or nodes: a new signed revocation list, published to every running node"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    add_deploy_argument(parser)
+    add_json_argument(parser, "print the new list's number, the revoked nodes and the topic as JSON")
+    add_examples(
+        parser,
+        "trustpay revoke --deploy deploy dev-0002            # the device's three nodes",
+        "trustpay revoke dev-0001.chip --json                # one node; deploy from $TRUSTPAY_DEPLOY",
+    )
     parser.add_argument(
         "targets", nargs="+", metavar="DEVICE|NODE", help="dev-0001, or a node id: dev-0001.chip"
     )
@@ -85,9 +91,22 @@ def run(args: argparse.Namespace) -> int:
     dep = Deployment(args.deploy)
     nids = target_nodes(dep.load_manifest(), args.targets)
     crl = make_revocations(dep, nids, offline_keys(args))
-    print(f"revocation list {crl.body.number}: {len(crl.body.serials)} certificates revoked ({dep.crl_path})")
-    for nid in nids:
-        print(f"  revoked {nid}")
+    if not args.json:
+        revoked = len(crl.body.serials)
+        print(f"revocation list {crl.body.number}: {revoked} certificates revoked ({dep.crl_path})")
+        for nid in nids:
+            print(f"  revoked {nid}")
     asyncio.run(publish(dep, crl, args.broker))
-    print(f"  published on {CRL_TOPIC}")
+    if args.json:
+        print_json(
+            {
+                "number": crl.body.number,
+                "certificates_revoked": len(crl.body.serials),
+                "revoked": nids,
+                "crl": str(dep.crl_path),
+                "published": CRL_TOPIC,
+            }
+        )
+    else:
+        print(f"  published on {CRL_TOPIC}")
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 
 from nodes.deployment import Deployment, OfflineKeys, keys_to_bytes, write_file, write_secret
 from protocol.certs import PLATFORM, CertBody, Certificate, issue
@@ -21,6 +20,7 @@ from protocol.keys import KeyPair
 from protocol.messages import Empty
 from protocol.topics import Role
 
+from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 from .operator import add_offline_argument, command, offline_keys, operator_node
 
 HELP = "rotate the platform key through the update certificate and reload the servers"
@@ -28,7 +28,13 @@ SERVERS = (Role.TRUST_SERVER, Role.PAYMENT_SERVER)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    add_deploy_argument(parser)
+    add_json_argument(parser, "print the new certificate's serial and each server's answer as JSON")
+    add_examples(
+        parser,
+        "trustpay rotate-platform --deploy deploy",
+        "trustpay rotate-platform --offline /media/keys/deploy.offline --json",
+    )
     parser.add_argument("--broker", help="broker URL (default: the manifest's)")
     add_offline_argument(parser)
 
@@ -100,8 +106,13 @@ async def reload_servers(dep: Deployment, broker_url: str | None) -> dict[str, s
 def run(args: argparse.Namespace) -> int:
     dep = Deployment(args.deploy)
     platform = rotate(dep, offline_keys(args))
-    print(f"platform certificate {platform.serial} issued by the update key; new server keys")
+    if not args.json:
+        print(f"platform certificate {platform.serial} issued by the update key; new server keys")
     answers = asyncio.run(reload_servers(dep, args.broker))
+    code = 0 if all(a == "ok" for a in answers.values()) else 1
+    if args.json:
+        print_json({"platform_serial": platform.serial, "answers": answers, "exit": code})
+        return code
     for nid, answer in answers.items():
         print(f"  {nid:<16} {'reloaded' if answer == 'ok' else answer}")
-    return 0 if all(a == "ok" for a in answers.values()) else 1
+    return code

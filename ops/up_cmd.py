@@ -17,24 +17,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import signal
 import sys
 from collections.abc import Awaitable
-from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from broker import BACKENDS
 from nodes.deployment import Deployment
 
+from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 from .launcher import Launcher, LaunchError, NodeExit, NodeProcess
 
 HELP = "run the broker, the servers and each device's chip and trust module as processes"
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 T = TypeVar("T")
+# --json for this run, read by say() from the launcher's callbacks too
+AS_JSON: contextvars.ContextVar[bool] = contextvars.ContextVar("up_as_json", default=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    add_deploy_argument(parser)
+    add_json_argument(parser, "one JSON object per line for each event (up, down, died, stopped...)")
+    add_examples(
+        parser,
+        "trustpay up --deploy deploy",
+        "trustpay up --devices 1 --json            # deploy from $TRUSTPAY_DEPLOY, else ./deploy",
+        "trustpay up --broker mqtt://127.0.0.1:1883  # nodes only, on a broker already running",
+    )
     parser.add_argument("--devices", type=int, metavar="N", help="run the first N devices (default: all)")
     parser.add_argument("--broker", help="use this running broker (mqtt://host:port[?v=5|3.1.1]); start none")
     parser.add_argument("--backend", choices=BACKENDS, help="broker to start (default: the manifest's)")
@@ -42,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    AS_JSON.set(args.json)
     return asyncio.run(_up(args))
 
 
@@ -77,28 +88,50 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
     code = 0
     async with launcher as up:
         if up.broker is not None:
-            say(f"broker  {up.broker.backend} at {up.broker.url}  (pid {up.broker.pid})")
+            b = up.broker
+            say(f"broker  {b.backend} at {b.url}  (pid {b.pid})", event="broker", url=b.url, pid=b.pid)
         else:
-            say(f"broker  {up.broker_url}  (already running; not started here)")
-        say(f"starting {len(up.processes)} nodes (Ctrl-C stops them)")
+            say(
+                f"broker  {up.broker_url}  (already running; not started here)",
+                event="broker",
+                url=up.broker_url,
+            )
+        say(
+            f"starting {len(up.processes)} nodes (Ctrl-C stops them)",
+            event="starting",
+            nodes=len(up.processes),
+        )
         outcome = await _unless(stop, _outcome(up.wait_all_up()))
         if outcome is None:
-            say(f"{received[0]} before all nodes were up: stopping", err=True)
+            say(
+                f"{received[0]} before all nodes were up: stopping",
+                err=True,
+                event="stopping",
+                reason=received[0],
+            )
             code = EXIT_INTERRUPTED
         elif isinstance(outcome, LaunchError):
-            say(f"trustpay up: {outcome.reason}: stopping", err=True)
+            say(f"trustpay up: {outcome.reason}: stopping", err=True, event="failed", reason=outcome.reason)
             say(outcome.report, err=True)
             code = EXIT_FAILED
         else:
-            say(f"all {len(up.processes)} nodes up in {outcome:.1f} s{_noise(up)}")
+            n = len(up.processes)
+            say(f"all {n} nodes up in {outcome:.1f} s{_noise(up)}", event="all_up", nodes=n, seconds=outcome)
             all_up.set()
             failure = await _unless(stop, up.wait_failure())
             if failure is None:
-                say(f"{received[0]}: stopping devices, then servers, then the broker")
+                say(
+                    f"{received[0]}: stopping devices, then servers, then the broker",
+                    event="stopping",
+                    reason=received[0],
+                )
             else:
-                say(f"trustpay up: {failure.splitlines()[0]}: stopping everything", err=True)
+                first = failure.splitlines()[0]
+                say(f"trustpay up: {first}: stopping everything", err=True, event="failed", reason=first)
                 code = EXIT_FAILED
-    say(f"stopped {len(launcher.processes)} nodes" + (" and the broker" if launcher.broker else ""))
+    n = len(launcher.processes)
+    text = f"stopped {n} nodes" + (" and the broker" if launcher.broker else "")
+    say(text, event="stopped", nodes=n, broker=launcher.broker is not None, exit=code)
     return code
 
 
@@ -130,15 +163,34 @@ def _noise(up: Launcher) -> str:
 
 
 def _print_up(node: NodeProcess) -> None:
-    say(f"up    {node.node_id:<16} (pid {node.pid}, {node.up_after_s or 0:.1f} s)")
+    after = node.up_after_s or 0
+    say(
+        f"up    {node.node_id:<16} (pid {node.pid}, {after:.1f} s)",
+        event="up",
+        node=node.node_id,
+        pid=node.pid,
+        seconds=after,
+    )
 
 
 def _print_exit(ex: NodeExit, all_up: asyncio.Event) -> None:
     if ex.deliberate:
-        say(f"down  {ex.node_id:<16} (pid {ex.pid}, {ex.how})")
+        say(
+            f"down  {ex.node_id:<16} (pid {ex.pid}, {ex.how})",
+            event="down",
+            node=ex.node_id,
+            pid=ex.pid,
+            how=ex.how,
+        )
     else:
-        say(f"DIED  {ex.describe() if all_up.is_set() else ex.describe().splitlines()[0]}", err=True)
+        text = f"DIED  {ex.describe() if all_up.is_set() else ex.describe().splitlines()[0]}"
+        say(text, err=True, event="died", node=ex.node_id, pid=ex.pid, how=ex.how)
 
 
-def say(text: str, err: bool = False) -> None:
+def say(text: str, err: bool = False, **event: Any) -> None:
+    """A line for the person watching; with --json, ``event`` as a JSON line and the text on stderr."""
+    if AS_JSON.get():
+        if event:
+            print_json(event)
+        err = True  # stdout carries only JSON
     print(text, file=sys.stderr if err else sys.stdout, flush=True)

@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -34,6 +33,8 @@ from protocol.envelope import Verifier
 from protocol.errors import TrustpayError
 from protocol.messages import Status, StepEvent
 from protocol.topics import CHANNEL_EVENTS, CHANNEL_STATUS, CLIENT_ID_SEPARATOR, PREFIX
+
+from .cli_common import add_deploy_argument, add_examples, add_json_argument
 
 HELP = "show every signed step event and status as it happens (verified, read-only)"
 FILTERS = tuple(
@@ -197,11 +198,16 @@ def describe(seen: Seen) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deploy", type=Path, required=True, help="deployment directory")
+    add_deploy_argument(parser)
     parser.add_argument("--broker", help="broker URL (default: the manifest's)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_json_argument(parser, "one JSON object per line")
     parser.add_argument("--all", action="store_true", help="every frame on every link, not just events")
     parser.add_argument("--seconds", type=float, default=3600.0, help="stop after this long (default 1 h)")
+    add_examples(
+        parser,
+        "trustpay watch --deploy deploy",
+        "trustpay watch --all --json --seconds 60   # deploy from $TRUSTPAY_DEPLOY, else ./deploy",
+    )
 
 
 async def _watch(args: argparse.Namespace) -> None:

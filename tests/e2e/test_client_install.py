@@ -43,8 +43,8 @@ def dump():
 atexit.register(dump)
 runpy.run_module("ops.cli", run_name="__main__", alter_sys=True)
 """
-# ops/__init__.py, ops/cli.py (run as __main__), ops/client_cmd.py, ops/client_boot.py
-BOOT_PATH = {"ops", "ops.client_cmd", "ops.client_boot"}
+# ops/__init__.py, ops/cli.py (run as __main__), ops/cli_common.py, ops/client_cmd.py, ops/client_boot.py
+BOOT_PATH = {"ops", "ops.cli_common", "ops.client_cmd", "ops.client_boot"}
 
 
 async def trustpay(*args: str) -> tuple[int, str, str]:

@@ -157,7 +157,7 @@ def test_trustpay_client_imports_nothing_of_the_project_before_the_boot_path_che
     )
     code, modules = done.stdout.splitlines()[-1].split(" ", 1)
     assert code == "3", done
-    assert modules.split() == ["ops", "ops.client_boot", "ops.client_cmd"]
+    assert modules.split() == ["ops", "ops.cli_common", "ops.client_boot", "ops.client_cmd"]
 
 
 def test_trustpay_node_client_points_to_trustpay_client(
@@ -170,3 +170,36 @@ def test_trustpay_node_client_points_to_trustpay_client(
 
     assert main(["node", "client", "--deploy", str(tmp_path / "d")]) == 2
     assert "use `trustpay client --deploy DIR" in capsys.readouterr().err
+
+
+BOOT_FILES = ("ops/__init__.py", "ops/cli.py", "ops/cli_common.py", "ops/client_cmd.py", "ops/client_boot.py")
+
+
+def test_the_boot_path_imports_only_the_standard_library_and_itself() -> None:
+    # Every import at any depth of a boot-path file, read from its source: a function-level import of
+    # a third-party package or of project code (even one the client never reaches today) fails here.
+    # ops.cli imports command modules by name (importlib); the subprocess test above checks that.
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    boot = {path.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for path in BOOT_FILES}
+    found: dict[str, set[str]] = {}
+    for path in BOOT_FILES:
+        for node in ast.walk(ast.parse((root / path).read_text())):
+            if isinstance(node, ast.Import):
+                names = {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level:  # relative: within ops
+                names = {f"ops.{node.module}"} if node.module else {f"ops.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {node.module or ""}
+            else:
+                continue
+            found[path] = found.get(path, set()) | names
+    outside = {
+        path: sorted(n for n in names if n not in boot and n.partition(".")[0] not in sys.stdlib_module_names)
+        for path, names in found.items()
+    }
+    # ops.cli's error handling for the other commands: the client reports its own errors and never gets
+    # there (HANDLES_ERRORS; the subprocess test above sees no protocol module loaded)
+    assert outside == {path: ["protocol.errors"] if path == "ops/cli.py" else [] for path in found}, outside
+    assert "ops.cli_common" in found["ops/cli.py"] | found["ops/client_cmd.py"]  # the walk sees imports
