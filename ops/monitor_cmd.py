@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.replay is not None:
             return replay(args)
-        asyncio.run(_live(args))
+        asyncio.run(live(args))
     except BrokenPipeError:  # `trustpay monitor ... | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0
@@ -171,7 +172,8 @@ async def check_frames(reader: Reader, model: Monitor, out: Output, recorder: Re
         await asyncio.sleep(0)  # let the reader run: a backlog then shows up as counted drops here
 
 
-async def _live(args: argparse.Namespace) -> None:
+async def live(args: argparse.Namespace, make_output: Callable[[Monitor], Output] | None = None) -> None:
+    """Check every frame until SIGINT, SIGTERM or ``args.seconds``; ``make_output`` shows them."""
     dep = Deployment(args.deploy)
     anchors = await asyncio.to_thread(load_anchors, dep)
     address = await asyncio.to_thread(broker_address, dep, "monitor", args.broker)
@@ -185,7 +187,7 @@ async def _live(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     reader = Reader(address, args.queue)
-    out = _output(args, model)
+    out = make_output(model) if make_output is not None else _output(args, model)
     try:
         async with asyncio.TaskGroup() as tg:
             reading = tg.create_task(reader.run(), name="monitor:read")
