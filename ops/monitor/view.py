@@ -153,7 +153,9 @@ class LiveView:
         )
 
     def _devices(self) -> Table:
-        table = Table("device", "A", "B", "C", "trust", "last payment", "step times (ms)", title="devices")
+        table = Table(
+            "device", "nodes", "A", "B", "C", "trust", "last payment", "step times (ms)", title="devices"
+        )
         for name, row in sorted(self.model.devices.items()):
             if self.only.devices and name not in self.only.devices:
                 continue
@@ -164,7 +166,11 @@ class LiveView:
             trust = _outcome(row.trust or "-", row.trust, row.trust_reason)
             payment = f"{row.last_order} {row.last_order_step} {row.last_order_outcome}".strip() or "-"
             steps = " ".join(f"{step}:{ms}" for step, ms in row.step_ms.items()) or "-"
-            table.add_row(name, *flows, trust, payment, steps)
+            nodes = Text(" ").join(
+                _outcome(node.rsplit(".", 1)[-1], "ok" if state == "online" else "failed", "")
+                for node, state in sorted(row.nodes.items())
+            )
+            table.add_row(name, nodes, *flows, trust, payment, steps)
         return table
 
     def _servers(self) -> Table:
