@@ -13,8 +13,11 @@ from nodes.bus import BrokerAddress
 from ops.monitor import recording
 from ops.monitor.view import DisplayFilter, JsonLines, LiveView, PlainLines, describe
 from ops.monitor_cmd import Reader, check_frames
+from protocol.messages import StepEvent
+from protocol.topics import CHANNEL_EVENTS, Role, channel_topic
 
-from .test_monitor_model import ANCHORS, C7_TOPIC, NOW_MS, c7_done, event, monitor
+from ..protocol.factory import SESSION, envelope, sign
+from .test_monitor_model import ANCHORS, C7_TOPIC, NOW_MS, PKI, c7_done, event, monitor
 
 NOWHERE = BrokerAddress("127.0.0.1", 9, "monitor", "unused", "5", None)
 
@@ -81,3 +84,13 @@ def test_the_live_view_draws_devices_servers_rejects_and_the_latest_frames() -> 
         "rejected frames by reason",
     ):
         assert text in drawn, text
+
+
+def test_a_device_filter_keeps_a_platform_nodes_step_events_about_that_device() -> None:
+    ts = PKI.node(Role.TRUST_SERVER)
+    topic = channel_topic(Role.TRUST_SERVER, CHANNEL_EVENTS)
+    body = StepEvent("d1", ts.name, "C", "C3", "ok", "appraised", SESSION, "")
+    obs = monitor().observe(topic, sign(envelope(ts, "*", "event", body), topic, ts), NOW_MS)
+    assert obs.verdict == "ok" and obs.device is None
+    assert DisplayFilter(devices=frozenset({"d1"})).shows(obs)
+    assert not DisplayFilter(devices=frozenset({"d2"})).shows(obs)
