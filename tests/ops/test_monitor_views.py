@@ -7,12 +7,15 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from nodes.bus import BrokerAddress
+from ops.cli import main
 from ops.monitor import recording
 from ops.monitor.view import DisplayFilter, JsonLines, LiveView, PlainLines, describe
 from ops.monitor_cmd import Reader, check_frames
+from ops.provision import provision
 from protocol.messages import StepEvent
 from protocol.topics import CHANNEL_EVENTS, Role, channel_topic
 
@@ -94,3 +97,16 @@ def test_a_device_filter_keeps_a_platform_nodes_step_events_about_that_device() 
     assert obs.verdict == "ok" and obs.device is None
     assert DisplayFilter(devices=frozenset({"d1"})).shows(obs)
     assert not DisplayFilter(devices=frozenset({"d2"})).shows(obs)
+
+
+def test_a_monitor_that_never_reaches_the_broker_says_so_and_exits_non_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    provision(tmp_path / "d", 1, backend="amqtt")  # its broker port is free: nothing listens there
+
+    code = main(["monitor", "--seconds", "0.5", "--json", "--deploy", str(tmp_path / "d")])
+
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "never reached the broker" in err and "Connection refused" in err
+    assert json.loads(out)["frames"] == 0  # the summary still comes
