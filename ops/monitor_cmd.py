@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -200,10 +199,12 @@ async def live(args: argparse.Namespace, make_output: Callable[[Monitor], Output
             checking = tg.create_task(check_frames(reader, model, out, recorder), name="monitor:check")
             stopped = tg.create_task(stop.wait(), name="monitor:stop")
             await asyncio.wait({reading, stopped}, timeout=args.seconds, return_when=asyncio.FIRST_COMPLETED)
-            reading.cancel()
             stopped.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reading
+            for _ in range(10):  # a cancel can be swallowed inside the MQTT client's read: ask again
+                reading.cancel()
+                await asyncio.wait({reading}, timeout=0.5)
+                if reading.done():
+                    break
             await reader.queue.put(None)  # the checker finishes what was read, then stops
             await checking
     finally:
