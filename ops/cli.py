@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "bench": "ops.bench",
     "ledger": "ops.ledger_cmd",
     "watch": "ops.watch",
+    "monitor": "ops.monitor_cmd",
     "demo": "ops.demo",
     "ping": "ops.ping_cmd",
 }
@@ -54,7 +55,11 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     module = cast(CommandModule, importlib.import_module(COMMANDS[name]))
     parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=module.HELP)
     module.add_arguments(parser)
-    parser.set_defaults(run=module.run, handles_errors=getattr(module, "HANDLES_ERRORS", False))
+    parser.set_defaults(
+        run=module.run,
+        handles_errors=getattr(module, "HANDLES_ERRORS", False),
+        needs_deploy=getattr(module, "needs_deploy", lambda args: True),
+    )
     return parser
 
 
@@ -81,7 +86,7 @@ def parse(words: Sequence[str]) -> argparse.Namespace:
     parser = command_parser(words[0])
     args = parser.parse_intermixed_args(words[1:])
     args.command = words[0]
-    if "deploy" in vars(args):
+    if "deploy" in vars(args) and (args.deploy is not None or args.needs_deploy(args)):
         try:
             args.deploy = resolve_deploy(args.deploy)
         except ValueError as exc:
