@@ -188,10 +188,12 @@ async def serve(
         listener.close()
         raise ConfigError(f"the web monitor cannot listen on {host}:{port}: {exc.strerror}") from exc
     bound = listener.getsockname()[1]
-    runner = web.AppRunner(_app(feed, pages, bound), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        _app(feed, pages, bound), access_log=None, handle_signals=False, shutdown_timeout=1.0
+    )
     await runner.setup()
     try:
-        await web.SockSite(runner, listener, shutdown_timeout=1.0).start()
+        await web.SockSite(runner, listener).start()
         on_ready(f"http://{host}:{bound}/")
         ledger = asyncio.create_task(follow_ledger(feed, ledger_db), name="web-ledger")
         try:
