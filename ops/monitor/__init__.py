@@ -1,0 +1,1 @@
+"""``trustpay monitor``: every frame on every link, checked by the monitor itself (see ``model``)."""

@@ -1,0 +1,234 @@
+"""The monitor's model: one verdict per crafted frame, its state and summary, and a recording replayed.
+
+No event loop, no broker: frames come from the protocol tests' deterministic PKI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ops.monitor import recording
+from ops.monitor.model import Anchors, Monitor, Observation, percentile
+from protocol.certs import sign_revocations
+from protocol.envelope import MAX_FRAME
+from protocol.keys import KeyPair
+from protocol.messages import (
+    Measured,
+    NonceRequest,
+    Ping,
+    RevocationUpdate,
+    SessionDone,
+    Status,
+    StepEvent,
+)
+from protocol.topics import CHANNEL_EVENTS, CHANNEL_STATUS, CRL_TOPIC, Role, channel_topic, link_topic
+
+from ..protocol.factory import NOW_MS, NOW_S, SESSION, Pki, envelope, make_id, sign, topic_between
+
+PKI = Pki()
+TM, CHIP, CLIENT = (PKI.node(r) for r in (Role.TRUST_MODULE, Role.CHIP, Role.CLIENT))
+TS = PKI.node(Role.TRUST_SERVER)
+ANCHORS = Anchors(PKI.root, PKI.update, PKI.platform, sign_revocations(1, NOW_S - 10, (), PKI.root_keys))
+C7_TOPIC = topic_between(CLIENT, TM)
+
+
+def monitor() -> Monitor:
+    return Monitor(ANCHORS, started_ms=NOW_MS)
+
+
+def c7_done(ts_ms: int = NOW_MS, message_id: bytes | None = None, seq: int | None = None) -> bytes:
+    env = envelope(CLIENT, TM, "c7.done", SessionDone(SESSION), ts_ms=ts_ms, message_id=message_id, seq=seq)
+    return sign(env, C7_TOPIC, CLIENT)
+
+
+def event(step: str, outcome: str = "ok", order: str = "o-1", ts_ms: int = NOW_MS) -> tuple[str, bytes]:
+    topic = channel_topic(Role.TRUST_MODULE, CHANNEL_EVENTS, "d1")
+    body = StepEvent("d1", TM.name, step[0], step, outcome, f"{step} reason", SESSION, order)
+    return topic, sign(envelope(TM, "*", "event", body, ts_ms=ts_ms), topic, TM)
+
+
+def test_a_valid_frame_is_ok_with_its_header() -> None:
+    frame = c7_done()
+    obs = monitor().observe(C7_TOPIC, frame, NOW_MS + 5)
+    assert (obs.verdict, obs.reason) == ("ok", "")
+    assert (obs.device, obs.src, obs.dst, obs.type) == ("d1", "client", "trust-module", "c7.done")
+    assert (obs.sender, obs.recipient, obs.session) == (CLIENT.name, TM.name, SESSION.hex())
+    assert (obs.size, obs.sealed, obs.retained, obs.link) == (len(frame), False, False, "client->tm")
+
+
+def test_a_sealed_frame_is_ok_and_stays_sealed() -> None:
+    topic = topic_between(TM, TS)
+    frame = sign(envelope(TM, TS, "c2.nonce", NonceRequest(b"i" * 32)), topic, TM, TS)
+    obs = monitor().observe(topic, frame, NOW_MS)
+    assert (obs.verdict, obs.sealed, obs.event, obs.status) == ("ok", True, None, None)
+
+
+def test_a_frame_signed_with_another_key_is_a_bad_signature() -> None:
+    env = envelope(CLIENT, TM, "c7.done", SessionDone(SESSION))
+    forged = sign(env, C7_TOPIC, dataclasses.replace(CLIENT, keys=KeyPair.generate()))
+    obs = monitor().observe(C7_TOPIC, forged, NOW_MS)
+    assert obs.verdict == "bad_signature"
+    assert obs.sender == CLIENT.name  # shown from the unverified header
+
+
+def test_a_frame_with_one_byte_flipped_is_a_bad_signature() -> None:
+    frame = bytearray(c7_done())
+    at = frame.index(SESSION)  # inside the signed envelope, the structure stays valid
+    frame[at] ^= 0x01
+    assert monitor().observe(C7_TOPIC, bytes(frame), NOW_MS).verdict == "bad_signature"
+
+
+def test_a_sender_without_a_certificate_is_unknown() -> None:
+    env = dataclasses.replace(envelope(CLIENT, TM, "c7.done", SessionDone(SESSION)), chain=())
+    assert monitor().observe(C7_TOPIC, sign(env, C7_TOPIC, CLIENT), NOW_MS).verdict == "unknown_sender"
+
+
+def test_a_frame_of_a_type_foreign_to_its_link_is_on_the_wrong_topic() -> None:
+    wrong = topic_between(CLIENT, CHIP)
+    obs = monitor().observe(wrong, c7_done(), NOW_MS)
+    assert obs.verdict == "wrong_topic"
+    assert f"signed for {C7_TOPIC}" in obs.reason
+
+
+def test_a_frame_moved_to_another_link_of_its_type_is_on_the_wrong_topic_not_altered() -> None:
+    # a ping may travel client->tm and client->chip: the receiver's check sees only a failed signature;
+    # the monitor finds the topic the signature holds for (without that search: bad_signature)
+    signed_for, moved_to = topic_between(CLIENT, TM), topic_between(CLIENT, CHIP)
+    frame = sign(envelope(CLIENT, TM, "ping", Ping(b"n" * 16)), signed_for, CLIENT)
+    obs = monitor().observe(moved_to, frame, NOW_MS)
+    assert (obs.verdict, obs.reason) == ("wrong_topic", f"signed for {signed_for}, published on {moved_to}")
+
+
+def test_a_topic_outside_the_tree_is_on_the_wrong_topic_with_no_ends() -> None:
+    obs = monitor().observe("tp/v1/nowhere", c7_done(), NOW_MS)
+    assert (obs.verdict, obs.src, obs.dst, obs.device) == ("wrong_topic", None, None, None)
+
+
+def test_an_old_frame_is_stale() -> None:
+    assert monitor().observe(C7_TOPIC, c7_done(ts_ms=NOW_MS - 31_000), NOW_MS).verdict == "stale"
+
+
+def test_an_exact_copy_is_replayed() -> None:
+    m, frame = monitor(), c7_done()
+    first = m.observe(C7_TOPIC, frame, NOW_MS)
+    copy = m.observe(C7_TOPIC, frame, NOW_MS + 2_000)
+    assert (first.verdict, copy.verdict) == ("ok", "replayed")
+    assert f"exact copy of frame #{first.seq}, first seen 2000 ms earlier" in copy.reason
+
+
+def test_a_retry_re_signed_under_the_same_id_is_a_duplicate() -> None:
+    m, mid = monitor(), make_id()
+    m.observe(C7_TOPIC, c7_done(message_id=mid, seq=1), NOW_MS)
+    retry = m.observe(C7_TOPIC, c7_done(ts_ms=NOW_MS + 3_000, message_id=mid, seq=2), NOW_MS + 3_000)
+    assert retry.verdict == "duplicate"
+    assert "a retry of frame #1" in retry.reason
+
+
+def test_a_cached_answer_re_sent_per_repeated_request_is_a_duplicate_a_further_copy_replayed() -> None:
+    m, mid = monitor(), make_id()
+    answer_topic = topic_between(TM, CLIENT)
+    answer = sign(
+        envelope(TM, CLIENT, "measured", Measured("client", True, ""), reply_to=mid), answer_topic, TM
+    )
+    m.observe(C7_TOPIC, c7_done(message_id=mid, seq=1), NOW_MS)
+    m.observe(answer_topic, answer, NOW_MS + 1)
+    m.observe(C7_TOPIC, c7_done(ts_ms=NOW_MS + 3_000, message_id=mid, seq=2), NOW_MS + 3_000)
+    re_answer = m.observe(answer_topic, answer, NOW_MS + 3_001)
+    again = m.observe(answer_topic, answer, NOW_MS + 3_002)
+    assert re_answer.verdict == "duplicate" and "cached answer" in re_answer.reason
+    assert again.verdict == "replayed"  # two answers to two arrivals of the request; a third has no cause
+
+
+def test_garbage_is_malformed_and_a_huge_frame_oversize() -> None:
+    m = monitor()
+    assert m.observe(C7_TOPIC, b"\x93" * 100, NOW_MS).verdict == "malformed"
+    huge = m.observe(C7_TOPIC, b"\x00" * (MAX_FRAME + 1), NOW_MS)
+    assert (huge.verdict, huge.type, huge.size) == ("oversize", None, MAX_FRAME + 1)
+
+
+def test_a_revoked_sender_is_named_once_the_revocation_list_arrives() -> None:
+    m = monitor()
+    crl = sign_revocations(2, NOW_S, (CLIENT.cert.serial,), PKI.root_keys)
+    operator = PKI.node(Role.OPERATOR)
+    crl_frame = sign(envelope(operator, "*", "crl", RevocationUpdate(crl.to_bytes())), CRL_TOPIC, operator)
+    assert m.observe(C7_TOPIC, c7_done(), NOW_MS).verdict == "ok"
+    assert m.observe(CRL_TOPIC, crl_frame, NOW_MS + 1, retained=True).verdict == "ok"
+    assert m.observe(C7_TOPIC, c7_done(), NOW_MS + 2).verdict == "cert_revoked"
+
+
+def test_status_is_checked_by_signature_only_even_when_stamped_long_ago() -> None:
+    topic = channel_topic(Role.TRUST_SERVER, CHANNEL_STATUS)
+    old = NOW_MS - 3_600_000  # a last will, stamped when its node connected
+    frame = sign(envelope(TS, "*", "status", Status(TS.name, TS.role, "offline", old), ts_ms=old), topic, TS)
+    m = monitor()
+    obs = m.observe(topic, frame, NOW_MS)
+    assert obs.verdict == "ok"
+    assert obs.status == {"node": TS.name, "role": TS.role, "state": "offline", "at_ms": old}
+    assert (m.servers[TS.name].status, m.servers[TS.name].sent) == ("offline", 1)
+
+
+def test_step_events_fill_the_device_row_and_the_latencies() -> None:
+    m = monitor()
+    for offset, (step, outcome) in enumerate([("C1", "ok"), ("C4", "trusted"), ("C5", "confirmed")]):
+        topic, frame = event(step, outcome, ts_ms=NOW_MS + offset * 10)
+        obs = m.observe(topic, frame, NOW_MS + offset * 10 + (offset * offset))
+    assert obs.event == {
+        "device": "d1",
+        "node": TM.name,
+        "flow": "C",
+        "step": "C5",
+        "outcome": "confirmed",
+        "reason": "C5 reason",
+        "order_id": "o-1",
+        "session": SESSION.hex(),
+    }
+    row = m.devices["d1"]
+    assert (row.trust, row.trust_reason) == ("trusted", "C4 reason")
+    assert (row.last_order, row.last_order_step, row.last_order_outcome) == ("o-1", "C5", "confirmed")
+    assert row.flows["C"].step == "C5"
+    assert row.step_ms == {"C4": 11, "C5": 13}  # arrival gaps: 0 -> 11 -> 24
+
+
+def test_summary_counts_links_rejects_and_latency_percentiles() -> None:
+    m = monitor()
+    frame = c7_done()
+    m.observe(C7_TOPIC, frame, NOW_MS)
+    m.observe(C7_TOPIC, frame, NOW_MS + 1)
+    m.note_dropped(3)
+    summary = m.summary()
+    assert summary["links"] == {"client->tm": {"c7.done": 2}}
+    assert summary["rejects"] == {"replayed": 1}
+    assert (summary["frames"], summary["dropped"]) == (2, 3)
+    assert m.note_dropped(2).to_json() == {"kind": "dropped", "count": 2}
+    assert percentile(list(range(1, 101)), 0.5) == 50
+    assert percentile(list(range(1, 101)), 0.99) == 99
+    assert percentile([7], 0.99) == 7
+
+
+def test_a_recording_replays_to_the_same_observations(tmp_path: Path) -> None:
+    frame = c7_done()
+    arrivals = [
+        recording.Arrival(NOW_MS, C7_TOPIC, False, frame),
+        recording.Arrival(NOW_MS + 1, C7_TOPIC, False, frame),
+        recording.Arrival(NOW_MS + 2, link_topic(Role.CLIENT, Role.CHIP, "d1"), False, frame),
+        recording.Arrival(NOW_MS + 3, C7_TOPIC, False, c7_done(ts_ms=NOW_MS - 40_000)),
+    ]
+    live = monitor()
+    seen: list[Observation] = [live.observe(a.topic, a.frame, a.at_ms, a.retained) for a in arrivals]
+    path = tmp_path / "run.jsonl"
+    recorder = recording.Recorder(path, recording.Header(NOW_MS, ANCHORS))
+    recorder.write([recording.record_line(a) for a in arrivals])
+    recorder.write([recording.record_line(recording.Drop(NOW_MS + 4, 5))])
+    recorder.close()
+    with path.open("a") as f:
+        f.write('{"at_ms": 1, "topic": "cut sh')  # a monitor killed mid-line
+
+    header, records = recording.read(path)
+    again = Monitor(header.anchors, header.started_ms)
+    arrived = [a for a in records if isinstance(a, recording.Arrival)]
+    replayed = [again.observe(a.topic, a.frame, a.at_ms, a.retained) for a in arrived]
+
+    assert [o.to_json() for o in replayed] == [o.to_json() for o in seen]
+    assert [o.verdict for o in seen] == ["ok", "replayed", "wrong_topic", "stale"]
+    assert records[-1] == recording.Drop(NOW_MS + 4, 5)
