@@ -25,7 +25,7 @@ import ipaddress
 import json
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,11 @@ from typing import Any
 from aiohttp import web
 
 from nodes.ledger import LedgerError, Snapshot, read_snapshot
+from ops.monitor.model import Dropped, Observation
 from protocol.errors import ConfigError
 
 HOST = "127.0.0.1"
+PORT = 8470
 HISTORY = 4000  # observations a newly opened page starts from (a few hundred payments' frames)
 CLIENT_QUEUE = 1000  # observations one browser may fall behind before it is cut off
 LEDGER_EVERY_S = 1.0
@@ -204,3 +206,58 @@ async def serve(
                 await ledger
     finally:
         await runner.cleanup()
+
+
+class WebOutput:
+    """The monitor command's output with ``--web``: every observation goes to the pages.
+
+    The terminal gets only the page's address and, at the end, the summary of
+    the output it would have used (``then``): a pipe nobody reads must not fill
+    up and stall the monitor.
+    """
+
+    def __init__(self, feed: WebFeed, then: Any) -> None:
+        self.feed, self.then = feed, then
+
+    def show(self, item: Observation | Dropped) -> None:
+        self.feed.publish(item.to_json())
+
+    def tick(self) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.then.finish(summary)
+
+
+def add_arguments(parser: Any) -> None:
+    """``--web`` and ``--port`` for ``trustpay monitor``."""
+    parser.add_argument("--web", action="store_true", help=f"serve a live page on {HOST} instead of the view")
+    parser.add_argument("--port", type=int, default=PORT, help=f"the page's port with --web (default {PORT}; 0: any)")
+
+
+def announce(url: str) -> None:
+    print(f"web monitor: {url}", flush=True)  # the address a person opens (and a test reads)
+
+
+@contextlib.asynccontextmanager
+async def serving(ledger_db: Path, port: int, then: Any) -> AsyncIterator[WebOutput]:
+    """Serve the page while the block runs; the block feeds the :class:`WebOutput` it gets."""
+    feed = WebFeed()
+    ready = asyncio.Event()
+
+    def on_ready(url: str) -> None:
+        announce(url)
+        ready.set()
+
+    server = asyncio.create_task(serve(feed, ledger_db, port, on_ready), name="monitor:web")
+    waiter = asyncio.create_task(ready.wait())
+    try:
+        await asyncio.wait({server, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if server.done():
+            server.result()  # it could not listen: say why
+        yield WebOutput(feed, then)
+    finally:
+        waiter.cancel()
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server

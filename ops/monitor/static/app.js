@@ -72,6 +72,7 @@ function flowFor(d, obs) {
   return flow;
 }
 
+// returns the device whose flows changed, if any
 function onFrame(obs) {
   counts.frames += 1;
   if (obs.verdict !== "ok") {
@@ -81,22 +82,23 @@ function onFrame(obs) {
   }
   if (obs.status && obs.verdict === "ok") {
     nodes.set(obs.status.node, obs.status);
-    return;
+    return null;
   }
   const id = deviceOf(obs);
-  if (!id) return;
+  if (!id) return null;
   const d = device(id);
   const flow = flowFor(d, obs);
   flow.rows.push(obs);
   if (flow.rows.length > ROWS_KEPT) flow.rows.shift();
   if (obs.message_id) flow.ids.add(obs.message_id);
   const ev = obs.verdict === "ok" ? obs.event : null;
-  if (!ev) return;
+  if (!ev) return id;
   flow.letters.add(ev.flow);
   if (ev.order_id) flow.orders.add(ev.order_id);
   if (FLOW_ENDS.has(ev.step)) flow.ended = true;
   if (ev.step === "C4" && ev.node === "trust-server") d.verdict = { ...ev, at_ms: obs.at_ms };
   if (ev.order_id) notePayment(d, ev);
+  return id;
 }
 
 function notePayment(d, ev) {
@@ -282,8 +284,7 @@ function schedule(id) {
 function onMessage(message) {
   const obs = JSON.parse(message.data);
   if (obs.kind === "frame") {
-    onFrame(obs);
-    schedule(deviceOf(obs));
+    schedule(onFrame(obs));
   } else if (obs.kind === "dropped") {
     counts.dropped += obs.count;
     schedule(null);
