@@ -232,7 +232,9 @@ class WebOutput:
 def add_arguments(parser: Any) -> None:
     """``--web`` and ``--port`` for ``trustpay monitor``."""
     parser.add_argument("--web", action="store_true", help=f"serve a live page on {HOST} instead of the view")
-    parser.add_argument("--port", type=int, default=PORT, help=f"the page's port with --web (default {PORT}; 0: any)")
+    parser.add_argument(
+        "--port", type=int, default=PORT, help=f"the page's port with --web (default {PORT}; 0: any)"
+    )
 
 
 def announce(url: str) -> None:

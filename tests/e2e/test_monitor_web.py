@@ -146,9 +146,13 @@ async def test_the_page_draws_a_payment_and_a_tampered_app_refusal(e2e: E2E) -> 
         arrows = [a for a in await drawn(payment, ARROWS_JS) if a["type"] in {t for t, _, _ in PAYMENT}]
         assert sorted((a["type"], a["src"], a["dst"]) for a in arrows) == sorted(PAYMENT), arrows
         kinds = [a["type"] for a in arrows]
-        assert kinds.index("c1.check") < kinds.index("c4.verdict") < kinds.index("pay.order") < kinds.index(
-            "pay.receipt"
-        ) < kinds.index("c7.done")
+        assert (
+            kinds.index("c1.check")
+            < kinds.index("c4.verdict")
+            < kinds.index("pay.order")
+            < kinds.index("pay.receipt")
+            < kinds.index("c7.done")
+        )
         for arrow in arrows:
             assert arrow["verdict"] == "ok" and arrow["label"] == f"{arrow['type']} · ok", arrow
             assert arrow["stroke"] != RED, arrow
@@ -161,7 +165,9 @@ async def test_the_page_draws_a_payment_and_a_tampered_app_refusal(e2e: E2E) -> 
             "data-outcome", "confirmed"
         )
         await expect(device.locator(".verdict")).to_have_attribute("data-outcome", "trusted")
-        await expect(page.locator('#ledger tr[data-total="paid"] td.num')).to_have_text("2.50", timeout=WAIT_MS)
+        await expect(page.locator('#ledger tr[data-total="paid"] td.num')).to_have_text(
+            "2.50", timeout=WAIT_MS
+        )
         await expect(page.locator('#ledger tr[data-account="shop-1"] td.num')).to_have_text("2.50")
 
         transit = e2e.dep.app_dir(DEV1, "transit")
@@ -180,7 +186,9 @@ async def test_the_page_draws_a_payment_and_a_tampered_app_refusal(e2e: E2E) -> 
         assert [(a["src"], a["dst"], a["stroke"]) for a in asked] == [("client", "chip", asked[0]["stroke"])]
         assert asked[0]["stroke"] != RED
         b3 = [n for n in await drawn(refused, NOTES_JS) if n["step"] == "B3"]
-        assert [(n["outcome"], n["text"], n["fill"]) for n in b3] == [("failed", "B3 failed: pay: refused", RED)]
+        assert [(n["outcome"], n["text"], n["fill"]) for n in b3] == [
+            ("failed", "B3 failed: pay: refused", RED)
+        ]
         # why: the trust module deleted the tampered app at its restart (A3), drawn in red in that flow
         deleted = flows(page, DEV1).locator('g.event[data-step="A3"]')
         await expect(deleted).to_have_attribute("data-outcome", "deleted", timeout=WAIT_MS)
