@@ -248,7 +248,9 @@ function renderSide() {
     `${counts.frames} frames · ${counts.rejected} rejected · ${counts.dropped} dropped by the monitor`;
   const list = document.querySelector("#nodes ul");
   list.replaceChildren(...[...nodes.values()].sort((a, b) => a.node.localeCompare(b.node)).map((s) =>
-    el("li", { class: s.state === "online" ? "" : "bad", "data-node": s.node }, `${s.node}: ${s.state}`)));
+    // a client is offline between runs by design (B4); any other node offline is news
+    el("li", { class: s.state === "online" ? "" : s.role === "client" ? "empty" : "bad", "data-node": s.node },
+      `${s.node}: ${s.state}`)));
   document.querySelector("#rejects ul").replaceChildren(...rejects.map((r) =>
     el("li", { class: "bad", "data-verdict": r.verdict }, `${clock(r.at_ms)} ${r.topic}: ${r.verdict} (${r.reason})`)));
 }
