@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "bench": "ops.bench",
     "ledger": "ops.ledger_cmd",
     "watch": "ops.watch",
+    "monitor": "ops.monitor_cmd",
     "demo": "ops.demo",
     "ping": "ops.ping_cmd",
 }

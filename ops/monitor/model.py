@@ -153,6 +153,7 @@ class DeviceState:
     last_order: str = ""
     last_order_outcome: str = ""  # outcome of the last step naming the order
     last_order_step: str = ""
+    nodes: dict[str, str] = field(default_factory=dict)  # its nodes' last status: online / offline
     session: str = ""  # the session whose step times ``step_ms`` holds
     step_ms: dict[str, int] = field(default_factory=dict)  # step -> ms since the previous step
 
@@ -330,7 +331,8 @@ class Monitor:
 
     # -- state -------------------------------------------------------------------------
     def _account(self, obs: Observation, body: object) -> None:
-        self.links[(obs.link, obs.type or "?")] += 1
+        # a rejected frame's type is anyone's text: only known types get a counter of their own
+        self.links[(obs.link, obs.type if obs.type in MESSAGE_TYPES else "?")] += 1
         claimed = self.servers.get(obs.sender or "")
         if obs.verdict != OK:
             self.rejects[obs.verdict] += 1
@@ -344,6 +346,8 @@ class Monitor:
         if isinstance(body, Status) and body.node in self.servers:
             server = self.servers[body.node]
             server.status, server.status_at_ms = body.state, body.at_ms
+        elif isinstance(body, Status) and obs.device is not None:  # the topic's device: checked
+            self.devices.setdefault(obs.device, DeviceState()).nodes[body.node] = body.state
         if isinstance(body, StepEvent) and body.device:
             self._on_step(body, obs.at_ms)
 

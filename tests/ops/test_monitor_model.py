@@ -24,7 +24,18 @@ from protocol.messages import (
 )
 from protocol.topics import CHANNEL_EVENTS, CHANNEL_STATUS, CRL_TOPIC, Role, channel_topic, link_topic
 
-from ..protocol.factory import NOW_MS, NOW_S, SESSION, Pki, envelope, make_id, sign, topic_between
+from ..protocol.factory import (
+    NOW_MS,
+    NOW_S,
+    SESSION,
+    Pki,
+    envelope,
+    envelope_fields,
+    make_id,
+    raw_frame,
+    sign,
+    topic_between,
+)
 
 PKI = Pki()
 TM, CHIP, CLIENT = (PKI.node(r) for r in (Role.TRUST_MODULE, Role.CHIP, Role.CLIENT))
@@ -232,3 +243,22 @@ def test_a_recording_replays_to_the_same_observations(tmp_path: Path) -> None:
     assert [o.to_json() for o in replayed] == [o.to_json() for o in seen]
     assert [o.verdict for o in seen] == ["ok", "replayed", "wrong_topic", "stale"]
     assert records[-1] == recording.Drop(NOW_MS + 4, 5)
+
+
+def test_a_device_nodes_status_shows_in_its_row() -> None:
+    topic = channel_topic(Role.CHIP, CHANNEL_STATUS, "d1")
+    frame = sign(envelope(CHIP, "*", "status", Status(CHIP.name, CHIP.role, "online", NOW_MS)), topic, CHIP)
+    m = monitor()
+    assert m.observe(topic, frame, NOW_MS, retained=True).verdict == "ok"
+    assert m.devices["d1"].nodes == {CHIP.name: "online"}
+
+
+def test_a_rejected_frames_claimed_type_gets_no_counter_of_its_own() -> None:
+    # anyone with a login can write any type name: counting each would grow without bound
+    env = envelope(CLIENT, TM, "c7.done", SessionDone(SESSION))
+    fields = envelope_fields(env, b"body")
+    fields[1] = "made-up-" + "x" * 40
+    m = monitor()
+    obs = m.observe(C7_TOPIC, raw_frame(fields, C7_TOPIC, CLIENT.keys), NOW_MS)
+    assert (obs.verdict, obs.type) == ("unknown_type", fields[1])
+    assert dict(m.links) == {("client->tm", "?"): 1}
