@@ -19,11 +19,13 @@ rebinding. It only ever answers GET: nothing in the page changes the system.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ipaddress
 import json
 import socket
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,8 +34,10 @@ from typing import Any
 
 from aiohttp import web
 
+from nodes.deployment import Deployment
 from nodes.ledger import LedgerError, Snapshot, read_snapshot
-from ops.monitor.model import Dropped, Observation
+from ops.monitor.model import Dropped, Json, Monitor, Observation
+from ops.monitor.view import DisplayFilter, JsonLines, Output, PlainLines, all_of
 from protocol.errors import ConfigError
 
 HOST = "127.0.0.1"
@@ -211,12 +215,12 @@ async def serve(
 class WebOutput:
     """The monitor command's output with ``--web``: every observation goes to the pages.
 
-    The terminal gets only the page's address and, at the end, the summary of
-    the output it would have used (``then``): a pipe nobody reads must not fill
-    up and stall the monitor.
+    The terminal gets only the page's address and, at the end, the summary
+    (``then``, a line or JSON output used for nothing else): a pipe nobody
+    reads must not fill up and stall the monitor.
     """
 
-    def __init__(self, feed: WebFeed, then: Any) -> None:
+    def __init__(self, feed: WebFeed, then: Output) -> None:
         self.feed, self.then = feed, then
 
     def show(self, item: Observation | Dropped) -> None:
@@ -225,15 +229,15 @@ class WebOutput:
     def tick(self) -> None:
         pass
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: Json) -> None:
         self.then.finish(summary)
 
 
-def add_arguments(parser: Any) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--web`` and ``--port`` for ``trustpay monitor``."""
     parser.add_argument("--web", action="store_true", help=f"serve a live page on {HOST} instead of the view")
     parser.add_argument(
-        "--port", type=int, default=PORT, help=f"the page's port with --web (default {PORT}; 0: any)"
+        "--port", type=int, default=PORT, help=f"the page's port with --web (default {PORT}; 0: any free one)"
     )
 
 
@@ -242,8 +246,8 @@ def announce(url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(ledger_db: Path, port: int, then: Any) -> AsyncIterator[WebOutput]:
-    """Serve the page while the block runs; the block feeds the :class:`WebOutput` it gets."""
+async def serving(ledger_db: Path, port: int) -> AsyncIterator[WebFeed]:
+    """Serve the page while the block runs; the block publishes to the feed it gets."""
     feed = WebFeed()
     ready = asyncio.Event()
 
@@ -257,9 +261,21 @@ async def serving(ledger_db: Path, port: int, then: Any) -> AsyncIterator[WebOut
         await asyncio.wait({server, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if server.done():
             server.result()  # it could not listen: say why
-        yield WebOutput(feed, then)
+        yield feed
     finally:
         waiter.cancel()
         server.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await server
+
+
+LiveRun = Callable[[argparse.Namespace, Callable[[Monitor], Output]], Awaitable[None]]
+
+
+async def run(args: argparse.Namespace, live: LiveRun) -> None:
+    """``trustpay monitor --web``: the monitor's ``live`` run, shown on the page instead of the terminal."""
+    ledger_db = Deployment(args.deploy).ledger_db
+    only = DisplayFilter(all_of(args.device), all_of(args.link), all_of(args.type))
+    summary = JsonLines(sys.stdout, only) if args.json else PlainLines(sys.stdout, only)
+    async with serving(ledger_db, args.port) as feed:
+        await live(args, lambda _model: WebOutput(feed, summary))
