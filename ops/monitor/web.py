@@ -42,7 +42,7 @@ from protocol.errors import ConfigError
 
 HOST = "127.0.0.1"
 PORT = 8470
-HISTORY = 4000  # observations a newly opened page starts from (a few hundred payments' frames)
+HISTORY = 4000  # observations a newly opened page starts from (about a hundred payments' frames)
 CLIENT_QUEUE = 1000  # observations one browser may fall behind before it is cut off
 LEDGER_EVERY_S = 1.0
 STATIC = Path(__file__).with_name("static")

@@ -14,10 +14,13 @@ import contextlib
 import signal
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Locator, Page, async_playwright, expect
+
+from ops.monitor.web import WebFeed, serve
 
 from .conftest import DEV1, E2E, WAIT_S
 
@@ -197,3 +200,62 @@ async def test_the_page_draws_a_payment_and_a_tampered_app_refusal(e2e: E2E) -> 
         assert fill == RED
         # the payment's flow is still on the page below the newer ones
         await expect(payment.locator('g.msg[data-type="pay.receipt"]')).to_have_count(1)
+
+
+def observation(seq: int, src: str, dst: str, type_: str, session: str, **fields: Any) -> dict[str, Any]:
+    obs: dict[str, Any] = {
+        "kind": "frame", "seq": seq, "at_ms": 1_800_000_000_000 + seq, "topic": f"t/{seq}",
+        "device": "dev-0009", "src": src, "dst": dst, "type": type_, "sender": None, "recipient": None,
+        "session": session, "message_id": f"m{seq}", "reply_to": "", "verdict": "ok", "reason": "",
+        "size": 100, "sealed": False, "retained": False, "event": None, "status": None,
+    }  # fmt: skip
+    obs.update(fields)
+    return obs
+
+
+async def test_flows_are_split_per_payment_and_wire_text_is_never_markup(tmp_path: Path) -> None:
+    """Synthetic observations straight into the server's feed, read back from Chromium's rendering."""
+    feed = WebFeed()
+    b4 = {"device": "dev-0009", "node": "dev-0009.client", "flow": "B", "step": "B4", "outcome": "ok",
+          "reason": "closed", "order_id": "", "session": ""}  # fmt: skip
+    for obs in [
+        observation(1, "client", "chip", "pay.start", "aa"),
+        observation(2, TS, PS, "trust.grant", "aa", device=None),  # the platform's link names no device
+        observation(3, "client", "chip", "pay.start", "bb"),  # a second payment in the same client run
+        observation(4, "chip", "client", "pay.result", "aa", reply_to="m1"),  # the first one's late answer
+        observation(5, "chip", "client", "pay.result", "bb", reply_to="m3"),
+        observation(6, "client", "ev", "event", "", event=b4),
+        # a forged frame: its claimed type and the reason quoting it are anyone's text
+        observation(7, "chip", "client", '<img src=x onerror="window.pwned=1">', "", verdict="bad_signature",
+                    reason="<b>signature does not verify</b>"),
+    ]:  # fmt: skip
+        feed.publish(obs)
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    server = asyncio.create_task(serve(feed, tmp_path / "no-ledger.sqlite", 0, ready.set_result))
+    try:
+        async with browser_page(await asyncio.wait_for(ready, WAIT_S)) as page:
+            all_flows = flows(page, "dev-0009")
+            await expect(all_flows).to_have_count(3, timeout=WAIT_MS)
+            by_flow = {}
+            for n in (1, 2, 3):
+                arrows = await drawn(all_flows.and_(page.locator(f'[data-flow="{n}"]')), ARROWS_JS)
+                by_flow[n] = [(a["type"], a["src"], a["dst"]) for a in arrows]
+            assert by_flow[1] == [
+                ("pay.start", "client", "chip"),
+                ("trust.grant", TS, PS),
+                ("pay.result", "chip", "client"),
+            ]
+            assert by_flow[2] == [("pay.start", "client", "chip"), ("pay.result", "chip", "client")]
+            forged = await drawn(all_flows.and_(page.locator('[data-flow="3"]')), ARROWS_JS)
+            assert [(a["label"], a["stroke"]) for a in forged] == [
+                (
+                    '<img src=x onerror="window.pwned=1"> · bad_signature: <b>signature does not verify</b>',
+                    RED,
+                )
+            ]
+            assert await page.locator("#devices img, #devices b, #rejects b").count() == 0
+            assert await page.evaluate("window.pwned") is None
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server

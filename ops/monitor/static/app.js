@@ -9,6 +9,7 @@ const FLOWS_KEPT = 4;        // per device: the current flow and the ones before
 const ROWS_KEPT = 400;       // per flow; a flow longer than this keeps its latest rows
 const PAYMENTS_KEPT = 6;
 const REJECTS_KEPT = 20;
+const SESSIONS_KEPT = 2000;  // session -> device, for the platform's frames; the oldest are forgotten
 // a flow ends with start-up done (A), the client closing the chip (B4) or payment disabled (B5)
 const FLOW_ENDS = new Set(["A", "B4", "B5"]);
 const RED_OUTCOMES = new Set(["refused", "failed", "disabled", "deleted", "untrusted"]);
@@ -42,9 +43,12 @@ function isRed(obs) {
 
 // -- state -------------------------------------------------------------------------------------
 function deviceOf(obs) {
-  const device = obs.device || (obs.event && obs.event.device) || sessions.get(obs.session) || null;
-  const session = obs.session || (obs.event && obs.event.session) || "";
-  if (device && session) sessions.set(session, device);
+  const session = sessionOf(obs);
+  const device = obs.device || (obs.event && obs.event.device) || sessions.get(session) || null;
+  if (device && session && !sessions.has(session)) {
+    sessions.set(session, device);
+    if (sessions.size > SESSIONS_KEPT) sessions.delete(sessions.keys().next().value);
+  }
   return device;
 }
 
@@ -57,18 +61,25 @@ function device(id) {
   return d;
 }
 
+function sessionOf(obs) {
+  return obs.session || (obs.event && obs.event.session) || "";
+}
+
 function flowFor(d, obs) {
-  // an answer joins the flow of its request, even when it arrives after that flow ended
-  if (obs.reply_to) {
-    const asked = d.flows.find((f) => f.ids.has(obs.reply_to));
-    if (asked) return asked;
-  }
+  // an answer joins the flow of its request, a payment's frame the flow of its session,
+  // even when it arrives after that flow ended
+  const session = sessionOf(obs);
+  const known = d.flows.find((f) => (session && f.session === session)
+    || (obs.reply_to && f.rows.some((row) => row.message_id === obs.reply_to)));
+  if (known) return known;
   let flow = d.flows[d.flows.length - 1];
-  if (!flow || flow.ended) {
-    flow = { n: ++d.counter, rows: [], ids: new Set(), letters: new Set(), orders: new Set(), ended: false };
+  // a flow holds one payment at most: the next one in the same client run starts a new flow
+  if (!flow || flow.ended || (session && flow.session && flow.session !== session)) {
+    flow = { n: ++d.counter, rows: [], letters: new Set(), orders: new Set(), ended: false, session: "" };
     d.flows.push(flow);
     if (d.flows.length > FLOWS_KEPT) d.flows.shift();
   }
+  if (session && !flow.session) flow.session = session;
   return flow;
 }
 
@@ -90,11 +101,10 @@ function onFrame(obs) {
   const flow = flowFor(d, obs);
   flow.rows.push(obs);
   if (flow.rows.length > ROWS_KEPT) flow.rows.shift();
-  if (obs.message_id) flow.ids.add(obs.message_id);
   const ev = obs.verdict === "ok" ? obs.event : null;
   if (!ev) return id;
   flow.letters.add(ev.flow);
-  if (ev.order_id) flow.orders.add(ev.order_id);
+  if (ev.order_id) flow.orders.add(ev.order_id);  // one payment's, or a few in a flow without a session
   if (FLOW_ENDS.has(ev.step)) flow.ended = true;
   if (ev.step === "C4" && ev.node === "trust-server") d.verdict = { ...ev, at_ms: obs.at_ms };
   if (ev.order_id) notePayment(d, ev);
