@@ -188,7 +188,10 @@ function drawRow(obs, y, key) {
 }
 
 function caption(d, flow) {
-  const letters = [...flow.letters].sort().map((l) => FLOW_NAMES[l] || l).join(" + ") || "frames";
+  // a payment refused at the door (pay.start, refusal) has a session but no C step events
+  const seen = new Set(flow.letters);
+  if (flow.session) seen.add("C");
+  const letters = [...seen].sort().map((l) => FLOW_NAMES[l] || l).join(" + ") || "frames";
   const orders = [...flow.orders].join(", ");
   const cap = el("figcaption", {}, `#${flow.n} ${letters}${orders ? " · order " + orders : ""} `);
   cap.append(el("span", { class: "state" }, flow.ended ? "(ended)" : "(in progress)"));
