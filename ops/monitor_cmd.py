@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -118,24 +117,30 @@ class Reader:
         self.queue: asyncio.Queue[Arrival | None] = asyncio.Queue(maxsize=size)
         self.dropped = 0
         self.failure: TransportError | None = None
+        self.subscribed = False
+        self.error = ""  # the last connection error
 
     async def run(self) -> None:
         """Read until cancelled; if the broker stays unreachable, note why and return."""
         a = self.address
         versions = ("5", "3.1.1") if a.mqtt_version == "auto" else (a.mqtt_version,)
-        error = ""
         for attempt in range(CONNECT_ATTEMPTS):  # bounded: rides over a broker restart, then gives up
             try:
                 async with monitor_client(a, versions[attempt % len(versions)], "monitor") as client:
                     await client.subscribe(f"{PREFIX}/#", qos=1)
+                    self.subscribed = True
                     async for message in client.messages:
                         payload = message.payload
                         frame = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
                         self.offer(Arrival(now_ms(), str(message.topic), bool(message.retain), frame))
             except aiomqtt.MqttError as exc:
-                error = str(exc)
+                if not self.error:  # say so once; the view shows nothing until the connection stands
+                    print(f"trustpay monitor: {a.host}:{a.port}: {exc}; retrying", file=sys.stderr)
+                self.error = str(exc)
                 await asyncio.sleep(min(0.05 * 2**attempt, 1.0))  # reconnect backoff
-        self.failure = TransportError(f"the monitor cannot reach the broker at {a.host}:{a.port}: {error}")
+        self.failure = TransportError(
+            f"the monitor cannot reach the broker at {a.host}:{a.port}: {self.error}"
+        )
 
     def offer(self, arrival: Arrival) -> None:
         """Queue ``arrival`` without ever waiting: if the checker is behind, drop it and count it."""
@@ -196,10 +201,12 @@ async def live(args: argparse.Namespace, make_output: Callable[[Monitor], Output
             checking = tg.create_task(check_frames(reader, model, out, recorder), name="monitor:check")
             stopped = tg.create_task(stop.wait(), name="monitor:stop")
             await asyncio.wait({reading, stopped}, timeout=args.seconds, return_when=asyncio.FIRST_COMPLETED)
-            reading.cancel()
             stopped.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reading
+            for _ in range(10):  # a cancel can be swallowed inside the MQTT client's read: ask again
+                reading.cancel()
+                await asyncio.wait({reading}, timeout=0.5)
+                if reading.done():
+                    break
             await reader.queue.put(None)  # the checker finishes what was read, then stops
             await checking
     finally:
@@ -210,3 +217,6 @@ async def live(args: argparse.Namespace, make_output: Callable[[Monitor], Output
         out.finish(model.summary())
     if reader.failure is not None:
         raise reader.failure
+    if not reader.subscribed:
+        a = reader.address
+        raise TransportError(f"the monitor never reached the broker at {a.host}:{a.port}: {reader.error}")

@@ -26,6 +26,7 @@ copies and a node's last will carry stamps from long before they arrive.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -325,8 +326,8 @@ class Monitor:
             size=len(frame),
             sealed=spec.sealed if spec is not None else False,
             retained=retained,
-            event=_event_json(body) if isinstance(body, StepEvent) else None,
-            status=_status_json(body) if isinstance(body, Status) else None,
+            event=_body_json(body) if isinstance(body, StepEvent) else None,
+            status=_body_json(body) if isinstance(body, Status) else None,
         )
 
     # -- state -------------------------------------------------------------------------
@@ -442,18 +443,16 @@ def _digest(frame: bytes) -> bytes:
     return hashlib.blake2b(frame, digest_size=16).digest()
 
 
-def _event_json(event: StepEvent) -> Json:
-    return {
-        "device": event.device,
-        "node": event.node,
-        "flow": event.flow,
-        "step": event.step,
-        "outcome": event.outcome,
-        "reason": event.reason,
-        "order_id": event.order_id,
-        "session": event.session.hex(),
-    }
+def _body_json(body: StepEvent | Status) -> Json:
+    """Every field of a clear body, bytes in hex: fields added to a body later show up by themselves."""
+    return {f.name: _json_value(getattr(body, f.name)) for f in dataclasses.fields(body)}
 
 
-def _status_json(status: Status) -> Json:
-    return {"node": status.node, "role": status.role, "state": status.state, "at_ms": status.at_ms}
+def _json_value(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value

@@ -34,7 +34,9 @@ class DisplayFilter:
     types: frozenset[str] = frozenset()
 
     def shows(self, obs: Observation) -> bool:
-        if self.devices and obs.device not in self.devices:
+        # a platform node's step event is about a device too (the topic names none)
+        device = obs.device or (obs.event or {}).get("device")
+        if self.devices and device not in self.devices:
             return False
         if self.links and obs.link not in self.links and f"{obs.src}->{obs.dst}" not in self.links:
             return False
@@ -77,7 +79,7 @@ def describe(obs: Observation) -> str:
         what = f"{obs.status['node']} {obs.status['state']}"
     where = obs.device or "platform"
     return (
-        f"#{obs.seq:<6} {obs.verdict:<13} {where:<10} {obs.link:<13} {obs.type or '?':<14} "
+        f"#{obs.seq:<6} {obs.verdict:<13} {where:<10} {obs.link:<14} {obs.type or '?':<14} "
         f"{obs.sender or '?':<18} {what}"
     ).rstrip()
 

@@ -7,14 +7,20 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from nodes.bus import BrokerAddress
+from ops.cli import main
 from ops.monitor import recording
 from ops.monitor.view import DisplayFilter, JsonLines, LiveView, PlainLines, describe
 from ops.monitor_cmd import Reader, check_frames
+from ops.provision import provision
+from protocol.messages import StepEvent
+from protocol.topics import CHANNEL_EVENTS, Role, channel_topic
 
-from .test_monitor_model import ANCHORS, C7_TOPIC, NOW_MS, c7_done, event, monitor
+from ..protocol.factory import SESSION, envelope, sign
+from .test_monitor_model import ANCHORS, C7_TOPIC, NOW_MS, PKI, c7_done, event, monitor
 
 NOWHERE = BrokerAddress("127.0.0.1", 9, "monitor", "unused", "5", None)
 
@@ -81,3 +87,26 @@ def test_the_live_view_draws_devices_servers_rejects_and_the_latest_frames() -> 
         "rejected frames by reason",
     ):
         assert text in drawn, text
+
+
+def test_a_device_filter_keeps_a_platform_nodes_step_events_about_that_device() -> None:
+    ts = PKI.node(Role.TRUST_SERVER)
+    topic = channel_topic(Role.TRUST_SERVER, CHANNEL_EVENTS)
+    body = StepEvent("d1", ts.name, "C", "C3", "ok", "appraised", SESSION, "")
+    obs = monitor().observe(topic, sign(envelope(ts, "*", "event", body), topic, ts), NOW_MS)
+    assert obs.verdict == "ok" and obs.device is None
+    assert DisplayFilter(devices=frozenset({"d1"})).shows(obs)
+    assert not DisplayFilter(devices=frozenset({"d2"})).shows(obs)
+
+
+def test_a_monitor_that_never_reaches_the_broker_says_so_and_exits_non_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    provision(tmp_path / "d", 1, backend="amqtt")  # its broker port is free: nothing listens there
+
+    code = main(["monitor", "--seconds", "0.5", "--json", "--deploy", str(tmp_path / "d")])
+
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "never reached the broker" in err and "Connection refused" in err
+    assert json.loads(out)["frames"] == 0  # the summary still comes
