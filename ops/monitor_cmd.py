@@ -25,7 +25,7 @@ import aiomqtt
 from nodes.assemble import broker_address
 from nodes.bus import BrokerAddress
 from nodes.deployment import Deployment
-from ops.monitor import recording
+from ops.monitor import recording, web
 from ops.monitor.model import Anchors, Monitor
 from ops.monitor.recording import Arrival, Drop, Recorder
 from ops.monitor.view import DisplayFilter, JsonLines, LiveView, Output, PlainLines, all_of
@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trustpay monitor --deploy ./deploy",
         "trustpay monitor --device dev-0001 --link chip->ps --json --record run.jsonl",
         "trustpay monitor --replay run.jsonl --json",
+        "trustpay monitor --web --port 8470      # a live page on http://127.0.0.1:8470/",
     )
     add_deploy_argument(parser)
     parser.add_argument("--broker", help="broker URL (default: the manifest's)")
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replay", type=Path, metavar="FILE", help="show a recording again, offline")
     parser.add_argument("--seconds", type=float, help="stop after this long (default: at Ctrl-C)")
     parser.add_argument("--queue", type=int, default=QUEUE, help=f"frames kept waiting (default {QUEUE})")
+    web.add_arguments(parser)
 
 
 def needs_deploy(args: argparse.Namespace) -> bool:
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.replay is not None:
             return replay(args)
-        asyncio.run(live(args))
+        asyncio.run(web.run(args, live) if args.web else live(args))
     except BrokenPipeError:  # `trustpay monitor ... | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0
