@@ -64,7 +64,7 @@ class Status:
     at_ms: int
     version: str  # of the trustpay package the node runs
     started_ms: int  # when this run of the node started
-    will: bool
+    will: bool  # True in the last will the broker publishes for a node that vanished
 
 
 # Upper bounds, in ms, of the step latency buckets; one more bucket counts everything above.
@@ -75,8 +75,7 @@ MAX_LATENCIES = 64  # ... and this many step pairs, so it stays a few KB
 
 @dataclass(frozen=True)
 class Count:
-    # "in.{type}", "out.{type}", "rejected.{code}", "refused.{code}", "flow.{flow}.{step}.{outcome}" ...
-    name: str
+    name: str  # "in.{type}", "out.{type}", "rejected.{code}", "flow.{flow}.{step}.{outcome}" ...
     value: int
 
 
