@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "watch": "ops.watch",
     "demo": "ops.demo",
     "ping": "ops.ping_cmd",
+    "status": "ops.status_cmd",
 }
 
 

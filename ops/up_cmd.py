@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from broker import BACKENDS
 from nodes.deployment import Deployment
+from protocol.topics import SERVER_ROLES
 
 from .launcher import Launcher, LaunchError, NodeExit, NodeProcess
 
@@ -39,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="use this running broker (mqtt://host:port[?v=5|3.1.1]); start none")
     parser.add_argument("--backend", choices=BACKENDS, help="broker to start (default: the manifest's)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for everything to come up")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve Prometheus metrics on 127.0.0.1: the trust-server on P, the payment-server on P+1",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +78,7 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
         args.broker,
         args.backend,
         up_timeout_s=args.timeout,
+        metrics_port=args.metrics_port,
         on_up=_print_up,
         on_exit=lambda ex: _print_exit(ex, all_up),
     )
@@ -81,6 +89,10 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
         else:
             say(f"broker  {up.broker_url}  (already running; not started here)")
         say(f"starting {len(up.processes)} nodes (Ctrl-C stops them)")
+        for role in SERVER_ROLES:
+            port = up.metrics_port_of(role)
+            if port is not None:
+                say(f"metrics {role.value} at http://127.0.0.1:{port}/metrics")
         outcome = await _unless(stop, _outcome(up.wait_all_up()))
         if outcome is None:
             say(f"{received[0]} before all nodes were up: stopping", err=True)
