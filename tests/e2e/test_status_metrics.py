@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodes.deployment import Deployment
@@ -33,6 +34,7 @@ from protocol.topics import CHANNEL_STATUS, Role, channel_topic
 
 from .conftest import DEV1, E2E, WAIT_S, chip_of, client_of, tm_of
 
+pytestmark = pytest.mark.e2e
 PS_STATUS = channel_topic(Role.PAYMENT_SERVER, CHANNEL_STATUS)
 
 
