@@ -11,6 +11,10 @@ goes to a per-link lane when the handler asked for order. So a slow or failing
 handler never stalls the connection, and a rejection of any kind is counted,
 logged with its typed code, and never reaches a handler.
 
+Every node keeps a signed, retained status (online with its version and start
+time; offline when it stops, or through its last will when it vanishes) and
+publishes its counters every ``Settings.metrics_interval_s`` (``nodes.metrics``).
+
 Every node also reads the retained revocation list (``CRL_TOPIC``) and installs
 a newer one the moment it arrives. A verified request from a sender it revokes
 is answered with a typed ``revoked`` refusal, so the sender learns why at once.
@@ -43,10 +47,11 @@ from protocol.errors import (
     TrustpayError,
 )
 from protocol.keys import KeyPair
-from protocol.messages import MESSAGE_TYPES, Body, Ping, Pong, Refusal, Status, StepEvent
+from protocol.messages import MESSAGE_TYPES, Body, Metrics, Ping, Pong, Refusal, Status, StepEvent
 from protocol.replay import ReplayGuard
 from protocol.topics import (
     CHANNEL_EVENTS,
+    CHANNEL_METRICS,
     CHANNEL_OPS,
     CHANNEL_STATUS,
     CRL_TOPIC,
@@ -58,6 +63,7 @@ from protocol.topics import (
 )
 
 from .bus import Bus
+from .metrics import VERSION, StepClock, metrics_body
 from .store import write_atomic
 
 Handler = Callable[[Received], Awaitable[tuple[str, Body] | None]]
@@ -94,6 +100,7 @@ class Settings:
     max_handlers: int = 256
     response_cache: int = 4096
     connect_timeout_s: float = 60.0  # a node gives up (with a clear error) if no broker answers by then
+    metrics_interval_s: float = 10.0  # how often the node publishes its counters
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,7 @@ class Node:
         if config.anchors.crl is not None:
             self.certs.set_revocations(config.anchors.crl, now_ms() // 1000)
         self.counters: Counter[str] = Counter()
+        self.step_clock = StepClock()
         self.peers: dict[str, Certificate] = {}
         self.connected = asyncio.Event()
         self.started_ms = now_ms()
@@ -206,6 +214,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._outbox: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self.finished = asyncio.Event()  # set once ``run`` has ended and released the identity
         self._lock_fd: int | None = None
         self.failure: TrustpayError | None = None  # why the node stopped by itself, if it did
         self.route("ping", self._on_ping)
@@ -237,6 +246,7 @@ class Node:
         finally:
             os.close(self._lock_fd)
             self._lock_fd = None
+            self.finished.set()  # the identity is free: another process (or node) may take it
 
     async def _run_claimed(self) -> None:
         self.epoch = await asyncio.to_thread(_next_epoch, self.config.state_dir)
@@ -287,6 +297,7 @@ class Node:
             self.log.error("node.unreachable_broker", reason=self.failure.reason)
             self.stop()
             return
+        self.every(self.settings.metrics_interval_s, self.publish_metrics, "metrics")
         await self.main()
 
     async def _say_goodbye(self) -> None:
@@ -369,6 +380,7 @@ class Node:
         message_id: bytes | None = None,
     ) -> bytes:
         env = self._envelope(msg_type, body, recipient, session, reply_to, message_id or new_id())
+        self.counters[f"out.{msg_type}"] += 1
         return sign_frame(env, topic, self.keys, peer.body.box_key if peer else None)
 
     async def send(
@@ -455,14 +467,28 @@ class Node:
             self._responses.popitem(last=False)
         await self.bus.publish(topic, frame)
 
+    def _status(self, state: str, will: bool = False) -> Status:
+        return Status(self.id, self.role.value, state, now_ms(), VERSION, self.started_ms, will)
+
     async def publish_status(self, state: str) -> None:
         topic = channel_topic(self.role, CHANNEL_STATUS, self.device)
-        await self.send(topic, "status", Status(self.id, self.role.value, state, now_ms()), retain=True)
+        await self.send(topic, "status", self._status(state), retain=True)
 
     def will(self) -> tuple[str, bytes]:
         """The signed 'offline' status the broker publishes if we vanish (made at connect time)."""
         topic = channel_topic(self.role, CHANNEL_STATUS, self.device)
-        return topic, self.frame(topic, "status", Status(self.id, self.role.value, "offline", now_ms()), "*")
+        env = self._envelope("status", self._status("offline", will=True), "*", b"", b"", new_id())
+        return topic, sign_frame(env, topic, self.keys)  # not counted as sent: it may never be
+
+    def metrics(self) -> Metrics:
+        """The node's counters and step latencies so far, as the bounded body it publishes."""
+        return metrics_body(
+            self.id, self.role.value, now_ms(), self.started_ms, self.counters, self.step_clock
+        )
+
+    async def publish_metrics(self) -> None:
+        if self.connected.is_set():  # cumulative counters: a missed round loses nothing
+            await self.send(channel_topic(self.role, CHANNEL_METRICS, self.device), "metrics", self.metrics())
 
     def step(
         self,
@@ -488,6 +514,9 @@ class Node:
             order=order_id,
             **fields,
         )
+        self.counters[f"flow.{flow}.{step}.{outcome}"] += 1
+        if session:
+            self.step_clock.observe(session, step, time.monotonic_ns())
         body = StepEvent(device, self.id, flow, step, outcome, reason, session, order_id)
         topic = channel_topic(self.role, CHANNEL_EVENTS, self.device)
         if self._tg is not None:
@@ -521,6 +550,7 @@ class Node:
             return
         self.counters["accepted"] += 1
         env = received.envelope
+        self.counters[f"in.{env.type}"] += 1
         self.peers[env.sender] = received.sender_cert
         if env.reply_to:
             pending = self._pending.get(env.reply_to)

@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "monitor": "ops.monitor_cmd",
     "demo": "ops.demo",
     "ping": "ops.ping_cmd",
+    "status": "ops.status_cmd",
 }
 
 

@@ -164,6 +164,7 @@ class Launcher:
         up_timeout_s: float = 60.0,
         stop_timeout_s: float = 10.0,
         log_level: str = "info",
+        metrics_port: int | None = None,
         on_up: Callable[[NodeProcess], None] | None = None,
         on_exit: Callable[[NodeExit], None] | None = None,
     ) -> None:
@@ -175,6 +176,7 @@ class Launcher:
         self.up_timeout_s = up_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.log_level = log_level
+        self.metrics_port = metrics_port  # the trust-server's; the payment-server's is the next one
         self.on_up, self.on_exit = on_up, on_exit
         self.broker: Broker | None = None  # set only when this launcher started it
         self.broker_url = broker_url or ""
@@ -242,6 +244,12 @@ class Launcher:
             for role, device, nid in phase:
                 self.processes[nid] = NodeProcess(nid, role, device)
         self._phases = [[nid for _, _, nid in phase] for phase in phases if phase]
+
+    def metrics_port_of(self, role: Role) -> int | None:
+        """Where a server serves Prometheus: ``metrics_port`` + its place in SERVER_ROLES."""
+        if self.metrics_port is None or role not in SERVER_ROLES:
+            return None
+        return self.metrics_port + SERVER_ROLES.index(role)
 
     # -- waiting -------------------------------------------------------------
     async def wait_all_up(self, timeout_s: float | None = None) -> float:
@@ -330,6 +338,9 @@ class Launcher:
         argv += ["--broker", self.broker_url, "--log-level", self.log_level]
         if node.device is not None:
             argv += ["--device", node.device]
+        port = self.metrics_port_of(node.role)
+        if port is not None:
+            argv += ["--metrics-port", str(port)]
         node.offsets, out = await asyncio.to_thread(self._open_console, node)
         node.started_ms, node.started_at = now_ms(), asyncio.get_running_loop().time()
         try:

@@ -11,7 +11,7 @@ import asyncio
 
 from nodes.deployment import Deployment
 from protocol.errors import ConfigError
-from protocol.topics import NODE_ROLES, Role, role_from_name
+from protocol.topics import NODE_ROLES, SERVER_ROLES, Role, role_from_name
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 from .roles import resolve_node_id, run_node
@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="console log level (the JSON log file gets everything)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="servers: also serve the node's counters to Prometheus on 127.0.0.1:P/metrics",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,9 +50,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "the client runs only from its measured install: use `trustpay client --deploy DIR [--device ID]`"
         )
+    if args.metrics_port is not None and role not in SERVER_ROLES:
+        raise ConfigError(f"--metrics-port is for the servers; a {role.value} reports on its metrics channel")
     dep = Deployment(args.deploy)
     nid = resolve_node_id(dep, role, args.device)
-    asyncio.run(run_node(dep, nid, args.broker, console_level=args.log_level))
+    asyncio.run(
+        run_node(dep, nid, args.broker, console_level=args.log_level, metrics_port=args.metrics_port)
+    )
     if args.json:
         print_json({"node": nid, "stopped": True})
     return 0

@@ -241,7 +241,7 @@ def render_topics() -> str:
     out.append(_table(("direction", "topic", "kind", "patent link"), rows))
     out += ["", "Channels (published by a role, read by the operator and monitors)", ""]
     rows = []
-    for channel in (topics.CHANNEL_EVENTS, topics.CHANNEL_STATUS, topics.CHANNEL_OPS):
+    for channel in topics.NODE_CHANNELS:
         types_ = sorted(s.name for s in messages.MESSAGE_TYPES.values() if channel in s.channels)
         device_topic = _channel_topic(Role.TRUST_MODULE, channel).replace("/tm/", "/{role}/")
         server_topic = _channel_topic(Role.TRUST_SERVER, channel).replace("/ts/", "/{role}/")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Callable
@@ -58,20 +59,29 @@ async def run_node(
     console: TextIO | None = sys.stderr,
     console_level: str = "info",
     settings: Settings | None = None,
+    metrics_port: int | None = None,
     **extra: Any,
 ) -> Node:
-    """Run one node until it stops by itself or SIGINT/SIGTERM arrives; return it."""
+    """Run one node until it stops by itself or SIGINT/SIGTERM arrives; return it.
+
+    With ``metrics_port``, its counters are also served to Prometheus on 127.0.0.1
+    (``ops.prometheus``; imported only then, so a plain node never loads it).
+    """
     parts = assemble(dep, nid, broker_url, console=console, console_level=console_level, settings=settings)
     cls = role_class(parts.config.identity.role)
     node = cls(parts.config, parts.bus, parts.logging.logger, deployment=dep, **extra)
     parts.bus.will = node.will
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, node.stop)
-    try:
-        await node.run()
-    finally:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(parts.logging.close)
+        if metrics_port is not None:
+            from .prometheus import MetricsCollector, node_source, serve
+
+            exporter = await serve(metrics_port, MetricsCollector(node_source(node, loop)))
+            stack.push_async_callback(exporter.close)
+            parts.logging.logger.info("metrics.serving", url=exporter.url)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        parts.logging.close()
+            loop.add_signal_handler(sig, node.stop)
+            stack.callback(loop.remove_signal_handler, sig)
+        await node.run()
     return node

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from broker import BACKENDS
 from nodes.deployment import Deployment
+from protocol.topics import SERVER_ROLES
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 from .launcher import Launcher, LaunchError, NodeExit, NodeProcess
@@ -49,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="use this running broker (mqtt://host:port[?v=5|3.1.1]); start none")
     parser.add_argument("--backend", choices=BACKENDS, help="broker to start (default: the manifest's)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for everything to come up")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve Prometheus metrics on 127.0.0.1: the trust-server on P, the payment-server on P+1",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +89,7 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
         args.broker,
         args.backend,
         up_timeout_s=args.timeout,
+        metrics_port=args.metrics_port,
         on_up=_print_up,
         on_exit=lambda ex: _print_exit(ex, all_up),
     )
@@ -101,6 +109,15 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
             event="starting",
             nodes=len(up.processes),
         )
+        for role in SERVER_ROLES:
+            port = up.metrics_port_of(role)
+            if port is not None:
+                say(
+                    f"metrics {role.value} at http://127.0.0.1:{port}/metrics",
+                    event="metrics",
+                    role=role.value,
+                    url=f"http://127.0.0.1:{port}/metrics",
+                )
         outcome = await _unless(stop, _outcome(up.wait_all_up()))
         if outcome is None:
             say(

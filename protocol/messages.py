@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .measure import LogEntry
-from .topics import CHANNEL_CRL, CHANNEL_EVENTS, CHANNEL_OPS, CHANNEL_STATUS, LINKS, Role
+from .topics import CHANNEL_CRL, CHANNEL_EVENTS, CHANNEL_METRICS, CHANNEL_OPS, CHANNEL_STATUS, LINKS, Role
 
 Body = Any  # an instance of one of the body dataclasses below
 
@@ -51,10 +51,70 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Status:
+    """A node's retained status: "online" once connected, "offline" when it stops.
+
+    The "offline" of a node that vanished is its last will, signed when it connected
+    and published by the broker when the connection broke: ``will`` is then True and
+    ``at_ms`` is the time of that connection, not of the loss.
+    """
+
     node: str
     role: str
     state: str  # "online" | "offline"
     at_ms: int
+    version: str  # of the trustpay package the node runs
+    started_ms: int  # when this run of the node started
+    will: bool  # True in the last will the broker publishes for a node that vanished
+
+
+# Upper bounds, in ms, of the step latency buckets; one more bucket counts everything above.
+LATENCY_BOUNDS_MS = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10000)
+MAX_COUNTERS = 200  # a Metrics body names at most this many counters ...
+MAX_LATENCIES = 64  # ... and this many step pairs, so it stays a few KB
+
+
+@dataclass(frozen=True)
+class Count:
+    name: str  # "in.{type}", "out.{type}", "rejected.{code}", "flow.{flow}.{step}.{outcome}" ...
+    value: int
+
+
+@dataclass(frozen=True)
+class StepLatency:
+    """How long a node took from one step of a session to its next one (e.g. "C2>C4" at a trust module)."""
+
+    steps: str  # "{previous step}>{step}"
+    count: int
+    sum_us: int
+    buckets: tuple[int, ...]  # one count per LATENCY_BOUNDS_MS bound, then the overflow; not cumulative
+
+    def quantile_ms(self, q: float) -> float:
+        """The ``q`` quantile (0..1), interpolated in its bucket; in the overflow, its lower bound."""
+        total = sum(self.buckets)
+        if total == 0:
+            return 0.0
+        rank = q * total
+        seen, lower = 0, 0.0
+        for bound, n in zip((*LATENCY_BOUNDS_MS, None), self.buckets, strict=False):
+            if n and seen + n >= rank:
+                if bound is None:
+                    return lower
+                return lower + (bound - lower) * (rank - seen) / n
+            seen += n
+            lower = float(bound) if bound is not None else lower
+        return lower
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A node's counters since it started, published every few seconds; never any payment data."""
+
+    node: str
+    role: str
+    at_ms: int
+    started_ms: int
+    counters: tuple[Count, ...]  # sorted by name, at most MAX_COUNTERS
+    latencies: tuple[StepLatency, ...]  # at most MAX_LATENCIES
 
 
 @dataclass(frozen=True)
@@ -314,6 +374,7 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         MessageSpec("refusal", Refusal, ALL_LINKS, sealed=True),
         _spec("status", Status, channels=(CHANNEL_STATUS,)),
         _spec("event", StepEvent, channels=(CHANNEL_EVENTS,)),
+        _spec("metrics", Metrics, channels=(CHANNEL_METRICS,)),
         # A
         _spec("chip.info", Empty, (TM, CHIP)),
         # it lists each app's transaction counter

@@ -6,10 +6,10 @@ Every topic names its scope, its sending role and its receiving end::
     tp/v1/plat/{src}/{dst}             the platform's internal link
 
 ``dst`` is a role short name for a link, or one of the channels ``ev`` (signed
-step events), ``status`` (retained signed status) and ``ops`` (replies to the
-operator). The operator writes to ``.../ops/{role}``, and publishes the
-root-signed revocation list, retained, on ``tp/v1/plat/ops/crl``, which every
-login may read. Because the device id and
+step events), ``status`` (retained signed status), ``metrics`` (signed counters,
+every few seconds) and ``ops`` (replies to the operator). The operator writes
+to ``.../ops/{role}``, and publishes the root-signed revocation list, retained,
+on ``tp/v1/plat/ops/crl``, which every login may read. Because the device id and
 the sending role are in the topic, a broker ACL can confine each identity to
 its own device and its own direction, and a receiver can check that the signer
 of a frame is who the topic says sent it.
@@ -61,7 +61,10 @@ NODE_ROLES = DEVICE_ROLES + SERVER_ROLES
 CHANNEL_EVENTS = "ev"
 CHANNEL_STATUS = "status"
 CHANNEL_OPS = "ops"
+CHANNEL_METRICS = "metrics"
 CHANNEL_CRL = "crl"
+# what each node publishes on under its own name (the CRL is the operator's alone)
+NODE_CHANNELS = (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_METRICS, CHANNEL_OPS)
 CRL_TOPIC = f"{PREFIX}/plat/{CHANNEL_OPS}/{CHANNEL_CRL}"  # the operator's only broadcast
 
 
@@ -127,8 +130,8 @@ def link_topic(src: Role, dst: Role, device: str | None = None) -> str:
 
 
 def channel_topic(role: Role, channel: str, device: str | None = None) -> str:
-    """Events, status or operator replies published by ``role``."""
-    if channel not in (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_OPS):
+    """Events, status, metrics or operator replies published by ``role``."""
+    if channel not in NODE_CHANNELS:
         raise WrongTopic(f"unknown channel {channel!r}")
     return f"{_scope(role, device)}/{role.short}/{channel}"
 
@@ -151,7 +154,7 @@ class ParsedTopic:
     device: str | None
     src: Role
     dst: Role | None  # None for a channel
-    channel: str | None  # set for ev / status / ops
+    channel: str | None  # set for ev / status / metrics / ops
 
 
 def parse_topic(topic: str) -> ParsedTopic:
@@ -169,7 +172,7 @@ def parse_topic(topic: str) -> ParsedTopic:
     src = _BY_SHORT.get(src_s)
     if src is None:
         raise WrongTopic(f"{topic!r}: unknown sender role {src_s!r}")
-    if dst_s in (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_OPS) and src is not Role.OPERATOR:
+    if dst_s in NODE_CHANNELS and src is not Role.OPERATOR:
         if src.on_device != (device is not None):
             raise WrongTopic(f"{topic!r}: a {src.value} channel is not in this scope")
         return ParsedTopic(device, src, None, dst_s)
@@ -228,7 +231,7 @@ def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
         raise WrongTopic(f"a {role.value} identity needs its device id: it may reach only its own device")
     dev = check_device_id(device) if role.on_device and device else "+"
     writes = [link_topic(link.src, link.dst, dev) for link in LINKS if link.src is role]
-    writes += [channel_topic(role, ch, dev) for ch in (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_OPS)]
+    writes += [channel_topic(role, ch, dev) for ch in NODE_CHANNELS]
     reads = [f"{PREFIX}/dev/{dev}/+/{role.short}"]
     if not role.on_device:
         reads.append(f"{PREFIX}/plat/+/{role.short}")

@@ -304,6 +304,8 @@ async def test_a_payment_cut_off_after_c5_leaves_the_app_trusted_at_the_next_sta
         paid = await d.pay(100)
         d.broker.tap = None
         d.tm.stop()
+        async with asyncio.timeout(10):  # the device is off: its trust module let go of its identity
+            await d.tm.finished.wait()
         written = d.dynamic()
         mark = len(step_events(d.broker))
         again = make_node(TrustModule, dep, TM, d.broker, deployment=dep)

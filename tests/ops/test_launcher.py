@@ -57,7 +57,7 @@ def status_frame(dep: Deployment, keys: KeyPair, state: str, at_ms: int) -> tupl
     chain = (dep.load_cert("trust-server").to_bytes(), dep.load_public("platform").to_bytes())
     env = Envelope(
         "status", new_id(), "trust-server", "*", b"", b"", at_ms, 1, 1, chain,
-        Status("trust-server", "trust-server", state, at_ms),
+        Status("trust-server", "trust-server", state, at_ms, "0.1.0", at_ms, False),
     )  # fmt: skip
     return topic, sign_frame(env, topic, keys)
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from protocol.errors import WrongTopic
 from protocol.topics import (
     CHANNEL_EVENTS,
+    CHANNEL_METRICS,
     CHANNEL_OPS,
     CHANNEL_STATUS,
     DEVICE_ROLES,
@@ -35,7 +36,7 @@ from protocol.topics import (
 from .factory import exactly
 
 DEVICES = ("d1", "d2", "A-b_9", "x" * 64)
-CHANNELS = (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_OPS)
+CHANNELS = (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_METRICS, CHANNEL_OPS)
 SHORTS = [r.short for r in Role] + [CHANNEL_EVENTS, CHANNEL_STATUS, "xx", ""]
 
 
