@@ -34,6 +34,7 @@ from protocol.errors import TransportError
 from protocol.topics import PREFIX
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument
+from .prometheus import CountersCollector, Exporter, MetricsCollector, serve
 
 HELP = "every frame on every link, checked by the monitor itself: live view, JSON, record and replay"
 QUEUE = 10_000  # frames waiting to be checked before the reader starts dropping
@@ -59,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replay", type=Path, metavar="FILE", help="show a recording again, offline")
     parser.add_argument("--seconds", type=float, help="stop after this long (default: at Ctrl-C)")
     parser.add_argument("--queue", type=int, default=QUEUE, help=f"frames kept waiting (default {QUEUE})")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve Prometheus metrics on 127.0.0.1:P: every node's counters as published, and the monitor's",
+    )
     web.add_arguments(parser)
 
 
@@ -182,6 +189,29 @@ async def check_frames(reader: Reader, model: Monitor, out: Output, recorder: Re
         await asyncio.sleep(0)  # let the reader run: a backlog then shows up as counted drops here
 
 
+async def serve_metrics(model: Monitor, port: int) -> Exporter:
+    """Prometheus on 127.0.0.1: the nodes' signed counters as the monitor received them, and its own.
+
+    The exporter's thread reads the model: each source takes a copy in one C-level call
+    (``dict``/``list`` of a dict), which the GIL keeps whole while the loop goes on writing.
+    """
+    return await serve(
+        port,
+        MetricsCollector(lambda: list(model.node_metrics.values())),
+        CountersCollector(
+            "trustpay_monitor_rejected",
+            "frames the monitor refused, by reason",
+            lambda: dict(model.rejects),
+            "code",
+        ),
+        CountersCollector(
+            "trustpay_monitor_frames",
+            "frames the monitor checked, and those it dropped when it fell behind",
+            lambda: {"checked": model.seq, "dropped": model.dropped},
+        ),
+    )
+
+
 async def live(args: argparse.Namespace, make_output: Callable[[Monitor], Output] | None = None) -> None:
     """Check every frame until SIGINT, SIGTERM or ``args.seconds``; ``make_output`` shows them."""
     dep = Deployment(args.deploy)
@@ -198,6 +228,7 @@ async def live(args: argparse.Namespace, make_output: Callable[[Monitor], Output
         loop.add_signal_handler(sig, stop.set)
     reader = Reader(address, args.queue)
     out = make_output(model) if make_output is not None else _output(args, model)
+    exporter = await serve_metrics(model, args.metrics_port) if args.metrics_port is not None else None
     try:
         async with asyncio.TaskGroup() as tg:
             reading = tg.create_task(reader.run(), name="monitor:read")
@@ -215,6 +246,8 @@ async def live(args: argparse.Namespace, make_output: Callable[[Monitor], Output
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if exporter is not None:
+            await exporter.close()
         if recorder is not None:
             await asyncio.to_thread(recorder.close)
         out.finish(model.summary())

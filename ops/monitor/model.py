@@ -35,7 +35,7 @@ from typing import Any
 from protocol.certs import Certificate, CertStore, RevocationList
 from protocol.envelope import Envelope, SenderRevoked, Verifier, peek
 from protocol.errors import BadSignature, Duplicate, Rejected, TooLarge, TrustpayError, WrongTopic
-from protocol.messages import MESSAGE_TYPES, Status, StepEvent
+from protocol.messages import MESSAGE_TYPES, Metrics, Status, StepEvent
 from protocol.replay import ReplayGuard
 from protocol.topics import (
     CHANNEL_CRL,
@@ -205,6 +205,7 @@ class Monitor:
         self.servers: dict[str, ServerState] = {r.value: ServerState() for r in SERVER_ROLES}
         self.rejects: Counter[str] = Counter()
         self.links: Counter[tuple[str, str]] = Counter()  # (link, type) -> frames
+        self.node_metrics: dict[str, Metrics] = {}  # each node's latest verified counters
         self.latencies: dict[str, deque[int]] = {}
 
     # -- one frame ------------------------------------------------------------------
@@ -351,6 +352,8 @@ class Monitor:
             self.devices.setdefault(obs.device, DeviceState()).nodes[body.node] = body.state
         if isinstance(body, StepEvent) and body.device:
             self._on_step(body, obs.at_ms)
+        if isinstance(body, Metrics) and body.node == obs.sender:
+            self.node_metrics[body.node] = body
 
     def _on_step(self, event: StepEvent, at_ms: int) -> None:
         device = self.devices.setdefault(event.device, DeviceState())

@@ -5,16 +5,23 @@ No event loop, no broker: frames come from the protocol tests' deterministic PKI
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from ops.monitor import recording
 from ops.monitor.model import Anchors, Monitor, Observation, percentile
+from ops.monitor_cmd import serve_metrics
 from protocol.certs import sign_revocations
 from protocol.envelope import MAX_FRAME
 from protocol.keys import KeyPair
 from protocol.messages import (
+    Count,
     Measured,
+    Metrics,
     NonceRequest,
     Ping,
     RevocationUpdate,
@@ -22,7 +29,15 @@ from protocol.messages import (
     Status,
     StepEvent,
 )
-from protocol.topics import CHANNEL_EVENTS, CHANNEL_STATUS, CRL_TOPIC, Role, channel_topic, link_topic
+from protocol.topics import (
+    CHANNEL_EVENTS,
+    CHANNEL_METRICS,
+    CHANNEL_STATUS,
+    CRL_TOPIC,
+    Role,
+    channel_topic,
+    link_topic,
+)
 
 from ..protocol.factory import (
     NOW_MS,
@@ -171,11 +186,23 @@ def test_a_revoked_sender_is_named_once_the_revocation_list_arrives() -> None:
 def test_status_is_checked_by_signature_only_even_when_stamped_long_ago() -> None:
     topic = channel_topic(Role.TRUST_SERVER, CHANNEL_STATUS)
     old = NOW_MS - 3_600_000  # a last will, stamped when its node connected
-    frame = sign(envelope(TS, "*", "status", Status(TS.name, TS.role, "offline", old), ts_ms=old), topic, TS)
+    frame = sign(
+        envelope(TS, "*", "status", Status(TS.name, TS.role, "offline", old, "0.1.0", old, True), ts_ms=old),
+        topic,
+        TS,
+    )
     m = monitor()
     obs = m.observe(topic, frame, NOW_MS)
     assert obs.verdict == "ok"
-    assert obs.status == {"node": TS.name, "role": TS.role, "state": "offline", "at_ms": old}
+    assert obs.status == {
+        "node": TS.name,
+        "role": TS.role,
+        "state": "offline",
+        "at_ms": old,
+        "version": "0.1.0",
+        "started_ms": old,
+        "will": True,
+    }
     assert (m.servers[TS.name].status, m.servers[TS.name].sent) == ("offline", 1)
 
 
@@ -247,7 +274,11 @@ def test_a_recording_replays_to_the_same_observations(tmp_path: Path) -> None:
 
 def test_a_device_nodes_status_shows_in_its_row() -> None:
     topic = channel_topic(Role.CHIP, CHANNEL_STATUS, "d1")
-    frame = sign(envelope(CHIP, "*", "status", Status(CHIP.name, CHIP.role, "online", NOW_MS)), topic, CHIP)
+    frame = sign(
+        envelope(CHIP, "*", "status", Status(CHIP.name, CHIP.role, "online", NOW_MS, "0.1.0", NOW_MS, False)),
+        topic,
+        CHIP,
+    )
     m = monitor()
     assert m.observe(topic, frame, NOW_MS, retained=True).verdict == "ok"
     assert m.devices["d1"].nodes == {CHIP.name: "online"}
@@ -262,3 +293,32 @@ def test_a_rejected_frames_claimed_type_gets_no_counter_of_its_own() -> None:
     obs = m.observe(C7_TOPIC, raw_frame(fields, C7_TOPIC, CLIENT.keys), NOW_MS)
     assert (obs.verdict, obs.type) == ("unknown_type", fields[1])
     assert dict(m.links) == {("client->tm", "?"): 1}
+
+
+async def test_the_monitor_serves_the_nodes_metrics_it_verified_and_its_own_tallies() -> None:
+    """``trustpay monitor --metrics-port``: what Prometheus scrapes is what the monitor checked."""
+    model = monitor()
+    topic = channel_topic(Role.TRUST_MODULE, CHANNEL_METRICS, "d1")
+    counts = (Count("flow.C.C4.trusted", 3), Count("rejected.stale", 2))
+    mine = Metrics(TM.name, TM.role, NOW_MS, NOW_MS - 5_000, counts, ())
+    assert model.observe(topic, sign(envelope(TM, "*", "metrics", mine), topic, TM), NOW_MS).verdict == "ok"
+    # a body that names another node is kept out, even under a good signature
+    other = dataclasses.replace(mine, node=CHIP.name, counters=(Count("flow.C.C4.trusted", 99),))
+    model.observe(topic, sign(envelope(TM, "*", "metrics", other), topic, TM), NOW_MS + 1)
+    model.observe(C7_TOPIC, b"\x93garbage" + bytes(64), NOW_MS + 2)
+    exporter = await serve_metrics(model, 0)
+    try:
+        with await asyncio.to_thread(urllib.request.urlopen, exporter.url, timeout=5) as answer:
+            text = answer.read().decode()
+    finally:
+        await exporter.close()
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    trusted = (("flow", "C"), ("node", TM.name), ("outcome", "trusted"), ("role", TM.role), ("step", "C4"))
+    assert got[("trustpay_flow_steps_total", trusted)] == 3
+    assert not any(dict(labels).get("node") == CHIP.name for _, labels in got)
+    assert got[("trustpay_monitor_rejected_total", (("code", "malformed"),))] == 1
+    assert got[("trustpay_monitor_frames_total", (("name", "checked"),))] == 3

@@ -95,6 +95,8 @@ function onFrame(obs) {
     nodes.set(obs.status.node, obs.status);
     return null;
   }
+  // a node's periodic counters are not a step of any flow (Prometheus shows them: --metrics-port)
+  if (obs.dst === "metrics" && obs.verdict === "ok") return null;
   const id = deviceOf(obs);
   if (!id) return null;
   const d = device(id);
