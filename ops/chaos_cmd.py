@@ -192,7 +192,9 @@ async def _reload(args: argparse.Namespace, flag_rules: list[Rule], proxy: Chaos
 
 def _show_fault(fault: AppliedFault, as_json: bool) -> None:
     if as_json:
-        print_json({"kind": "fault", **asdict(fault)})
+        data = asdict(fault)
+        data["fault"] = data.pop("kind")  # "kind" says what the line is, as on every other line
+        print_json({"kind": "fault", **data})
         return
     pid = "-" if fault.packet_id is None else fault.packet_id
     print(

@@ -9,7 +9,7 @@ A profile::
     topics = ["tp/v1/dev/+/chip/ps"]   # MQTT filters (default "#": everything)
     direction = "to-broker"            # to-broker | from-broker | both (default)
     probability = 0.2                  # of each matching packet (default 1)
-    limit = 3                          # at most this many times per connection direction (default: no limit)
+    limit = 3                          # at most this many times in all, since the profile was loaded
     delay_ms = [50, 300]               # delay; replay: how much later (a number or a [low, high] range)
     copies = 1                         # duplicate: extra copies
     window = 3                         # reorder: packets held, then released out of order
@@ -230,7 +230,7 @@ def profile_from(rules: Sequence[Rule], seed: int | None = None) -> Profile:
 
 @dataclass
 class Tally:
-    """How often each rule fired on one connection direction (for ``limit``)."""
+    """How often each rule fired since the profile was loaded, over every connection (for ``limit``)."""
 
     fired: dict[int, int] = field(default_factory=dict)
 

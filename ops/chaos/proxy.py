@@ -144,6 +144,7 @@ class ChaosProxy:
         self.log = log or FaultLog()
         self.listen_port = listen_port
         self.profile = Profile()
+        self.tally = Tally()
         self.loaded_at = 0.0
         self._initial = profile or Profile()
         self._server: asyncio.Server | None = None
@@ -178,6 +179,7 @@ class ChaosProxy:
     def set_profile(self, profile: Profile) -> None:
         """Apply new rules from now on; packets held by the old ones are released in order."""
         self.profile = profile
+        self.tally = Tally()  # limits count afresh
         self.loaded_at = asyncio.get_running_loop().time()
         for conn in self._connections:
             for link in conn.links:
@@ -312,7 +314,6 @@ class _Link:
         self.sender, self.receiver = sender, receiver
         self.other: _Link = self
         self.rng = random.Random(conn.proxy.seed_for("", direction))
-        self.tally = Tally()
         self.inflight: set[int] = set()  # the sender's own QoS 1/2 packet ids, until acknowledged
         self.injected: dict[int, int] = {}  # packet id -> QoS of copies the proxy sent the receiver
         self.dropped_qos2: set[int] = set()  # the sender's ids whose PUBREL the proxy answers
@@ -365,12 +366,12 @@ class _Link:
         proxy = self.conn.proxy
         now = asyncio.get_running_loop().time()
         for index, rule in enumerate(proxy.profile.rules):
-            if not rule.matches(self.direction, pub.topic) or not self.tally.allows(index, rule):
+            if not rule.matches(self.direction, pub.topic) or not proxy.tally.allows(index, rule):
                 continue
             if rule.kind is Kind.PARTITION and not self._partition_active(rule, now):
                 continue
             if self.rng.random() < rule.probability:
-                self.tally.count(index)
+                proxy.tally.count(index)
                 self._apply(index, rule, pub)
                 return
         self.forward(pub)
@@ -475,8 +476,7 @@ class _Link:
             self.forward(pub)
 
     def reset(self) -> None:
-        """New rules: release what the old ones hold, in the order it came, and start counting again."""
-        self.tally = Tally()
+        """New rules: release what the old ones hold, in the order it came."""
         held = [pub for index in sorted(self.reorder) for pub in self.reorder[index]]
         self.reorder.clear()
         for pub in held:
