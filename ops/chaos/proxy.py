@@ -151,6 +151,7 @@ class ChaosProxy:
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen: Counter[str] = Counter()  # connections per client id, for the seeds
+        self.publishes: Counter[str] = Counter()  # PUBLISH packets read, by direction
 
     @property
     def port(self) -> int:
@@ -192,6 +193,11 @@ class ChaosProxy:
         for conn in conns:
             conn.cut()
         return len(conns)
+
+    @property
+    def clients(self) -> set[str]:
+        """Every client id that connected through the proxy."""
+        return set(self._seen) - {""}
 
     def seed_for(self, client_id: str, direction: Direction) -> str:
         return f"{self.seed}/{client_id}/{self._seen[client_id]}/{direction}"
@@ -364,6 +370,7 @@ class _Link:
     # -- faults ---------------------------------------------------------------------------
     def _on_publish(self, pub: Publish) -> None:
         proxy = self.conn.proxy
+        proxy.publishes[self.direction] += 1
         now = asyncio.get_running_loop().time()
         for index, rule in enumerate(proxy.profile.rules):
             if not rule.matches(self.direction, pub.topic) or not proxy.tally.allows(index, rule):
