@@ -26,6 +26,7 @@ import pytest
 
 from broker import Broker, free_port
 from ops.chaos.faults import BOTH, Kind, Profile, Rule
+from ops.chaos.packets import MQTT_311, Ack, PacketType, Publish, RawPacket, decode_ack, split_packet
 from ops.chaos.proxy import ChaosProxy
 from protocol.topics import Role, link_topic
 
@@ -295,3 +296,85 @@ async def test_the_command_logs_faults_and_rereads_its_profile_on_sighup(
         ("duplicate", UP, "to-broker"),
     ]
     assert faults[0]["size"] == len(b"lost") and faults[0]["qos"] == 1 and faults[0]["packet_id"] is not None
+
+
+# -- acknowledgements as the sender sees them, on a raw MQTT 3.1.1 connection -------------------------
+
+
+class RawClient:
+    """A bare MQTT 3.1.1 connection, to see every packet the proxy sends back to a publisher."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer, self.buf = reader, writer, bytearray()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, port: int, username: str, password: str) -> AsyncIterator[RawClient]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = cls(reader, writer)
+        try:
+            fields = b"".join(_string(s) for s in (username, username, password))  # client id = login
+            client.send(RawPacket(PacketType.CONNECT, 0, _string("MQTT") + b"\x04\xc2\x00\x3c" + fields))
+            connack = await client.packet()
+            assert (connack.type, connack.body[1]) == (PacketType.CONNACK, 0)
+            yield client
+        finally:
+            writer.transport.abort()
+
+    def send(self, packet: RawPacket | Publish | Ack) -> None:
+        self.writer.write(packet.encode(MQTT_311) if isinstance(packet, Publish) else packet.encode())
+
+    async def packet(self) -> RawPacket:
+        async with asyncio.timeout(WAIT_S):
+            while (split := split_packet(self.buf)) is None:  # bounded by the timeout
+                chunk = await self.reader.read(4096)
+                assert chunk, "the proxy closed the connection"
+                self.buf += chunk
+        packet, used = split
+        del self.buf[:used]
+        return packet
+
+    async def everything_until_pong(self) -> list[Ack]:
+        """Every packet before the answer to a PINGREQ sent now (one connection: answered in order)."""
+        self.send(RawPacket(PacketType.PINGREQ, 0, b""))
+        got = []
+        while (packet := await self.packet()).type is not PacketType.PINGRESP:  # bounded: packet() times out
+            got.append(decode_ack(packet))
+        return got
+
+
+def _string(text: str) -> bytes:
+    return len(text.encode()).to_bytes(2, "big") + text.encode()
+
+
+async def test_the_publisher_never_hears_of_copies_qos1(backend: str, tmp_path: Path) -> None:
+    # without the proxy swallowing the broker's PUBACKs for its copies, the publisher would get three
+    async with rig(backend, tmp_path, Rule(Kind.DUPLICATE, (UP,), "to-broker", limit=1, copies=2)) as r:
+        tm = r.cast["dev-a.tm"]
+        async with RawClient.connect(r.proxy.port, tm.username, tm.password) as raw:
+            raw.send(Publish(UP, b"thrice", qos=1, packet_id=5))
+            assert await raw.everything_until_pong() == [Ack(PacketType.PUBACK, 5)]
+        got = [await next_message(r.ts) for _ in range(3)]
+        assert payloads(got) == [b"thrice"] * 3
+
+
+async def test_qos2_drop_and_duplicate_keep_the_publishers_handshake_whole(
+    backend: str, tmp_path: Path
+) -> None:
+    rules = (Rule(Kind.DROP, (UP,), "to-broker", limit=1), Rule(Kind.DUPLICATE, (UP,), "to-broker", limit=1))
+    async with rig(backend, tmp_path, *rules) as r:
+        tm = r.cast["dev-a.tm"]
+        async with RawClient.connect(r.proxy.port, tm.username, tm.password) as raw:
+            # dropped: the proxy answers PUBREC, then PUBCOMP for the PUBREL the broker never sees
+            raw.send(Publish(UP, b"lost", qos=2, packet_id=6))
+            assert await raw.everything_until_pong() == [Ack(PacketType.PUBREC, 6)]
+            raw.send(Ack(PacketType.PUBREL, 6))
+            assert await raw.everything_until_pong() == [Ack(PacketType.PUBCOMP, 6)]
+            # duplicated: one PUBREC and one PUBCOMP, the copy's own handshake done by the proxy
+            raw.send(Publish(UP, b"twice", qos=2, packet_id=7))
+            assert await raw.everything_until_pong() == [Ack(PacketType.PUBREC, 7)]
+            raw.send(Ack(PacketType.PUBREL, 7))
+            assert await raw.everything_until_pong() == [Ack(PacketType.PUBCOMP, 7)]
+            raw.send(Publish(UP, b"marker", qos=1, packet_id=8))
+            assert await raw.everything_until_pong() == [Ack(PacketType.PUBACK, 8)]
+        assert payloads(await until_marker(r.ts, b"marker")) == [b"twice", b"twice", b"marker"]
