@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.logs import NodeLogging
-from protocol.errors import Malformed
+from protocol.errors import ConfigError, Malformed
 
 from .faults import Direction, Kind, Profile, Rule, Tally
 from .packets import (
@@ -161,7 +161,10 @@ class ChaosProxy:
 
     async def __aenter__(self) -> ChaosProxy:
         self.set_profile(self._initial)
-        self._server = await asyncio.start_server(self._accept, LISTEN_HOST, self.listen_port)
+        try:
+            self._server = await asyncio.start_server(self._accept, LISTEN_HOST, self.listen_port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {LISTEN_HOST}:{self.listen_port}: {exc.strerror}") from exc
         return self
 
     async def __aexit__(self, *exc: object) -> None:
