@@ -18,7 +18,8 @@ the side that sent the PUBLISH, "receiver" the side it was going to:
 - drop (and a partition in drop mode): the receiver never sees it; the proxy
   answers the sender as a lossy radio after the receiver would look: PUBACK for
   QoS 1, PUBREC for QoS 2, and later PUBCOMP for the sender's PUBREL, which
-  the receiver never sees either (it knows no such packet id).
+  the receiver never sees either (it knows no such packet id). A PUBREL that
+  comes only after a reconnect goes on to the receiver, which answers an unknown id.
 - delay, reorder, partition in hold mode: the packet is forwarded later with
   its own packet id; the receiver acknowledges it then, and that ack goes back
   to the sender untouched (the sender simply waits longer).
