@@ -94,6 +94,7 @@ class FaultLog:
     path: Path | None = None
     on_fault: Callable[[AppliedFault], None] | None = None
     counts: Counter[str] = field(default_factory=Counter)
+    notes: Counter[str] = field(default_factory=Counter)  # the other events, by name
     recent: deque[AppliedFault] = field(default_factory=lambda: deque(maxlen=RECENT))
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _logging: NodeLogging | None = None
@@ -113,12 +114,15 @@ class FaultLog:
 
     def note(self, event: str, **fields: Any) -> None:
         """Something that is not a fault (a connection, a reload, an unreadable stream)."""
+        self.notes[event] += 1
         if self._logging is not None:
             self._logging.logger.info(event, **fields)
+        self._changed.set()
 
     async def wait_for(self, kind: str, count: int = 1, timeout_s: float = 10.0) -> None:
+        """Until ``count`` faults of ``kind`` (or notes of that name) were applied."""
         async with asyncio.timeout(timeout_s):
-            while self.counts[kind] < count:  # each turn waits for a new fault; bounded by the timeout
+            while self.counts[kind] + self.notes[kind] < count:  # each turn waits for news; bounded
                 self._changed.clear()
                 await self._changed.wait()
 

@@ -378,3 +378,18 @@ async def test_qos2_drop_and_duplicate_keep_the_publishers_handshake_whole(
             raw.send(Publish(UP, b"marker", qos=1, packet_id=8))
             assert await raw.everything_until_pong() == [Ack(PacketType.PUBACK, 8)]
         assert payloads(await until_marker(r.ts, b"marker")) == [b"twice", b"twice", b"marker"]
+
+
+async def test_bytes_that_are_not_mqtt_pass_on_to_the_broker_and_the_proxy_keeps_serving(
+    backend: str, tmp_path: Path
+) -> None:
+    async with rig(backend, tmp_path, Rule(Kind.DUPLICATE, (UP,), "to-broker")) as r:
+        _, writer = await asyncio.open_connection("127.0.0.1", r.proxy.port)
+        try:
+            writer.write(b"\x00\x05garbage that is no MQTT at all")  # packet type 0 is reserved
+            await r.proxy.log.wait_for("unreadable_stream")  # passed on as it is, for the broker to judge
+        finally:
+            writer.transport.abort()
+        await r.publish(r.tm, UP, b"still here")
+        got = [await next_message(r.ts), await next_message(r.ts)]
+        assert payloads(got) == [b"still here"] * 2  # and the faults still apply
