@@ -19,6 +19,8 @@ A profile::
     mode = "drop"                      # partition: hold (release when it heals) or drop
     start_ms = 0                       # partition: from this long after the profile was loaded
     duration_ms = 2000                 # partition: for this long
+    deliver = true                     # disconnect: forward the packet, then cut (default: cut instead),
+                                       # so the receiver has it and the sender never hears back
 
 The first rule that matches a packet and whose probability draw succeeds is
 applied; the others are not consulted for that packet.
@@ -73,6 +75,7 @@ class Rule:
     mode: str = "hold"
     start_ms: float = 0.0
     duration_ms: float = 1000.0
+    deliver: bool = False
 
     def matches(self, direction: Direction, topic: str) -> bool:
         if self.direction not in (BOTH, direction):
@@ -87,26 +90,21 @@ class Profile:
     source: str = "flags"
 
 
-@dataclass(frozen=True)
-class _Field:
-    types: tuple[type, ...]
-    convert: Any = None
-
-
-_FIELDS: Mapping[str, _Field] = {
-    "topics": _Field((list, str)),
-    "direction": _Field((str,)),
-    "probability": _Field((int, float)),
-    "limit": _Field((int,)),
-    "delay_ms": _Field((int, float, list)),
-    "copies": _Field((int,)),
-    "window": _Field((int,)),
-    "hold_ms": _Field((int, float)),
-    "flips": _Field((int,)),
-    "keep": _Field((int,)),
-    "mode": _Field((str,)),
-    "start_ms": _Field((int, float)),
-    "duration_ms": _Field((int, float)),
+_FIELDS: Mapping[str, tuple[type, ...]] = {  # key -> the TOML types it takes
+    "topics": (list, str),
+    "direction": (str,),
+    "probability": (int, float),
+    "limit": (int,),
+    "delay_ms": (int, float, list),
+    "copies": (int,),
+    "window": (int,),
+    "hold_ms": (int, float),
+    "flips": (int,),
+    "keep": (int,),
+    "mode": (str,),
+    "start_ms": (int, float),
+    "duration_ms": (int, float),
+    "deliver": (bool,),
 }
 
 
@@ -121,7 +119,8 @@ def rule_from(entry: Mapping[str, Any], where: str) -> Rule:
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: kind, {', '.join(_FIELDS)})")
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, _FIELDS[key].types):
+        types = _FIELDS[key]
+        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):  # True is an int too
             raise ConfigError(f"{where}: {key} = {value!r} has the wrong type")
     if isinstance(values.get("topics"), str):
         values["topics"] = [values["topics"]]
@@ -211,6 +210,10 @@ def _flag_value(key: str, value: str) -> Any:
         return [_number(v) for v in value.split(",")]
     if key in ("direction", "mode"):
         return value
+    if key == "deliver":
+        if value not in ("true", "false"):
+            raise ConfigError(f"deliver={value!r}: say true or false")
+        return value == "true"
     return _number(value)
 
 

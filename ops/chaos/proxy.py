@@ -34,7 +34,9 @@ the side that sent the PUBLISH, "receiver" the side it was going to:
   of its acks swallowed: ids the proxy picks are freed as soon as acknowledged.)
 - disconnect: both TCP connections are cut and the packet is not forwarded; the
   sender has no ack, so a QoS 1/2 packet is resent when it reconnects with its
-  session, exactly as after a real lost connection.
+  session, exactly as after a real lost connection. With ``deliver = true`` the
+  packet is forwarded first: the receiver has it, the sender never hears back
+  (it cannot know the outcome: the case a retry must not turn into two).
 
 MQTT 5 topic aliases are not resolved: a PUBLISH that carries only an alias has
 an empty topic, which only the filter ``#`` matches.
@@ -272,6 +274,14 @@ class _Connection:
         for writer in self.writers:
             writer.transport.abort()  # its reader sees the end of the stream: both pumps finish
 
+    def flush_and_cut(self) -> None:
+        """Cut once what was written so far has gone out (close, not abort: the buffer is sent first)."""
+        for handle in self.timers:
+            handle.cancel()
+        self.timers.clear()
+        for writer in self.writers:
+            writer.close()
+
     def later(self, delay_s: float, action: Callable[[], None]) -> None:
         def fire() -> None:
             self.timers.discard(handle)
@@ -429,7 +439,12 @@ class _Link:
         elif rule.kind is Kind.PARTITION:
             detail = self._partition(rule, pub)
         elif rule.kind is Kind.DISCONNECT:
-            self.conn.cut()
+            if rule.deliver:
+                self.forward(pub)
+                self.conn.flush_and_cut()
+                detail = "delivered, then cut"
+            else:
+                self.conn.cut()
         self._record(rule.kind, pub, detail)
 
     def _record(self, kind: str, pub: Publish, detail: str) -> None:

@@ -224,6 +224,20 @@ async def test_disconnect_cuts_the_publishers_connection_only(backend: str, tmp_
         assert r.proxy.log.counts["disconnect"] == 1
 
 
+async def test_disconnect_after_delivering_leaves_the_sender_without_an_answer(
+    backend: str, tmp_path: Path
+) -> None:
+    rule = Rule(Kind.DISCONNECT, (UP,), "to-broker", limit=1, deliver=True)
+    async with rig(backend, tmp_path, rule) as r:
+        unanswered = asyncio.create_task(r.tm.publish(UP, b"did it go?", qos=1))
+        assert payloads([await next_message(r.ts)]) == [b"did it go?"]  # the broker had it
+        with pytest.raises(aiomqtt.MqttError):  # ... and the publisher's connection is gone
+            await next_message(r.tm)
+        assert not unanswered.done()  # no PUBACK ever reached it
+        unanswered.cancel()
+        assert r.proxy.log.recent[0].detail == "delivered, then cut"
+
+
 async def test_the_same_seed_gives_the_same_faults(backend: str, tmp_path: Path) -> None:
     rule = Rule(Kind.DROP, (UP,), "to-broker", probability=0.5)
     runs = []

@@ -51,6 +51,8 @@ def test_a_rule_selects_by_topic_filter_and_direction() -> None:
         ('[[fault]]\nkind = "drop"\ndirection = "sideways"', "direction must be"),
         ('[[fault]]\nkind = "partition"\nmode = "sulk"', "mode must be hold or drop"),
         ('[[fault]]\nkind = "reorder"\nwindow = 1', "window must be at least 2"),
+        ('[[fault]]\nkind = "disconnect"\ndeliver = "yes"', "wrong type"),
+        ('[[fault]]\nkind = "drop"\nlimit = true', "wrong type"),
         ("seed = 1.5", "seed must be an integer"),
         ("sede = 1", "unknown key 'sede'"),
         ("[[fault", "not TOML"),
@@ -74,3 +76,6 @@ def test_a_flag_reads_like_a_profile_table() -> None:
         rule_from_flag("drop often")
     with pytest.raises(ConfigError, match="not a number"):
         rule_from_flag("drop probability=lots")
+    assert rule_from_flag("disconnect deliver=true").deliver
+    with pytest.raises(ConfigError, match="true or false"):
+        rule_from_flag("disconnect deliver=1")
