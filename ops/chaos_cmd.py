@@ -156,7 +156,7 @@ async def serve(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        log.close()
+        await asyncio.to_thread(log.close)  # waits for the log writer thread
     faults = dict(log.counts)
     _say(args.json, f"stopped; faults applied: {faults or 'none'}", kind="stopped", faults=faults)
     return 0

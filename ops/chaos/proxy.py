@@ -71,7 +71,7 @@ from .packets import (
 
 LISTEN_HOST = "127.0.0.1"
 READ_CHUNK = 65536
-MAX_PACKET = 16 * 1024 * 1024  # larger than any broker here accepts; refused before it is buffered
+MAX_PACKET = 16 * 1024 * 1024  # larger than any broker here accepts: passed on unread, never buffered
 RECENT = 1000  # applied faults kept in memory
 
 
@@ -157,6 +157,7 @@ class ChaosProxy:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._seen: Counter[str] = Counter()  # connections per client id, for the seeds
         self.publishes: Counter[str] = Counter()  # PUBLISH packets read, by direction
 
@@ -178,6 +179,7 @@ class ChaosProxy:
         await self.close()
 
     async def close(self) -> None:
+        self._closing = True  # a connection still reaching the broker gives up once it is there
         if self._server is not None:
             self._server.close()
         for conn in list(self._connections):
@@ -224,6 +226,10 @@ class ChaosProxy:
             self.log.note(
                 "upstream_unreachable", upstream=f"{self.upstream[0]}:{self.upstream[1]}", error=str(exc)
             )
+            writer.transport.abort()
+            return
+        if self._closing:
+            up_writer.transport.abort()
             writer.transport.abort()
             return
         conn = _Connection(self, reader, writer, up_reader, up_writer)

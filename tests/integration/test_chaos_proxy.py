@@ -238,6 +238,15 @@ async def test_disconnect_after_delivering_leaves_the_sender_without_an_answer(
         assert r.proxy.log.recent[0].detail == "delivered, then cut"
 
 
+async def test_cut_all_ends_every_connection_through_the_proxy(backend: str, tmp_path: Path) -> None:
+    async with rig(backend, tmp_path) as r:
+        assert r.proxy.cut_all() == 2
+        for client in (r.tm, r.ts):
+            with pytest.raises(aiomqtt.MqttError):  # nothing is published: only the cut ends this
+                await next_message(client)
+        assert r.proxy.clients == {"dev-a.tm", "trust-server"}
+
+
 async def test_the_same_seed_gives_the_same_faults(backend: str, tmp_path: Path) -> None:
     rule = Rule(Kind.DROP, (UP,), "to-broker", probability=0.5)
     runs = []
