@@ -270,8 +270,9 @@ class _Connection:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._pump(self.readers[0], self.to_broker), name="chaos:to-broker")
                 tg.create_task(self._pump(self.readers[1], self.from_broker), name="chaos:from-broker")
-        finally:
+        except BaseException:
             self.cut()
+            raise
 
     def cut(self) -> None:
         for handle in self.timers:
@@ -281,7 +282,10 @@ class _Connection:
             writer.transport.abort()  # its reader sees the end of the stream: both pumps finish
 
     def flush_and_cut(self) -> None:
-        """Cut once what was written so far has gone out (close, not abort: the buffer is sent first)."""
+        """Cut once what was written so far has gone out (close, not abort: the buffer is sent first).
+
+        Closing a transport also ends its reading, so both pumps finish.
+        """
         for handle in self.timers:
             handle.cancel()
         self.timers.clear()
@@ -310,7 +314,7 @@ class _Connection:
                         link.write_receiver(bytes(buf))
                         buf.clear()
                 await link.receiver.drain()
-        self.cut()
+        self.flush_and_cut()  # one side has gone: what it said last still reaches the other
 
     def _packets(self, buf: bytearray, link: _Link) -> bool:
         """Handle every whole packet at the front of ``buf``; True when the stream is unreadable."""
