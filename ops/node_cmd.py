@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--metrics-port is for the servers; a {role.value} reports on its metrics channel")
     dep = Deployment(args.deploy)
     nid = resolve_node_id(dep, role, args.device)
-    asyncio.run(run_node(dep, nid, args.broker, console_level=args.log_level, metrics_port=args.metrics_port))
+    asyncio.run(
+        run_node(dep, nid, args.broker, console_level=args.log_level, metrics_port=args.metrics_port)
+    )
     if args.json:
         print_json({"node": nid, "stopped": True})
     return 0
