@@ -30,8 +30,9 @@ from nodes.deployment import Deployment
 from protocol.errors import ConfigError, TrustpayError
 from protocol.topics import MONITOR_PORT_OFFSET
 
+from .chaos.fault_log import AppliedFault, FaultLog
 from .chaos.faults import Profile, Rule, load_profile, rule_from_flag
-from .chaos.proxy import AppliedFault, ChaosProxy, FaultLog
+from .chaos.proxy import ChaosProxy
 from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 
 HELP = "chaos on the links: an MQTT proxy that drops, delays, duplicates, reorders, corrupts ... packets"
