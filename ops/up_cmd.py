@@ -45,7 +45,7 @@ AS_JSON: contextvars.ContextVar[bool] = contextvars.ContextVar("up_as_json", def
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_deploy_argument(parser)
-    add_json_argument(parser, "one JSON object per line for each event (up, down, died, stopped...)")
+    add_json_argument(parser, "one JSON object per event (up, down, died, restarting, stopped...)")
     add_examples(
         parser,
         "trustpay up --deploy deploy",

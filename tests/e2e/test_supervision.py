@@ -264,3 +264,28 @@ async def test_a_node_that_keeps_failing_is_reported_at_every_attempt_with_growi
         assert all(launcher.processes[nid].pid == pid for nid, pid in before.items() if nid != "trust-server")
         assert all(p.is_up for p in launcher.processes.values())
         assert supervisor.restarts == len(delays)
+
+
+async def test_on_failure_leaves_a_clean_exit_down_and_restarts_a_crash(tmp_path: Path) -> None:
+    dep = deploy(tmp_path)
+    seen = Seen()
+    async with Launcher(dep, up_timeout_s=WAIT_S, on_up=seen.up, on_exit=seen.exit) as launcher:
+        await launcher.wait_all_up()
+        first_ups = len(seen.ups)
+        before = {nid: p.pid for nid, p in launcher.processes.items()}
+        supervisor = Supervisor(launcher, Restart.ON_FAILURE, seen.notify)
+        async with asyncio.TaskGroup() as tg:
+            supervising = tg.create_task(supervisor.run())
+            ts, ps = before["trust-server"], before["payment-server"]
+            assert ts is not None and ps is not None
+            os.kill(ts, signal.SIGTERM)  # a clean exit (code 0): reported, left down
+            await seen.until(lambda: bool(seen.of("left_down")))
+            os.kill(ps, signal.SIGKILL)  # a crash: started again
+            await seen.until(lambda: any(u.node_id == "payment-server" for u in seen.ups[first_ups:]))
+            supervising.cancel()
+        assert [n["node"] for n in seen.of("left_down")] == ["trust-server"]
+        assert seen.of("left_down")[0]["how"] == "exit code 0" and seen.of("left_down")[0]["bad"]
+        assert [n["node"] for n in seen.of("restarting")] == ["payment-server"]
+        assert not launcher.processes["trust-server"].running
+        assert launcher.processes["payment-server"].is_up and launcher.processes["payment-server"].pid != ps
+        assert all(launcher.processes[n].pid == before[n] for n in ("dev-0001.chip", "dev-0001.tm"))
