@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
@@ -49,6 +49,7 @@ class Broker(Protocol):
     host: str
     port: int
     data_dir: Path
+    wrap_argv: Callable[[list[str]], list[str]]  # applied to the argv at start()
 
     @property
     def backend(self) -> str: ...  # "mosquitto" | "amqtt"

@@ -6,7 +6,8 @@ event loop.
 
 Cleanup: ``stop()``/``kill()`` reap the child; pids not yet reaped are
 SIGKILLed at interpreter exit. If the parent is SIGKILLed, an amqtt child
-notices and exits by itself; a Mosquitto child keeps running. Start and stop
+notices and exits by itself; a Mosquitto child keeps running unless ``wrap_argv``
+puts it behind a parent-death guard (``trustpay up`` does). Start and stop
 a broker from the same event loop (asyncio ties the child to it).
 """
 
@@ -144,6 +145,8 @@ class SubprocessBroker(ABC):
             raise BrokerError("a TLS broker needs the clients' certificates for its own health probe")
         self.tls = tls
         self.client_tls = client_tls
+        # the argv as started: a launcher may wrap it (ops.parent_death.guarded)
+        self.wrap_argv: Callable[[list[str]], list[str]] = list
         self._proc: asyncio.subprocess.Process | None = None
         self._stdio: IO[bytes] | None = None
 
@@ -226,7 +229,7 @@ class SubprocessBroker(ABC):
         if self._proc is not None:  # it died on its own: drop what is left of it
             self._forget(self._proc)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        argv = self._prepare()
+        argv = self.wrap_argv(self._prepare())
         check_ports_free(self.port, self.monitor_port)
         self._stdio = self.stdio_file.open("ab")
         try:

@@ -13,7 +13,7 @@ import asyncio
 import fnmatch
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -169,7 +169,7 @@ class MqttBus:
             raise TransportError("not connected to the broker")
         try:
             async with asyncio.timeout(self.ack_timeout_s):
-                await client.publish(topic, payload, qos=1, retain=retain)
+                acked = await _unless_set(kick, client.publish(topic, payload, qos=1, retain=retain))
         except TimeoutError as exc:
             # A connection that takes publishes but acknowledges none is dead in one direction
             # (seen with amqtt after a restart): drop it and reconnect.
@@ -182,6 +182,27 @@ class MqttBus:
                 self._ready.clear()
                 kick.set()
             raise TransportError(f"publish to {topic} failed: {exc}") from exc
+        if not acked:
+            # The reader saw the connection end first: no PUBACK can come on it any more, so
+            # waiting out ack_timeout_s would only hold up the caller's retry on the next one.
+            raise TransportError(f"publish to {topic}: the connection ended before its acknowledgement")
+
+
+async def _unless_set(gone: asyncio.Event, publishing: Awaitable[None]) -> bool:
+    """True once ``publishing`` is done (its error raised); False if ``gone`` is set first."""
+    task = asyncio.ensure_future(publishing)
+    ended = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait((task, ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ended.cancel()
+        finished = task.done()
+        if not finished:
+            task.cancel()  # also when the caller is cancelled or timed out
+    if not finished:
+        return False
+    task.result()
+    return True
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:

@@ -9,11 +9,14 @@ phase waits for the previous one to be online. A node is *up* only when its
 signed "online" status arrives, verified against the deployment's certificates
 and newer than its process (a retained status from an earlier run means nothing).
 
-Nothing is restarted behind anyone's back: an exit is recorded as a
-:class:`NodeExit` with the tail of the node's log and console output, and
-counted as unexpected unless the launcher itself sent the signal. Leaving the
-block stops the device nodes, then the servers (SIGTERM, bounded wait, SIGKILL
-for stragglers), then the broker it started, also when the block failed.
+Nothing is restarted behind anyone's back (:class:`ops.supervise.Supervisor`
+does that for ``trustpay up``): an exit is recorded as a :class:`NodeExit` with
+the tail of the node's log and console output, and counted as unexpected unless
+the launcher itself sent the signal. Leaving the block stops the device nodes,
+then the servers (SIGTERM, bounded wait, SIGKILL for stragglers), then the
+broker it started, also when the block failed. Every child (the broker too)
+runs behind :func:`ops.parent_death.guarded`: if this process dies without
+leaving the block (SIGKILL), the kernel kills them.
 
 Nodes stay in the caller's process group, so a terminal's Ctrl-C reaches them
 (and the broker) directly as well; the ordered stop then only mops up. Each
@@ -54,6 +57,7 @@ from protocol.messages import Status
 from protocol.topics import CHANNEL_STATUS, PREFIX, SERVER_ROLES, Role
 
 from .broker_cmd import broker_for
+from .parent_death import guarded
 from .watch import monitor_client, public_verifier
 
 STATUS_FILTERS = (f"{PREFIX}/plat/+/{CHANNEL_STATUS}", f"{PREFIX}/dev/+/+/{CHANNEL_STATUS}")
@@ -211,6 +215,7 @@ class Launcher:
         try:
             if not self.broker_url:
                 self.broker = await asyncio.to_thread(broker_for, self.dep, self.backend)
+                self.broker.wrap_argv = guarded
                 await self.broker.start()
                 # tell the nodes the version too: the manifest's backend may not be the one running
                 self.broker_url = f"{self.broker.url}?v={self.broker.mqtt_version}"
@@ -276,9 +281,19 @@ class Launcher:
             if self.unexpected_exits:
                 return self.unexpected_exits[0].describe()
             if self._monitor_gone:
-                return f"lost the broker: {self.monitor_error}"
+                return self._broker_lost()
             self._changed.clear()
             await self._changed.wait()
+
+    async def wait_broker_lost(self) -> str:
+        """Block until the status monitor gave up on the broker; say why."""
+        while not self._monitor_gone:  # each turn waits for a change; bounded by the caller
+            self._changed.clear()
+            await self._changed.wait()
+        return self._broker_lost()
+
+    def _broker_lost(self) -> str:
+        return f"lost the broker: {self.monitor_error}"
 
     async def _wait_for(self, node_ids: Sequence[str], timeout_s: float | None) -> None:
         loop = asyncio.get_running_loop()
@@ -346,7 +361,11 @@ class Launcher:
         try:
             # same session and process group: a terminal's Ctrl-C reaches the nodes too
             node.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=False
+                *guarded(argv),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=False,
             )
         finally:
             out.close()  # the child holds its own descriptor
@@ -460,6 +479,11 @@ class Launcher:
         self.processes[node_id] = new
         await self._spawn(new)
         return await self.wait_online(node_id, timeout_s or self.up_timeout_s)
+
+    async def stop_node(self, node_id: str) -> None:
+        """Stop the current incarnation of ``node_id`` if it runs (SIGTERM, then SIGKILL)."""
+        deadline = asyncio.get_running_loop().time() + self.stop_timeout_s
+        await self._stop_nodes([self._node(node_id)], deadline)
 
     # -- stopping --------------------------------------------------------------
     async def _shutdown(

@@ -5,12 +5,17 @@ trust module, every node its own process (:class:`ops.launcher.Launcher`);
 clients are started by users with ``trustpay client``. A node counts as up when
 its signed "online" status arrives.
 
+Once all are up, a node that dies is reported (which node, its exit code or
+signal, its last log lines) and started again after a backoff delay while the
+others keep running (``--restart``, see :mod:`ops.supervise`); ``--restart
+never`` stops everything at the first death instead. If this command is
+SIGKILLed, the kernel kills every process it started (:mod:`ops.parent_death`).
+
 Exit status: 0 when everything came up and was stopped on request; 1 when a
-node did not come up in time or died while running (a payment system with a
-dead server is not "up", so a death stops everything rather than leaving the
-rest running; nothing is restarted); 130 when a signal arrived before all
-nodes were up. Every exit path stops the nodes (devices first, then servers)
-and then the broker this command started.
+node did not come up in time, the status monitor lost the broker, or (with
+``--restart never``) a node died; 130 when a signal arrived before all nodes
+were up. Every exit path stops the nodes (devices first, then servers) and then
+the broker this command started.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from protocol.topics import SERVER_ROLES
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 from .launcher import Launcher, LaunchError, NodeExit, NodeProcess
+from .supervise import Restart, Supervisor
 
 HELP = "run the broker, the servers and each device's chip and trust module as processes"
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
@@ -39,17 +45,26 @@ AS_JSON: contextvars.ContextVar[bool] = contextvars.ContextVar("up_as_json", def
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_deploy_argument(parser)
-    add_json_argument(parser, "one JSON object per line for each event (up, down, died, stopped...)")
+    add_json_argument(parser, "one JSON object per event (up, down, died, restarting, stopped...)")
     add_examples(
         parser,
         "trustpay up --deploy deploy",
         "trustpay up --devices 1 --json            # deploy from $TRUSTPAY_DEPLOY, else ./deploy",
         "trustpay up --broker mqtt://127.0.0.1:1883  # nodes only, on a broker already running",
+        "trustpay up --restart never               # the first node that dies stops everything",
     )
     parser.add_argument("--devices", type=int, metavar="N", help="run the first N devices (default: all)")
     parser.add_argument("--broker", help="use this running broker (mqtt://host:port[?v=5|3.1.1]); start none")
     parser.add_argument("--backend", choices=BACKENDS, help="broker to start (default: the manifest's)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for everything to come up")
+    parser.add_argument(
+        "--restart",
+        type=Restart,
+        choices=list(Restart),
+        default=Restart.ALWAYS,
+        help="when a node dies after start-up: always start it again (default; a node is never meant "
+        "to exit), on-failure (not after a clean exit), never (stop everything)",
+    )
     parser.add_argument(
         "--metrics-port",
         type=int,
@@ -135,7 +150,8 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
             n = len(up.processes)
             say(f"all {n} nodes up in {outcome:.1f} s{_noise(up)}", event="all_up", nodes=n, seconds=outcome)
             all_up.set()
-            failure = await _unless(stop, up.wait_failure())
+            supervisor = Supervisor(up, args.restart, lambda text, bad, ev: say(text, err=bad, **ev))
+            failure = await _unless(stop, supervisor.run())
             if failure is None:
                 say(
                     f"{received[0]}: stopping devices, then servers, then the broker",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
@@ -252,6 +253,49 @@ async def test_amqtt_broker_exits_when_its_parent_dies(tmp_path: Path) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+async def test_amqtt_stops_cleanly_while_its_clients_publish(tmp_path: Path, cast: Cast) -> None:
+    """Packets arriving as amqtt cancels their sender's reader must not stall its shutdown.
+
+    Both directions flood QoS 1 publishes while the broker is told to stop. Without the
+    re-cancelling reader stop in broker.amqtt_main, every run of this (6 of 6) waited out
+    the stop timeout and was SIGKILLed: "Broker closed" was never logged.
+    """
+    broker = AmqttBroker(tmp_path / "b", free_port(), cast.all, cast.monitor, stop_timeout=WAIT_S * 2)
+    up = link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, "dev-a")
+    flowing = {DOWN: asyncio.Event(), up: asyncio.Event()}
+
+    async def flood(client: aiomqtt.Client, topic: str) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            for sent in range(1, 1_000_000):  # ends when the broker goes (or after a million)
+                await client.publish(topic, b"x" * 50, qos=1)
+                if sent == 100:
+                    flowing[topic].set()
+
+    async def drain(client: aiomqtt.Client) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            async for _ in client.messages:
+                pass
+
+    await broker.start()
+    try:
+        async with broker.client(cast["dev-a.tm"]) as tm, broker.client(cast["trust-server"]) as ts:
+            assert granted(await tm.subscribe(DOWN, qos=1)) and granted(await ts.subscribe(up, qos=1))
+            tasks = [
+                asyncio.create_task(work) for work in (flood(tm, up), flood(ts, DOWN), drain(tm), drain(ts))
+            ]
+            async with asyncio.timeout(WAIT_S):
+                for going in flowing.values():
+                    await going.wait()
+            async with asyncio.timeout(WAIT_S):  # well under the stop timeout
+                await broker.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await broker.kill()
+    assert "Broker closed" in broker.log_file.read_text()
 
 
 def test_make_broker_and_defaults(tmp_path: Path, cast: Cast) -> None:

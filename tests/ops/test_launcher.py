@@ -251,9 +251,12 @@ async def test_up_command_terminal_ctrl_c_reaches_everyone_and_leaves_nothing(
     assert all(gone(pid) for pid in printed_pids(seen))
 
 
-async def test_up_command_reports_a_dead_node_and_stops_everything(tmp_path: Path, up_backend: str) -> None:
+async def test_up_restart_never_reports_a_dead_node_and_stops_everything(
+    tmp_path: Path, up_backend: str
+) -> None:
+    """What ``up`` did before it supervised; without ``--restart never`` the node is started again."""
     dep = deploy(tmp_path, up_backend)
-    proc = await run_up(dep)
+    proc = await run_up(dep, "--restart", "never")
     try:
         seen = await lines_until(proc, "all 4 nodes up")
         ps = next(line for line in seen if "payment-server" in line)
@@ -265,6 +268,8 @@ async def test_up_command_reports_a_dead_node_and_stops_everything(tmp_path: Pat
             await proc.wait()
     assert code == 1
     assert "DIED  payment-server" in err and "killed by SIGKILL" in err and "payment-server.log" in err
+    assert "trustpay up: payment-server" in err and "stopping everything" in err
+    assert "restart payment-server in" not in err
     assert all(gone(pid) for pid in printed_pids(seen))
 
 

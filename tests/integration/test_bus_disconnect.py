@@ -1,0 +1,55 @@
+"""A node's bus when its broker goes away with a publish in flight (Mosquitto and amqtt)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from nodes.bus import BrokerAddress, MqttBus
+from protocol.errors import TransportError
+from protocol.topics import Role, link_topic
+
+from .broker_harness import BACKENDS, WAIT_S, Cast, running_broker
+
+UP = link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, "dev-a")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_publish_waiting_for_its_ack_fails_as_soon_as_the_connection_ends(
+    backend: str, tmp_path: Path
+) -> None:
+    """Before, it waited out ack_timeout_s (3 s in a node) for a PUBACK that could no longer come,
+    holding up the caller's retry on the next connection; here ack_timeout_s is far beyond the
+    test's bound, so only noticing the disconnect can end the publish in time."""
+    cast = Cast()
+    async with running_broker(backend, tmp_path / "b", cast) as broker:
+        login = cast["dev-a.tm"]
+        address = BrokerAddress(broker.host, broker.port, login.username, login.password, broker.mqtt_version)
+        slow = WAIT_S * 6  # no timeout of its own may end the publish within the test's bound
+        bus = MqttBus(
+            address, login.username, ack_timeout_s=slow, publish_timeout_s=slow, backoff_initial_s=WAIT_S
+        )
+        connected = asyncio.Event()
+        running = asyncio.create_task(bus.run((), lambda topic, payload: None, connected))
+        try:
+            async with asyncio.timeout(WAIT_S):
+                await connected.wait()
+            assert broker.pid is not None
+            os.kill(broker.pid, signal.SIGSTOP)  # it takes the PUBLISH into its socket but cannot answer
+            publishing = asyncio.create_task(bus.publish(UP, b"in flight"))
+            done, _ = await asyncio.wait({publishing}, timeout=0.5)
+            assert not done  # a stopped broker acknowledges nothing: the publish waits for its PUBACK
+            await broker.kill()  # the kernel closes its sockets: the bus's reader sees the end
+            async with asyncio.timeout(WAIT_S):
+                with pytest.raises(TransportError, match="the connection ended before its acknowledgement"):
+                    await publishing
+        finally:
+            bus.close()
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
