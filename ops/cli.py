@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "demo": "ops.demo",
     "ping": "ops.ping_cmd",
     "status": "ops.status_cmd",
+    "attack": "ops.attack_cmd",
 }
 
 
