@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ Attack = Callable[[Context, Report], Awaitable[list[Sent]]]
 
 async def play(ctx: Context, name: str, attack: Attack) -> Report:
     report = Report(name, ctx.attacker.node_id, ctx.target)
+    started = time.monotonic()
     mark = ctx.observer.mark()
     before = await ledger_summary(ctx.dep)
     sent = await attack(ctx, report)
@@ -91,6 +93,7 @@ async def play(ctx: Context, name: str, attack: Attack) -> Report:
     report.events = ctx.observer.events(ctx.attacker.device, mark)
     after = await ledger_summary(ctx.dep)
     report.ledger = {"before": before, "after": after, "as_expected": before == after}
+    report.seconds = round(time.monotonic() - started, 2)
     report.judge()
     return report
 

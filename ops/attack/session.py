@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import os
 import socket
 import time
@@ -41,13 +40,10 @@ from protocol.messages import Pong
 from protocol.topics import PREFIX
 
 from .frames import AttackerIdentity, now_ms
-from .verdict import Seen, Sent
+from .verdict import Seen, Sent, Sightings, digest
 
 WAIT_S = 15.0  # any single wait on the target
-
-
-def digest(frame: bytes) -> str:
-    return hashlib.blake2b(frame, digest_size=16).hexdigest()
+ACK_S = 3.0  # a publish not acknowledged by then was dropped by the broker (Mosquitto drops oversize ones)
 
 
 def claim_epoch(state_dir: Path, node_id: str) -> int:
@@ -124,7 +120,10 @@ class Attacker:
     ) -> Sent:
         published = "published"
         try:
-            await client.publish(topic, frame, qos=1)
+            async with asyncio.timeout(ACK_S):
+                await client.publish(topic, frame, qos=1)
+        except TimeoutError:
+            published = f"not acknowledged by the broker within {ACK_S:g} s"
         except aiomqtt.MqttError as exc:
             published = f"refused by the broker connection: {exc}"
         return Sent(label, topic, target, digest(frame), len(frame), message_id.hex(), published, probe)
@@ -145,17 +144,15 @@ class Observer:
     def __init__(self, dep: Deployment, broker_url: str | None) -> None:
         self.dep = dep
         self.broker_url = broker_url
-        self.seen: list[Seen] = []
+        self.sightings: Sightings | None = None
         self.captured: list[tuple[str, bytes]] = []  # verified live frames, for replay and alteration
-        self._ids: set[str] = set()
         self._changed = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._monitor: Monitor | None = None
 
     async def __aenter__(self) -> Self:
         anchors = await asyncio.to_thread(_anchors, self.dep)
-        self._monitor = Monitor(anchors, now_ms())
+        self.sightings = Sightings(Monitor(anchors, now_ms()))
         address = await asyncio.to_thread(broker_address, self.dep, "monitor", self.broker_url)
         self._task = asyncio.create_task(self._run(address), name="attack-observer")
         async with asyncio.timeout(WAIT_S):
@@ -185,14 +182,15 @@ class Observer:
                 self._on_frame(str(message.topic), frame, bool(message.retain))
 
     def _on_frame(self, topic: str, frame: bytes, retained: bool) -> None:
-        assert self._monitor is not None
-        obs = self._monitor.observe(topic, frame, now_ms(), retained)
-        new_id = bool(obs.message_id) and obs.message_id not in self._ids
-        self._ids.add(obs.message_id)
-        self.seen.append(Seen(obs, digest(frame), new_id))
+        assert self.sightings is not None
+        obs = self.sightings.add(topic, frame, now_ms(), retained).obs
         if not retained and obs.verdict == "ok":
             self.captured.append((topic, frame))
         self._changed.set()
+
+    @property
+    def seen(self) -> list[Seen]:
+        return self.sightings.seen if self.sightings is not None else []
 
     def mark(self) -> int:
         return len(self.seen)

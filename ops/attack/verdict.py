@@ -14,10 +14,11 @@ the attack checks besides held; the evidence says which.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ops.monitor.model import OK, Observation
+from ops.monitor.model import OK, Monitor, Observation
 
 DEFENDED, NOT_DEFENDED = "defended", "NOT DEFENDED"
 NOT_DELIVERED = "not delivered"  # the broker let it through to nobody (its ACL, size limit, or a cut)
@@ -32,6 +33,26 @@ class Seen:
     obs: Observation
     digest: str
     new_id: bool
+
+
+def digest(frame: bytes) -> str:
+    return hashlib.blake2b(frame, digest_size=16).hexdigest()
+
+
+class Sightings:
+    """Frames as the monitor judged them, in order, each marked whether its message id was new."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.seen: list[Seen] = []
+        self._ids: set[str] = set()
+
+    def add(self, topic: str, frame: bytes, at_ms: int, retained: bool = False) -> Seen:
+        obs = self.monitor.observe(topic, frame, at_ms, retained)
+        seen = Seen(obs, digest(frame), bool(obs.message_id) and obs.message_id not in self._ids)
+        self._ids.add(obs.message_id)
+        self.seen.append(seen)
+        return seen
 
 
 @dataclass(frozen=True)
@@ -71,7 +92,8 @@ class FrameOutcome:
 
     def describe(self) -> str:
         answered = f"answered {', '.join(self.answers)}" if self.answers else "no answer"
-        return f"{self.sent.label}: monitor {self.monitor}; {answered}"
+        published = "" if self.sent.published == "published" else f"{self.sent.published}; "
+        return f"{self.sent.label}: {published}monitor {self.monitor}; {answered}"
 
 
 def outcome(sent: Sent, seen: list[Seen]) -> FrameOutcome:
@@ -105,6 +127,7 @@ class Report:
     checks: list[tuple[bool, str]] = field(default_factory=list)  # (held, what) for attack-specific checks
     verdict: str = ""
     evidence: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
     def check(self, held: bool, what: str) -> None:
         self.checks.append((held, what))
@@ -142,6 +165,7 @@ class Report:
             "target": self.target,
             "verdict": self.verdict,
             "evidence": self.evidence,
+            "seconds": self.seconds,
             "frames": [f.to_json() for f in self.frames],
             "load": self.load,
             "target_after": self.target_after,
@@ -151,7 +175,8 @@ class Report:
         }
 
     def text(self) -> str:
-        lines = [f"{self.attack:<10} {self.verdict:<13} {self.attacker} -> {self.target}"]
+        who = f"{self.attacker} -> {self.target}"
+        lines = [f"{self.attack:<10} {self.verdict:<13} {who}  ({self.seconds:.1f} s)"]
         lines += [f"    {line}" for line in self.evidence]
         lines += [f"    event {e['node']} {e['step']} {e['outcome']}: {e['reason']}" for e in self.events]
         return "\n".join(lines)
