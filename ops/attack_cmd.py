@@ -111,10 +111,15 @@ async def run_attacks(args: argparse.Namespace) -> list[Report]:
             args.alter_field,
             recorded,
         )
+        if any(n in NEEDS_CAPTURE for n in names) and not recorded and not observer.captured:
+            wait = args.capture_seconds
+            print(f"waiting up to {wait:g} s for a frame from {attacker_id}: pay from its device", flush=True)
+            await captured(ctx, wait)
+            ctx.capture = None  # once the payment is over, the best frame of it is chosen
+        # the node must not be running (a device's client, between its user's commands): its
+        # connection would be knocked off by ours, and the ledger would move under the attacks
+        await attacker.fresh_epoch(args.capture_seconds)
         if any(n in NEEDS_CAPTURE for n in names):
-            if not recorded:
-                wait = args.capture_seconds
-                print(f"waiting up to {wait:g} s for a frame from {attacker_id}: pay from its device")
             await captured(ctx, args.capture_seconds)
         for name in names:
             report = await play(ctx, name, ATTACKS[name])

@@ -25,6 +25,7 @@ from nodes.runtime import Node
 from ops.monitor import recording
 from ops.monitor.recording import Arrival
 from protocol.envelope import peek, sign_frame
+from protocol.errors import ConfigError
 from protocol.keys import KeyPair
 from protocol.topics import Role, link_topic, node_id, parse_topic
 
@@ -177,9 +178,16 @@ async def captured(ctx: Context, wait_s: float = 60.0) -> tuple[str, bytes]:
                 ctx.capture = found[-1]
                 break
     if ctx.capture is None:
-        await ctx.observer.wait_for(
-            lambda s: bool(ctx.observer.captured) and usable(*ctx.observer.captured[-1]), timeout_s=wait_s
-        )
+        try:
+            await ctx.observer.wait_for(
+                lambda s: bool(ctx.observer.captured) and usable(*ctx.observer.captured[-1]),
+                timeout_s=wait_s,
+            )
+        except TimeoutError:
+            raise ConfigError(
+                f"no frame from {ctx.attacker.node_id} to replay or alter within {wait_s:g} s: pay from "
+                f"its device meanwhile, or give --record FILE (a `trustpay monitor --record` file)"
+            ) from None
         ctx.capture = ctx.observer.captured[-1]
     return ctx.capture
 
@@ -299,7 +307,7 @@ async def flood(ctx: Context, report: Report) -> list[Sent]:
 
 
 # -- oversize and garbage ----------------------------------------------------------
-async def publish_each(ctx: Context, frames: list[tuple[str, bytes, bytes]]) -> list[Sent]:
+async def publish_each(ctx: Context, frames: list[tuple[str, bytes, bytes]], qos: int = 1) -> list[Sent]:
     """Publish each (label, frame, message id), reconnecting when the broker cuts the connection."""
     a, topic, sent = ctx.attacker, ctx.link(), []
     pending = list(frames)
@@ -310,10 +318,10 @@ async def publish_each(ctx: Context, frames: list[tuple[str, bytes, bytes]]) -> 
             async with a.connect() as client:
                 while pending:
                     label, frame, mid = pending[0]
-                    result = await a.publish(client, label, ctx.target, topic, frame, mid)
+                    result = await a.publish(client, label, ctx.target, topic, frame, mid, qos=qos)
                     sent.append(result)
                     pending.pop(0)
-                    if result.published != "published":
+                    if not result.published.startswith("published"):
                         break  # the connection is gone: a new one for the next frame
         except aiomqtt.MqttError as exc:
             label, frame, mid = pending.pop(0)
@@ -322,7 +330,9 @@ async def publish_each(ctx: Context, frames: list[tuple[str, bytes, bytes]]) -> 
 
 
 async def oversize_attack(ctx: Context, report: Report) -> list[Sent]:
-    return await publish_each(ctx, [(f"{n} bytes", oversize(n), b"") for n in OVERSIZE_BYTES])
+    # QoS 0: a broker that drops an oversize publish acknowledges nothing (Mosquitto cuts the
+    # connection), so waiting for an acknowledgement would only wait; what arrived is the monitor's to say
+    return await publish_each(ctx, [(f"{n} bytes", oversize(n), b"") for n in OVERSIZE_BYTES], qos=0)
 
 
 async def garbage_attack(ctx: Context, report: Report) -> list[Sent]:

@@ -46,23 +46,30 @@ WAIT_S = 15.0  # any single wait on the target
 ACK_S = 3.0  # a publish not acknowledged by then was dropped by the broker (Mosquitto drops oversize ones)
 
 
-def claim_epoch(state_dir: Path, node_id: str) -> int:
+def claim_epoch(state_dir: Path, node_id: str, wait_s: float = 0.0) -> int:
     """Bump the node's persisted boot epoch, as the node itself does when it starts.
 
     The attacker's genuine frames then carry an epoch the target has not seen,
     and the node's next real start takes a higher one: the attack leaves the
-    device able to pay. Refused while the node runs (it holds the state lock).
+    device able to pay. While the node runs it holds the state lock: wait up
+    to ``wait_s`` for it to end (a client ends with its user's command), then refuse.
+    Runs in a thread (it blocks).
     """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                f"{node_id} is running (it holds {state_dir / 'lock'}); attack as a node that is not "
-                "running, e.g. the device's client (--as DEVICE.client)"
-            ) from None
+        deadline = time.monotonic() + wait_s
+        while True:  # bounded by the deadline
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        f"{node_id} is running (it holds {state_dir / 'lock'}); attack as a node that is "
+                        "not running, e.g. the device's client (--as DEVICE.client) while nobody pays"
+                    ) from None
+                time.sleep(0.05)
         path = state_dir / "epoch"
         try:
             epoch = int(path.read_text()) + 1
@@ -85,17 +92,17 @@ class Attacker:
         self.identity = AttackerIdentity(node_id, ident.keys, ident.chain)
         self.address: BrokerAddress = broker_address(dep, node_id, broker_url)
 
-    async def fresh_epoch(self) -> None:
-        self.identity.epoch = await asyncio.to_thread(
-            claim_epoch, self.dep.state_dir(self.node_id), self.node_id
-        )
+    async def fresh_epoch(self, wait_s: float = 0.0) -> None:
+        """A boot epoch of the attacker's own (see :func:`claim_epoch`)."""
+        state_dir = self.dep.state_dir(self.node_id)
+        self.identity.epoch = await asyncio.to_thread(claim_epoch, state_dir, self.node_id, wait_s)
 
     @contextlib.asynccontextmanager
     async def connect(self, client_id: str | None = None) -> AsyncIterator[aiomqtt.Client]:
         """The login's connection; ``client_id`` another node's to try a takeover."""
         a = self.address
         versions = ("5", "3.1.1") if a.mqtt_version == "auto" else (a.mqtt_version,)
-        async with aiomqtt.Client(
+        client = aiomqtt.Client(
             hostname=a.host,
             port=a.port,
             username=a.username,
@@ -105,8 +112,16 @@ class Attacker:
             timeout=WAIT_S,
             protocol=aiomqtt.ProtocolVersion.V5 if versions[0] == "5" else aiomqtt.ProtocolVersion.V311,
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-        ) as client:
-            yield client
+        )
+        try:
+            async with client:
+                yield client
+        finally:
+            # A connection the broker cut (an oversize publish) leaves its error in a future
+            # aiomqtt never reads; read it, or asyncio prints "exception was never retrieved".
+            cut = client._disconnected
+            if cut.done() and not cut.cancelled():
+                cut.exception()
 
     async def publish(
         self,
@@ -117,11 +132,12 @@ class Attacker:
         frame: bytes,
         message_id: bytes = b"",
         probe: bool = True,
+        qos: int = 1,
     ) -> Sent:
-        published = "published"
+        published = "published" if qos else "published at QoS 0"
         try:
             async with asyncio.timeout(ACK_S):
-                await client.publish(topic, frame, qos=1)
+                await client.publish(topic, frame, qos=qos)
         except TimeoutError:
             published = f"not acknowledged by the broker within {ACK_S:g} s"
         except aiomqtt.MqttError as exc:
