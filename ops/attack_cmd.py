@@ -118,7 +118,7 @@ async def run_attacks(args: argparse.Namespace) -> list[Report]:
             ctx.capture = None  # once the payment is over, the best frame of it is chosen
         # the node must not be running (a device's client, between its user's commands): its
         # connection would be knocked off by ours, and the ledger would move under the attacks
-        await attacker.fresh_epoch(args.capture_seconds)
+        await attacker.fresh_epoch(args.capture_seconds if attacker.role is Role.CLIENT else 0.0)
         if any(n in NEEDS_CAPTURE for n in names):
             await captured(ctx, args.capture_seconds)
         for name in names:

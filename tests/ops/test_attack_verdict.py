@@ -10,11 +10,14 @@ NOT DEFENDED: the verdicts are worked out, not fixed.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
+from ops.attack.attacks import load_recording
 from ops.attack.frames import ALTERABLE, AttackerIdentity, altered, forged_ping, garbage, oversize
 from ops.attack.verdict import DEFENDED, NOT_DEFENDED, NOT_DELIVERED, Report, Sent, Sightings, digest, outcome
+from ops.monitor import recording
 from ops.monitor.model import Anchors, Monitor
 from protocol.certs import sign_revocations
 from protocol.envelope import MAX_FRAME, sign_frame
@@ -137,3 +140,17 @@ def test_a_frame_with_one_field_changed_and_re_signed_with_the_wrong_key_is_refu
     with pytest.raises(Rejected):
         verifier(PKI, TM).open(forged, topic, NOW_MS)
     assert sightings().add(topic, forged, NOW_MS).obs.verdict == "bad_signature"
+
+
+def test_a_monitor_recording_gives_its_live_frames_to_replay_not_the_retained_ones(tmp_path: Path) -> None:
+    _, live = attacker().ping(TO_TM, TM.name, NOW_MS)
+    _, retained = attacker().ping(TO_TM, TM.name, NOW_MS)
+    crl = sign_revocations(1, NOW_S - 10, (), PKI.root_keys)
+    header = recording.Header(NOW_MS, Anchors(PKI.root, PKI.update, PKI.platform, crl))
+    path = tmp_path / "run.jsonl"
+    path.write_text(
+        recording.header_line(header)
+        + recording.record_line(recording.Arrival(NOW_MS, TO_TM, True, retained))
+        + recording.record_line(recording.Arrival(NOW_MS + 1, TO_TM, False, live))
+    )
+    assert load_recording(path) == [(TO_TM, live)]
