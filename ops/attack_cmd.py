@@ -29,6 +29,7 @@ from .operator import operator_node
 
 HELP = "attack a running deployment as a compromised device and report what the target did"
 NEEDS_CAPTURE = ("replay", "alter")
+MAX_COUNT = 50_000  # over 20000 fills a receiver's id table for the attacker (protocol.replay)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--target", help="the node attacked: the attacker device's tm (default) or chip")
     parser.add_argument("--broker", help="broker URL (default: the manifest's)")
-    parser.add_argument("--count", type=int, default=200, help="frames per flood wave (at most 20000)")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=200,
+        help=f"frames per flood wave (at most {MAX_COUNT}; over 20000 fills the target's id table)",
+    )
     parser.add_argument("--rate", type=float, default=1000.0, help="flood frames per second")
     parser.add_argument(
         "--field",
@@ -91,8 +97,8 @@ async def run_attacks(args: argparse.Namespace) -> list[Report]:
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
         raise ConfigError(f"no attack {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
-    if not 1 <= args.count <= 20_000 or args.rate <= 0:
-        raise ConfigError("--count must be 1..20000 and --rate above 0")
+    if not 1 <= args.count <= MAX_COUNT or args.rate <= 0:
+        raise ConfigError(f"--count must be 1..{MAX_COUNT} and --rate above 0")
     attacker_id, target, other = await asyncio.to_thread(_context_args, args, dep)
     attacker = await asyncio.to_thread(Attacker, dep, attacker_id, args.broker)
     recorded = await asyncio.to_thread(load_recording, args.record) if args.record else []

@@ -290,6 +290,7 @@ async def flood(ctx: Context, report: Report) -> list[Sent]:
     topic, interval = ctx.link(), 1.0 / ctx.rate
     sent: list[Sent] = []
     started = asyncio.get_running_loop().time()
+    mark = ctx.observer.mark()
     async with a.connect() as client:
         for ahead, n, probe in (
             (0, ctx.count, False),
@@ -301,6 +302,13 @@ async def flood(ctx: Context, report: Report) -> list[Sent]:
                 label = f"ping stamped {ahead // 1000} s ahead" if ahead else "ping"
                 sent.append(await a.publish(client, label, ctx.target, topic, frame, env.message_id, probe))
                 await asyncio.sleep(interval if i % 10 == 9 else 0)  # pacing in bursts of 10
+            if ahead == FUTURE_MS:  # while the target remembers them all: does it take others' frames?
+                other = await target_alive(ctx.operator, ctx.observer, ctx.target, mark)
+                report.check(
+                    bool(other["answers_ping"]),
+                    f"another sender (the operator) accepted with {ctx.count} frames stamped 4 s ahead "
+                    f"remembered: {other['ping']}",
+                )
     took = asyncio.get_running_loop().time() - started
     report.load = {"rate_per_s": round(len(sent) / took), "seconds": round(took, 2)}
     return sent
