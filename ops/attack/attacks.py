@@ -40,7 +40,7 @@ from .frames import (
     with_chain,
 )
 from .session import Attacker, Observer, ledger_summary, target_alive
-from .verdict import Report, Sent, outcome
+from .verdict import Report, Sent, outcomes
 
 FUTURE_MS = 4_000  # inside the nodes' 5 s allowance: such frames are the sender's own business
 FAR_FUTURE_MS = 60_000  # outside it: refused as stale
@@ -82,9 +82,9 @@ async def play(ctx: Context, name: str, attack: Attack) -> Report:
     sent = await attack(ctx, report)
     report.target_after = await target_alive(ctx.operator, ctx.observer, report.target, mark)
     seen = ctx.observer.seen[mark:]
-    outcomes = [outcome(s, seen) for s in sent]
-    report.frames = [o for o in outcomes if o.sent.probe]
-    load = [o for o in outcomes if not o.sent.probe]
+    judged = outcomes(sent, seen)
+    report.frames = [o for o in judged if o.sent.probe]
+    load = [o for o in judged if not o.sent.probe]
     if load:
         report.load = {
             "frames": len(load),

@@ -96,12 +96,26 @@ class FrameOutcome:
         return f"{self.sent.label}: {published}monitor {self.monitor}; {answered}"
 
 
-def outcome(sent: Sent, seen: list[Seen]) -> FrameOutcome:
-    target = sent.target
-    arrivals = [s for s in seen if s.digest == sent.digest and s.obs.topic == sent.topic]
-    answers = [
-        s for s in seen if sent.message_id and s.obs.reply_to == sent.message_id and s.obs.sender == target
+def outcomes(sent: list[Sent], seen: list[Seen]) -> list[FrameOutcome]:
+    """What became of each frame sent, from the frames seen meanwhile (indexed once: floods are big)."""
+    arrivals: dict[tuple[str, str], list[Seen]] = {}
+    answers: dict[tuple[str, str], list[Seen]] = {}
+    for s in seen:
+        arrivals.setdefault((s.digest, s.obs.topic), []).append(s)
+        if s.obs.reply_to and s.obs.sender:
+            answers.setdefault((s.obs.reply_to, s.obs.sender), []).append(s)
+    return [
+        _outcome(s, arrivals.get((s.digest, s.topic), []), answers.get((s.message_id, s.target), []))
+        for s in sent
     ]
+
+
+def outcome(sent: Sent, seen: list[Seen]) -> FrameOutcome:
+    return outcomes([sent], seen)[0]
+
+
+def _outcome(sent: Sent, arrivals: list[Seen], answers: list[Seen]) -> FrameOutcome:
+    answers = answers if sent.message_id else []
     fresh = [a for a in answers if a.new_id and a.obs.verdict == OK]
     monitor = ", ".join(sorted({a.obs.verdict for a in arrivals})) or NOT_DELIVERED
     accepted = bool(fresh) or any(a.obs.verdict == OK for a in arrivals)
