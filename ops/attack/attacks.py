@@ -231,26 +231,52 @@ async def replay(ctx: Context, report: Report) -> list[Sent]:
 
 
 async def alter(ctx: Context, report: Report) -> list[Sent]:
+    """One field changed in captured frames, each re-signed with a key that is not its sender's.
+
+    The attacker's own frame (captured) is re-signed with a made-up key (its own
+    key would be the right one); another node's frame to the target (the chip's
+    to the trust module, say), if one was seen, with the attacker's own key, on
+    the link it was taken from and on the attacker's own link to the target.
+    """
     a = ctx.attacker
     topic, frame = await captured(ctx)
-    header = peek(frame)
-    assert header is not None
     report.target = receiver(topic)
-    own = header.sender != a.node_id  # its own key is the wrong one for another node's frame
-    keys, whose = (
-        (a.identity.keys, "the attacker's own key") if own else (KeyPair.generate(), "a made-up key")
-    )
     fields = ALTERABLE if ctx.alter_field == "all" else (ctx.alter_field,)
+    plan = [(topic, frame, topic, KeyPair.generate(), "a made-up key")]
+    theirs = [
+        (t, f)
+        for t, f in ctx.observer.captured
+        if (p := parse_topic(t)).device == a.device
+        and p.src.on_device
+        and p.src is not a.role
+        and p.dst is ctx.target_role
+        and (h := peek(f)) is not None
+        and h.type != "ping"
+    ]
+    if theirs:
+        taken_from, frame_of_other = theirs[-1]
+        for published_on in (taken_from, topic):
+            plan.append((taken_from, frame_of_other, published_on, a.identity.keys, "the attacker's own key"))
     async with a.connect() as client:
         sent = []
-        for name in fields:
-            env, forged = altered(frame, topic, name, keys)
-            label = f"captured {header.type} with {name} changed, re-signed with {whose}"
-            sent.append(await a.publish(client, label, report.target, topic, forged, env.message_id))
+        for source_topic, original, published_on, keys, whose in plan:
+            header = peek(original)
+            assert header is not None
+            where = "" if published_on == source_topic else f", moved to {published_on}"
+            for name in fields:
+                env, forged = altered(original, published_on, name, keys)
+                label = f"{header.sender}'s {header.type} with {name} changed, re-signed with {whose}{where}"
+                sent.append(
+                    await a.publish(
+                        client, label, receiver(published_on), published_on, forged, env.message_id
+                    )
+                )
+        header = peek(frame)
+        assert header is not None
         flipped = bytearray(frame)
         at = frame.index(header.message_id)
         flipped[at] ^= 1
-        label = f"captured {header.type} with one bit of its id flipped, signature kept"
+        label = f"{header.sender}'s {header.type} with one bit of its id flipped, signature kept"
         flipped_id = bytes(flipped[at : at + len(header.message_id)])
         sent.append(await a.publish(client, label, report.target, topic, bytes(flipped), flipped_id))
     return sent
