@@ -243,13 +243,15 @@ async def target_alive(op: Node, observer: Observer, target: str, since: int) ->
     every frame the attack sent before it off the broker.
     """
     role, device = parse_node_id(target)
+    asked_at = observer.mark()  # its pong can only come after this
     start = time.perf_counter()
     answer = await health(op, role, target, device)
     ms = round((time.perf_counter() - start) * 1000, 1)
     if isinstance(answer, Pong):
-        with contextlib.suppress(TimeoutError):  # the observer's copy of that pong, so its view is complete
+        with contextlib.suppress(TimeoutError):  # the observer's copy of this pong: its view is complete
             await observer.wait_for(
-                lambda s: s.obs.type == "pong" and s.obs.sender == target and s.obs.verdict == "ok", since
+                lambda s: s.obs.type == "pong" and s.obs.sender == target and s.obs.recipient == op.id,
+                asked_at,
             )
     statuses = observer.statuses(target, since)
     return {
