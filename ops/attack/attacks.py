@@ -426,6 +426,7 @@ async def malware(ctx: Context, report: Report) -> list[Sent]:
     payload = MALWARE.format(released=released, path=str(code_py.absolute()), payee=thief)
     tampered = released + payload.encode()
     await asyncio.to_thread(code_py.write_bytes, tampered)
+    mark = ctx.observer.mark()
     try:
         code, result = await run_client(ctx, device, "pay", "1.25", payee, app)
         still = await asyncio.to_thread(code_py.read_bytes)

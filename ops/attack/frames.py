@@ -44,7 +44,7 @@ def now_ms() -> int:
 
 @dataclass
 class AttackerIdentity:
-    """A node's identity in the attacker's hands (or a key it made up, with no certificate)."""
+    """A node's key and certificate chain in the attacker's hands, and the epoch it claimed."""
 
     node_id: str
     keys: KeyPair
