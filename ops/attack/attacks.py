@@ -439,6 +439,8 @@ async def malware(ctx: Context, report: Report) -> list[Sent]:
     report.check(
         still == tampered, "none of the app's code ran before it was measured: it could not restore itself"
     )
+    ran = [e for e in ctx.observer.events(device, mark) if e["step"] == "C5" and e["outcome"] == "ok"]
+    report.check(not ran, f"no payment step C5 ran for the infected app: {ran or 'none'}")
     return []
 
 
