@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "ping": "ops.ping_cmd",
     "status": "ops.status_cmd",
     "chaos": "ops.chaos_cmd",
+    "attack": "ops.attack_cmd",
 }
 
 
