@@ -17,14 +17,19 @@ import importlib.util
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from protocol.errors import ConfigError
 
 from ..cli_common import add_examples, add_json_argument, print_json
 
+if TYPE_CHECKING:  # hypothesis is loaded only when the command runs
+    from .fuzz_nodes import NodeWorld
+    from .fuzzing import Outcome, Target
+
 HELP = "fuzz the decoders and every node's handlers for a while, and report what broke"
-ROUND = 200  # inputs per target per round; each round has its own seed
+ROUND = 200  # inputs per target per round (the first rounds are smaller); each round has its own seed
+FIRST_ROUND = 20  # so even a budget of seconds reaches every target
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,43 +66,53 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("hypothesis") is None:
         raise ConfigError("trustpay chaos fuzz needs hypothesis: pip install -e '.[fuzz]' (or '.[test]')")
     from .fuzz_decoders import TARGETS
-    from .fuzzing import Outcome, Target, run_target
+    from .fuzz_nodes import NodeWorld
+    from .fuzzing import Outcome
 
     db = args.db or Path(tempfile.gettempdir()) / "trustpay-fuzz-db"
     deadline = time.monotonic() + args.minutes * 60
+    checked: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="trustpay-fuzz-") as tmp:
-        from .fuzz_nodes import NodeWorld
-
         world = None if args.no_nodes else NodeWorld(Path(tmp))
         try:
-            targets: list[Target] = list(TARGETS) + (list(world.targets()) if world else [])
-            if args.target:
-                unknown = set(args.target) - {t.name for t in targets}
-                if unknown:
-                    raise ConfigError(f"no target {sorted(unknown)}; choose from {[t.name for t in targets]}")
-                targets = [t for t in targets if t.name in args.target]
+            targets = chosen([*TARGETS, *(world.targets() if world else ())], args.target)
             totals = {t.name: Outcome(t.name) for t in targets}
-            fuzz_rounds(targets, totals, deadline, args.seed, db, run_target)
+            fuzz_rounds(targets, totals, deadline, args.seed, db)
+            if world is not None:  # the nodes took all that: an honest payment still goes through
+                totals["nodes.payment_after"] = payment_after(world)
+                checked = dict(world.checked)
         finally:
             if world is not None:
                 world.close()
-    report(list(totals.values()), args.json, db)
+    report(list(totals.values()), checked, args.json, db)
     return 1 if any(o.failed for o in totals.values()) else 0
 
 
+def chosen(targets: list[Target], names: list[str] | None) -> list[Target]:
+    if not names:
+        return targets
+    unknown = set(names) - {t.name for t in targets}
+    if unknown:
+        raise ConfigError(f"no target {sorted(unknown)}; choose from {[t.name for t in targets]}")
+    return [t for t in targets if t.name in names]
+
+
 def fuzz_rounds(
-    targets: list[Any], totals: dict[str, Any], deadline: float, seed: int, db: Path, run_target: Any
+    targets: list[Target], totals: dict[str, Outcome], deadline: float, seed: int, db: Path
 ) -> None:
     """Every target once per round (one seed each) until the time is up; a target that broke rests."""
+    from .fuzzing import run_target
+
     round_no = 0
-    while True:  # bounded by the deadline: each round takes a few seconds
+    while True:  # bounded by the deadline: each round takes seconds
         for target in targets:
             total = totals[target.name]
             if total.failed:
                 continue
             if time.monotonic() >= deadline and round_no > 0:
                 return
-            got = run_target(target, ROUND, seed=seed * 1_000_003 + round_no, database=db)
+            size = min(ROUND, FIRST_ROUND << round_no)
+            got = run_target(target, size, seed=seed * 1_000_003 + round_no, database=db)
             total.tried += got.tried
             total.seconds += got.seconds
             total.error, total.example = got.error, got.example
@@ -106,24 +121,38 @@ def fuzz_rounds(
             return
 
 
-def report(outcomes: list[Any], as_json: bool, db: Path) -> None:
+def payment_after(world: NodeWorld) -> Outcome:
+    from .fuzzing import Outcome
+
+    outcome = Outcome("nodes.payment_after", tried=1)
+    started = time.monotonic()
+    try:
+        world.assert_alive()
+        code, result = world.pay()
+        if code != 0:
+            raise AssertionError(f"an honest payment after the fuzzing ended with exit {code}: {result}")
+    except Exception as exc:  # reported, like any target's failure
+        outcome.error = exc
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+def report(outcomes: list[Outcome], checked: dict[str, int], as_json: bool, db: Path) -> None:
+    tried = sum(o.tried for o in outcomes)
+    failed = [o.target for o in outcomes if o.failed]
     if as_json:
         for outcome in outcomes:
             print_json({"kind": "target", **outcome.summary()})
         print_json(
-            {
-                "kind": "summary",
-                "tried": sum(o.tried for o in outcomes),
-                "failed": [o.target for o in outcomes if o.failed],
-                "database": str(db),
-            }
+            {"kind": "summary", "tried": tried, "failed": failed, "node_inputs": checked, "database": str(db)}
         )
         return
     for o in outcomes:
-        verdict = "FAILED" if o.failed else "held"
-        print(f"{o.target:28} {o.tried:>9} inputs  {o.seconds:7.1f} s  {verdict}")
-        if o.failed:
-            print(f"    {type(o.error).__name__}: {o.error}")
-            for line in o.example.splitlines():
+        print(f"{o.target:24} {o.tried:>8} inputs {o.seconds:7.1f} s  {'FAILED' if o.failed else 'held'}")
+        if o.error is not None:
+            found = f"{type(o.error).__name__}: {o.error}\n{o.example}"
+            for line in found.splitlines():
                 print(f"    {line}")
-    print(f"{sum(o.tried for o in outcomes)} inputs in all; failing examples are kept in {db}")
+    if checked:
+        print("node inputs: " + ", ".join(f"{k} {v}" for k, v in sorted(checked.items())))
+    print(f"{tried} inputs in all, {len(failed)} target(s) broke; failing examples are kept in {db}")

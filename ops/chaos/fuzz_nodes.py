@@ -23,6 +23,7 @@ import io
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,11 @@ from nodes.runtime import Identity, Node, Settings, _next_epoch, now_ms
 from nodes.trust_module import TrustModule
 from nodes.trust_server import TrustServer
 from protocol.certs import CertStore
-from protocol.codec import Value, pack
+from protocol.codec import Value, pack, unpack
 from protocol.envelope import FRAME_DOMAIN, Envelope, Verifier, envelope_array, new_id, peek, signed_bytes
 from protocol.errors import Malformed
 from protocol.messages import MESSAGE_TYPES, Refusal
-from protocol.schema import to_map
+from protocol.schema import from_map, to_map
 from protocol.seal import seal
 from protocol.topics import Role, link_topic, node_id, operator_topic
 
@@ -59,9 +60,9 @@ FAST = Settings(request_timeout_s=0.5, request_attempts=3, metrics_interval_s=36
 ANSWER_S = 15.0  # an accepted request is answered within this, or the check fails
 CODE = re.compile(r"^[a-z][a-z0-9_.]*$")  # what a typed refusal code looks like
 # Commands a legitimate sender may give that rightly stop payments: fuzzed malformed, never valid.
-SAFE_BODY = {
-    "chip.enable": lambda body: body.enabled,
-    "app.delete": lambda body: body.app not in ("wallet", "transit"),
+SAFE_BODY: dict[str, Callable[[Any], bool]] = {
+    "chip.enable": lambda body: body is None or body.enabled,
+    "app.delete": lambda body: body is None or body.app not in ("wallet", "transit"),
 }
 
 
@@ -123,13 +124,24 @@ def node_cases(draw: st.DrawFn, links: list[Inbound]) -> NodeCase:
         edit = None
         if draw(st.booleans()):
             edit = (draw(st.integers(0, 10)), draw(values))
-        return replace(case, encoded=draw(body_bytes(MESSAGE_TYPES[name].body)), edit=edit)
+        encoded = draw(body_bytes(MESSAGE_TYPES[name].body))
+        if name in SAFE_BODY:  # a well-formed command among the malformed ones: the same rule
+            assume(SAFE_BODY[name](_decoded(name, encoded)))
+        return replace(case, encoded=encoded, edit=edit)
     if kind in ("tampered", "random"):
         how = draw(st.sampled_from(["flip", "cut", "extend", "edit"]))
         return replace(
             case, mutation=(how, draw(st.integers(0, 2**16)), draw(st.binary(min_size=1, max_size=600)))
         )
     return case
+
+
+def _decoded(type_name: str, encoded: bytes) -> Any:
+    """The body ``encoded`` stands for if it is a well-formed one, else None."""
+    try:
+        return from_map(MESSAGE_TYPES[type_name].body, unpack(encoded))
+    except Malformed:
+        return None
 
 
 def _mutate(frame: bytes, how: str, at: int, data: bytes) -> bytes:
@@ -298,6 +310,8 @@ class NodeWorld:
             await self.broker.drained()
             accepted = node.counters["accepted"] > before["accepted"]
             self.checked[f"{case.kind}.{'accepted' if accepted else 'refused'}"] += 1
+            if accepted:
+                self.checked[f"accepted.{case.type_name}"] += 1
             if case.kind in ("tampered", "forged", "random"):
                 assert not accepted, f"{node.id} accepted a {case.kind} frame"
             if case.kind == "valid":
