@@ -48,7 +48,7 @@ from protocol.errors import Malformed
 from protocol.messages import MESSAGE_TYPES, Refusal
 from protocol.schema import from_map, to_map
 from protocol.seal import seal
-from protocol.topics import Role, link_topic, node_id, operator_topic
+from protocol.topics import CRL_TOPIC, Role, link_topic, node_id, operator_topic
 
 from .fuzzing import Target
 from .pki import keypair
@@ -95,6 +95,8 @@ def inbound_links() -> list[Inbound]:
         device = DEVICE if src.on_device or dst.on_device else None
         topic = operator_topic(dst, device) if src is Role.OPERATOR else link_topic(src, dst, device)
         out.append(Inbound(src, dst, topic, tuple(names)))
+    # the operator's retained revocation list reaches every node; never one the root signed here
+    out += [Inbound(Role.OPERATOR, dst, CRL_TOPIC, ("crl",)) for dst in RUNNING]
     return out
 
 
@@ -128,7 +130,7 @@ def node_cases(draw: st.DrawFn, links: list[Inbound]) -> NodeCase:
         if name in SAFE_BODY:  # a well-formed command among the malformed ones: the same rule
             assume(SAFE_BODY[name](_decoded(name, encoded)))
         return replace(case, encoded=encoded, edit=edit)
-    if kind in ("tampered", "random"):
+    if kind in ("tampered", "random", "forged"):
         how = draw(st.sampled_from(["flip", "cut", "extend", "edit"]))
         return replace(
             case, mutation=(how, draw(st.integers(0, 2**16)), draw(st.binary(min_size=1, max_size=600)))
@@ -214,7 +216,9 @@ class NodeWorld:
         self.tasks = [self.loop.create_task(n.run(), name=f"fuzz:{n.id}") for n in self.nodes.values()]
         self.loop.run_until_complete(self._started())
         self.senders = {link.sender: self._sender(link.sender) for link in self.links}
-        self.bad_keys = [keypair("attacker"), *(s.ident.keys for s in self.senders.values())]
+        # wrong signers: a key certified for nothing, and every other legitimate sender
+        self.impostors = [None, *(s.ident for s in self.senders.values())]
+        self.attacker = keypair("attacker")
         self.checked: Counter[str] = Counter()  # inputs per kind and outcome, for the report
 
     def _make(self, cls: Any, nid: str, **extra: Any) -> Any:
@@ -264,8 +268,12 @@ class NodeWorld:
         spec = MESSAGE_TYPES[case.type_name]
         box = receiver.cert.body.box_key
         keys = sender.ident.keys
-        if case.kind == "forged":
-            keys = next(k for k in self.bad_keys if k is not keys)
+        if case.kind == "forged":  # the attacker under the sender's name, or another sender as itself
+            others = [i for i in self.impostors if i is None or i.node_id != sender.ident.node_id]
+            impostor = others[case.mutation[1] % len(others)]
+            keys = self.attacker if impostor is None else impostor.keys
+            if impostor is not None:
+                env = replace(env, sender=impostor.node_id, chain=impostor.chain)
         if case.kind == "resigned":
             encoded = seal(case.encoded, keys, box) if spec.sealed else case.encoded
             fields: list[Value] = envelope_array(env, encoded)
@@ -314,7 +322,7 @@ class NodeWorld:
                 self.checked[f"accepted.{case.type_name}"] += 1
             if case.kind in ("tampered", "forged", "random"):
                 assert not accepted, f"{node.id} accepted a {case.kind} frame"
-            if case.kind == "valid":
+            if case.kind == "valid" and case.link.topic != CRL_TOPIC:  # a CRL must be the root's too
                 assert accepted, f"{node.id} refused a valid {case.type_name} from {case.link.sender}"
             if not accepted:
                 counted = [k for k in node.counters if k.startswith("rejected.") or k == "duplicate"]
