@@ -57,6 +57,7 @@ from .strategies import bodies, body_bytes, values
 DEVICE = "dev-0001"
 RUNNING = (Role.TRUST_SERVER, Role.PAYMENT_SERVER, Role.CHIP, Role.TRUST_MODULE)
 FAST = Settings(request_timeout_s=0.5, request_attempts=3, metrics_interval_s=3600)
+STAMP_FIELDS = (7, 8, 9)  # ts_ms, epoch, seq in the envelope array
 ANSWER_S = 15.0  # an accepted request is answered within this, or the check fails
 CODE = re.compile(r"^[a-z][a-z0-9_.]*$")  # what a typed refusal code looks like
 # Commands a legitimate sender may give that rightly stop payments: fuzzed malformed, never valid.
@@ -126,6 +127,12 @@ def node_cases(draw: st.DrawFn, links: list[Inbound]) -> NodeCase:
         edit = None
         if draw(st.booleans()):
             edit = (draw(st.integers(0, 10)), draw(values))
+            # A sender's own key may move its clock (epoch, sequence) far ahead, and its later
+            # frames are then replays to every receiver until they restart: the sender's own
+            # doing, like a chip.enable(False). Retyped stamps are fuzzed; moved ones are not.
+            assume(
+                not (edit[0] in STAMP_FIELDS and isinstance(edit[1], int) and not isinstance(edit[1], bool))
+            )
         encoded = draw(body_bytes(MESSAGE_TYPES[name].body))
         if name in SAFE_BODY:  # a well-formed command among the malformed ones: the same rule
             assume(SAFE_BODY[name](_decoded(name, encoded)))
