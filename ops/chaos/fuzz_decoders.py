@@ -61,7 +61,7 @@ from protocol.topics import (
 
 from .fuzzing import Target, only_typed_errors
 from .pki import NOW_MS, NOW_S, FuzzPki, Party, keypair
-from .strategies import bodies, body_bytes, mutated_bytes, record, values, variants
+from .strategies import bodies, body_bytes, foreign_msgpack, mutated_bytes, record, values, variants
 
 PKI = FuzzPki()
 ATTACKER = keypair("attacker")  # certified for nothing
@@ -74,7 +74,12 @@ def _check_codec(case: tuple[str, bytes, bytes]) -> None:
         assert unpack(pack(value)) == value
 
 
-CODEC = Target("codec.unpack", variants(values.map(pack)), _check_codec, "msgpack with limits")
+CODEC = Target(
+    "codec.unpack",
+    variants(st.one_of(values.map(pack), foreign_msgpack)),
+    _check_codec,
+    "msgpack with limits",
+)
 
 
 # -- frames ------------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ def run_target(
         suppress_health_check=list(HealthCheck),
         phases=tuple(Phase),
         print_blob=False,
+        report_multiple_bugs=False,  # one failure, shrunk, is what the report shows
     )(test)
     if seed is not None and not derandomize:
         test = with_seed(seed)(test)

@@ -15,6 +15,7 @@ import types
 import typing
 from typing import Any
 
+import msgpack
 from hypothesis import strategies as st
 
 from protocol.codec import MAX_INT, MIN_INT, Value, pack
@@ -54,6 +55,22 @@ values: st.SearchStrategy[Value] = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
+
+
+_foreign_scalars = st.one_of(
+    scalars,
+    st.floats(),
+    st.integers(MIN_INT, 2**64 - 1),  # msgpack carries unsigned 64-bit too
+    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8)),
+)
+# What other msgpack writers send: floats, ext types, non-string keys, deeper nesting.
+foreign_msgpack: st.SearchStrategy[bytes] = st.recursive(
+    _foreign_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.one_of(st.text(max_size=4), ints), inner, max_size=3)
+    ),
+    max_leaves=16,
+).flatmap(lambda v: st.booleans().map(lambda bin_type: msgpack.packb(v, use_bin_type=bin_type)))
 
 
 def for_hint(hint: Any) -> st.SearchStrategy[Any]:
@@ -118,7 +135,7 @@ def mutated_map(data: dict[str, Value]) -> st.SearchStrategy[dict[str, Value]]:
 def body_bytes(cls: type) -> st.SearchStrategy[bytes]:
     """Encoded bodies of ``cls``: valid, with a mutated field, or any msgpack value at all."""
     valid = record(cls).map(to_map)
-    return st.one_of(valid, valid.flatmap(mutated_map), values).map(pack)
+    return st.one_of(st.one_of(valid, valid.flatmap(mutated_map), values).map(pack), foreign_msgpack)
 
 
 # -- mutations of raw bytes (what a noisy link or an attacker without the key sends) --------------
