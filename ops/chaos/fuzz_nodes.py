@@ -293,11 +293,11 @@ class NodeWorld:
         else:
             body = pack(to_map(case.body))
             data = pack(envelope_array(env, seal(body, keys, box) if spec.sealed else body))
-        frame = data + keys.sign(FRAME_DOMAIN, signed_bytes(case.link.topic, data))
+        frame = signed = data + keys.sign(FRAME_DOMAIN, signed_bytes(case.link.topic, data))
         if case.kind == "tampered":
-            frame = _mutate(frame, *case.mutation)
-            if frame == data + keys.sign(FRAME_DOMAIN, signed_bytes(case.link.topic, data)):
-                frame = frame[:-1]  # an edit that changed nothing: cut the signature instead
+            frame = _mutate(signed, *case.mutation)
+            if frame == signed:
+                frame = signed[:-1]  # an edit that changed nothing: cut the signature instead
         elif case.kind == "random":
             frame = case.mutation[2]
         return frame, env.message_id
