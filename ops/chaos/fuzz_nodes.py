@@ -324,7 +324,8 @@ class NodeWorld:
             self.broker.publish(case.link.topic, frame, retain=False)
             await self.broker.drained()
             accepted = node.counters["accepted"] > before["accepted"]
-            self.checked[f"{case.kind}.{'accepted' if accepted else 'refused'}"] += 1
+            channel = "crl." if case.link.topic == CRL_TOPIC else ""
+            self.checked[f"{channel}{case.kind}.{'accepted' if accepted else 'refused'}"] += 1
             if accepted:
                 self.checked[f"accepted.{case.type_name}"] += 1
             if case.kind in ("tampered", "forged", "random"):
