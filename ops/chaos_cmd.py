@@ -1,4 +1,4 @@
-"""``trustpay chaos ACTION``: chaos on the links. Today ``proxy``; ``run`` and ``fuzz`` will join it.
+"""``trustpay chaos proxy``: the fault proxy on the links (``trustpay chaos fuzz`` is :mod:`ops.chaos.fuzz`).
 
 ``trustpay chaos proxy`` listens on 127.0.0.1:``--listen`` and forwards every
 connection to the broker (``--upstream``, else the deployment's), applying the
@@ -36,7 +36,6 @@ from .chaos.proxy import ChaosProxy
 from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 
 HELP = "chaos on the links: an MQTT proxy that drops, delays, duplicates, reorders, corrupts ... packets"
-ACTIONS = ("proxy",)
 LOG_NAME = "chaos-proxy.log"
 
 
@@ -49,7 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trustpay up --deploy ./deploy --broker mqtt://127.0.0.1:1893  # the nodes, through the proxy",
         "kill -HUP $PROXY_PID  # read the profile again while it runs",
     )
-    parser.add_argument("action", choices=ACTIONS, help="proxy: run the fault proxy")
     add_deploy_argument(parser)
     add_json_argument(parser, "one JSON object per line: listening, each fault, reloaded, stopped")
     parser.add_argument("--listen", type=int, required=True, metavar="PORT", help="port on 127.0.0.1")

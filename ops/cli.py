@@ -42,7 +42,9 @@ COMMANDS: dict[str, str] = {
     "demo": "ops.demo",
     "ping": "ops.ping_cmd",
     "status": "ops.status_cmd",
-    "chaos": "ops.chaos_cmd",
+    # two words: argparse cannot parse options intermixed across subparsers, so an action is a command
+    "chaos proxy": "ops.chaos_cmd",
+    "chaos fuzz": "ops.chaos.fuzz",
     "attack": "ops.attack_cmd",
 }
 
@@ -83,12 +85,13 @@ def parse(words: Sequence[str]) -> argparse.Namespace:
     its own parser reads the rest intermixed, so ``pay 1.25 shop-1 --json``
     means what it says. Raises SystemExit as argparse does.
     """
-    if not words or words[0] not in COMMANDS:
-        overview_parser().parse_args(words)  # --help, or a usage error naming the commands
-        raise SystemExit(EXIT_CONFIG)  # not reached: no command parses without one
-    parser = command_parser(words[0])
-    args = parser.parse_intermixed_args(words[1:])
-    args.command = words[0]
+    name = " ".join(words[:2]) if " ".join(words[:2]) in COMMANDS else (words[0] if words else "")
+    if name not in COMMANDS:
+        overview_parser().parse_args(list(words[:1]))  # --help, or a usage error naming the commands
+        raise SystemExit(EXIT_CONFIG)  # not reached: argparse has said what is wrong
+    parser = command_parser(name)
+    args = parser.parse_intermixed_args(words[len(name.split()) :])
+    args.command = name
     if "deploy" in vars(args) and (args.deploy is not None or args.needs_deploy(args)):
         try:
             args.deploy = resolve_deploy(args.deploy)

@@ -1,3 +1,3 @@
-"""Chaos on the links: an MQTT fault proxy (:mod:`ops.chaos.proxy`), its rules
-(:mod:`ops.chaos.faults`), its record of what it did (:mod:`ops.chaos.fault_log`)
-and the packet codec it reads with (:mod:`ops.chaos.packets`)."""
+"""Chaos on the links: the MQTT fault proxy (:mod:`ops.chaos.proxy`, its rules :mod:`ops.chaos.faults`,
+its record :mod:`ops.chaos.fault_log`, its codec :mod:`ops.chaos.packets`) and the fuzzers of the
+decoders and the nodes (:mod:`ops.chaos.fuzz`, strategies in :mod:`ops.chaos.strategies`)."""
