@@ -159,16 +159,20 @@ def _claim(state_dir: Path, node_id: str) -> int:
     return fd
 
 
-def _next_epoch(state_dir: Path) -> int:
+def _next_epoch(state_dir: Path, now_s: int | None = None) -> int:
     """Bump and persist the boot epoch, so (epoch, seq) never repeats across restarts.
 
-    Called only while holding the state dir's lock, so no two processes bump it at once.
+    Never below the clock's seconds either: receivers refuse an epoch older than one they
+    saw, so an epoch file lost or restored from a backup would otherwise lock this node out
+    until every receiver restarted. Called only while holding the state dir's lock, so no
+    two processes bump it at once.
     """
     path = state_dir / "epoch"
     try:
-        epoch = int(path.read_text()) + 1
+        previous = int(path.read_text())
     except (FileNotFoundError, ValueError):
-        epoch = 1
+        previous = 0
+    epoch = max(previous + 1, time.time_ns() // 1_000_000_000 if now_s is None else now_s)
     write_atomic(path, str(epoch).encode())
     return epoch
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from nodes.bus import FakeBroker
-from nodes.runtime import IdentityInUse, Node, ping
+from nodes.runtime import IdentityInUse, Node, _next_epoch, ping
 from nodes.store import write_atomic
+from protocol.replay import ReplayGuard
 from protocol.topics import Role
 
 from .harness import make_node, provisioned, running
@@ -42,7 +43,7 @@ async def test_a_second_node_with_an_identity_in_use_fails_at_start_and_the_firs
     # once the first has stopped, the identity is free again
     third = make_node(Node, dep, TM, broker)
     async with running(third):
-        assert third.epoch == epoch + 1
+        assert third.epoch > epoch
 
 
 def test_concurrent_atomic_writes_of_one_file_never_collide(tmp_path: Path) -> None:
@@ -67,3 +68,18 @@ def test_concurrent_atomic_writes_of_one_file_never_collide(tmp_path: Path) -> N
     assert errors == []
     assert path.read_text().endswith("-99")
     assert [p.name for p in tmp_path.iterdir()] == ["epoch"]  # no temporary file left behind
+
+
+def test_a_lost_or_restored_epoch_file_still_gives_a_newer_epoch(tmp_path: Path) -> None:
+    """Receivers refuse an epoch older than one they saw: a node whose epoch file went back
+    (restored from a backup, or lost) must not come back under an old epoch."""
+    first = _next_epoch(tmp_path, now_s=1_000)
+    second = _next_epoch(tmp_path, now_s=1_000)
+    assert (first, second) == (1_000, 1_001)  # two starts in one second still differ
+    (tmp_path / "epoch").write_text("3")  # an old backup
+    assert _next_epoch(tmp_path, now_s=1_005) > second
+    (tmp_path / "epoch").unlink()  # lost
+    assert _next_epoch(tmp_path, now_s=1_006) > second
+    guard = ReplayGuard(floor_ms=0)
+    guard.check("ts", b"a" * 16, 1_000_000, second, 5, 1_000_000)
+    guard.check("ts", b"b" * 16, 1_006_000, _next_epoch(tmp_path, now_s=1_007), 1, 1_006_000)
