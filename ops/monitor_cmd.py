@@ -26,10 +26,10 @@ from nodes.assemble import broker_address
 from nodes.bus import BrokerAddress
 from nodes.deployment import Deployment
 from ops.monitor import recording, web
-from ops.monitor.model import Anchors, Monitor
+from ops.monitor.model import Monitor
 from ops.monitor.recording import Arrival, Drop, Recorder
 from ops.monitor.view import DisplayFilter, JsonLines, LiveView, Output, PlainLines, all_of
-from ops.watch import monitor_client
+from ops.watch import monitor_client, public_anchors
 from protocol.errors import TransportError
 from protocol.topics import PREFIX
 
@@ -76,15 +76,6 @@ def needs_deploy(args: argparse.Namespace) -> bool:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def load_anchors(dep: Deployment) -> Anchors:
-    return Anchors(
-        root=dep.load_public("root"),
-        update=dep.load_public("update"),
-        platform=dep.load_public("platform"),
-        crl=dep.load_public("crl"),
-    )
 
 
 def _output(args: argparse.Namespace, model: Monitor) -> Output:
@@ -215,7 +206,7 @@ async def serve_metrics(model: Monitor, port: int) -> Exporter:
 async def live(args: argparse.Namespace, make_output: Callable[[Monitor], Output] | None = None) -> None:
     """Check every frame until SIGINT, SIGTERM or ``args.seconds``; ``make_output`` shows them."""
     dep = Deployment(args.deploy)
-    anchors = await asyncio.to_thread(load_anchors, dep)
+    anchors = await asyncio.to_thread(public_anchors, dep)
     address = await asyncio.to_thread(broker_address, dep, "monitor", args.broker)
     started = now_ms()
     model = Monitor(anchors, started)

@@ -39,6 +39,38 @@ class ClientRun:
         return [line["report"] for line in self.lines if "report" in line]
 
 
+async def run_client(dep: Deployment, device: str, broker_url: str | None, *words: str) -> ClientRun:
+    """``trustpay client --json`` as its own process, the way a phone's owner opens the app.
+
+    Raises TimeoutError (the process killed and reaped) when it takes over ``CLIENT_TIMEOUT_S``.
+    """
+    broker = ("--broker", broker_url) if broker_url else ()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ops.cli",
+        "client",
+        "--deploy",
+        str(dep.root),
+        "--device",
+        device,
+        *broker,
+        "--json",
+        *words,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(CLIENT_TIMEOUT_S):
+            stdout, stderr = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    lines = [json.loads(line) for line in stdout.decode().splitlines() if line.startswith("{")]
+    return ClientRun(proc.returncode if proc.returncode is not None else -1, lines, stderr.decode())
+
+
 @dataclass
 class Scenario:
     dep: Deployment
@@ -47,31 +79,7 @@ class Scenario:
 
     async def client(self, device: str, *words: str) -> ClientRun:
         """``trustpay client --json`` as its own process; its exit code and output."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ops.cli",
-            "client",
-            "--deploy",
-            str(self.dep.root),
-            "--device",
-            device,
-            "--broker",
-            self.launcher.broker_url,
-            "--json",
-            *words,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(CLIENT_TIMEOUT_S):
-                stdout, stderr = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
-        lines = [json.loads(line) for line in stdout.decode().splitlines() if line.startswith("{")]
-        return ClientRun(proc.returncode if proc.returncode is not None else -1, lines, stderr.decode())
+        return await run_client(self.dep, device, self.launcher.broker_url, *words)
 
     async def wait_started(self, device: str, since: int = 0) -> StepEvent:
         """The end of a device's start-up checks (A): "done", or "disabled" after A5."""

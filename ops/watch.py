@@ -35,6 +35,7 @@ from protocol.messages import Status, StepEvent
 from protocol.topics import CHANNEL_EVENTS, CHANNEL_STATUS, CLIENT_ID_SEPARATOR, PREFIX
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument
+from .monitor.model import Anchors
 
 HELP = "show every signed step event and status as it happens (verified, read-only)"
 FILTERS = tuple(
@@ -44,11 +45,22 @@ FILTERS = tuple(
 )
 
 
+def public_anchors(dep: Deployment) -> Anchors:
+    """The deployment's public trust anchors: all a watcher needs to check frames, no private key."""
+    return Anchors(
+        root=dep.load_public("root"),
+        update=dep.load_public("update"),
+        platform=dep.load_public("platform"),
+        crl=dep.load_public("crl"),
+    )
+
+
 def public_verifier(dep: Deployment) -> Verifier:
     """Signature-only checks (no replay guard, any recipient), anchored in the deployment's public files."""
-    certs = CertStore(dep.load_public("root"), dep.load_public("update"))
-    certs.install_platform(dep.load_public("platform"))
-    certs.set_revocations(dep.load_public("crl"), time.time_ns() // 1_000_000_000)
+    anchors = public_anchors(dep)
+    certs = CertStore(anchors.root, anchors.update)
+    certs.install_platform(anchors.platform)
+    certs.set_revocations(anchors.crl, time.time_ns() // 1_000_000_000)
     return Verifier(frozenset(), certs, None)
 
 

@@ -10,9 +10,7 @@ verdict. The attacks themselves only send and add checks of their own.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import aiomqtt
 
 from nodes.deployment import Deployment
 from nodes.runtime import Node
+from ops import scenario
 from ops.monitor import recording
 from ops.monitor.recording import Arrival
 from protocol.envelope import peek, sign_frame
@@ -44,7 +43,6 @@ from .verdict import Report, Sent, outcomes
 
 FUTURE_MS = 4_000  # inside the nodes' 5 s allowance: such frames are the sender's own business
 FAR_FUTURE_MS = 60_000  # outside it: refused as stale
-CLIENT_TIMEOUT_S = 90.0
 
 
 @dataclass
@@ -446,31 +444,11 @@ async def malware(ctx: Context, report: Report) -> list[Sent]:
 
 async def run_client(ctx: Context, device: str, *words: str) -> tuple[int, dict[str, object]]:
     """``trustpay client --json`` as the device's user runs it: exit code and last JSON line."""
-    broker = ("--broker", ctx.broker_url) if ctx.broker_url else ()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "client",
-        "--deploy",
-        str(ctx.dep.root),
-        "--device",
-        device,
-        *broker,
-        "--json",
-        *words,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        async with asyncio.timeout(CLIENT_TIMEOUT_S):
-            out, _ = await proc.communicate()
+        run = await scenario.run_client(ctx.dep, device, ctx.broker_url, *words)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         return -1, {"status": "client timed out"}
-    lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
-    return proc.returncode if proc.returncode is not None else -1, (lines[-1] if lines else {})
+    return run.code, run.result
 
 
 ATTACKS: dict[str, Attack] = {

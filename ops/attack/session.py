@@ -32,9 +32,9 @@ from nodes.deployment import Deployment, parse_node_id
 from nodes.ledger import read_snapshot
 from nodes.runtime import Node
 from nodes.store import write_atomic
-from ops.monitor.model import Anchors, Monitor
+from ops.monitor.model import Monitor
 from ops.operator import health
-from ops.watch import monitor_client
+from ops.watch import monitor_client, public_anchors
 from protocol.errors import ConfigError
 from protocol.messages import Pong
 from protocol.topics import PREFIX
@@ -145,15 +145,6 @@ class Attacker:
         return Sent(label, topic, target, digest(frame), len(frame), message_id.hex(), published, probe)
 
 
-def _anchors(dep: Deployment) -> Anchors:
-    return Anchors(
-        dep.load_public("root"),
-        dep.load_public("update"),
-        dep.load_public("platform"),
-        dep.load_public("crl"),
-    )
-
-
 class Observer:
     """Every frame on every topic, as the monitor login sees it, judged by the monitor's model."""
 
@@ -167,7 +158,7 @@ class Observer:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        anchors = await asyncio.to_thread(_anchors, self.dep)
+        anchors = await asyncio.to_thread(public_anchors, self.dep)
         self.sightings = Sightings(Monitor(anchors, now_ms()))
         address = await asyncio.to_thread(broker_address, self.dep, "monitor", self.broker_url)
         self._task = asyncio.create_task(self._run(address), name="attack-observer")

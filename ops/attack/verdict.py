@@ -14,11 +14,10 @@ the attack checks besides held; the evidence says which.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ops.monitor.model import OK, Monitor, Observation
+from ops.monitor.model import OK, Monitor, Observation, frame_digest
 
 DEFENDED, NOT_DEFENDED = "defended", "NOT DEFENDED"
 NOT_DELIVERED = "not delivered"  # the broker let it through to nobody (its ACL, size limit, or a cut)
@@ -36,7 +35,7 @@ class Seen:
 
 
 def digest(frame: bytes) -> str:
-    return hashlib.blake2b(frame, digest_size=16).hexdigest()
+    return frame_digest(frame).hex()
 
 
 class Sightings:

@@ -253,7 +253,7 @@ class Monitor:
         if first is None or header is None:
             return exc.code, exc.reason
         self._copies[exc.message_id] = Copy(first.digest, first.seq, first.at_ms, first.arrivals + 1)
-        if _digest(frame) != first.digest:
+        if frame_digest(frame) != first.digest:
             return exc.code, f"a retry of frame #{first.seq}: re-signed by its sender under the same id"
         request = self._copies.get(header.reply_to) if header.reply_to else None
         if request is not None and request.arrivals > first.arrivals:
@@ -293,7 +293,7 @@ class Monitor:
             if oldest.at_ms >= horizon and len(self._copies) < MAX_REMEMBERED:
                 break
             self._copies.popitem(last=False)
-        self._copies[header.message_id] = Copy(_digest(frame), self.seq, at_ms)
+        self._copies[header.message_id] = Copy(frame_digest(frame), self.seq, at_ms)
 
     # -- building the observation ------------------------------------------------------
     def _observation(
@@ -442,7 +442,8 @@ def _code(exc: TrustpayError) -> str:
     return "oversize" if isinstance(exc, TooLarge) else exc.code
 
 
-def _digest(frame: bytes) -> bytes:
+def frame_digest(frame: bytes) -> bytes:
+    """What tells two frames apart: the monitor's copies table and the attack toolkit's evidence."""
     return hashlib.blake2b(frame, digest_size=16).digest()
 
 
