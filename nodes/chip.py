@@ -352,9 +352,23 @@ class Chip(Node):
         )
 
     async def _tm_cert(self) -> Certificate:
-        """The trust module's certificate: sealed requests are boxed for its key."""
+        """The trust module's certificate: sealed requests are boxed for its key.
+
+        One read from the deployment is checked like a frame's chain (root-issued, this
+        device's trust module), so a planted file cannot make the chip seal to another key.
+        """
         held = self.peers.get(self.tm_id)
-        return held if held is not None else await asyncio.to_thread(self.dep.load_cert, self.tm_id)
+        if held is not None:
+            return held
+        cert = self.certs.resolve(
+            [(await asyncio.to_thread(self.dep.load_cert, self.tm_id)).to_bytes()], now_ms() // 1000
+        )
+        if (cert.subject, cert.role) != (self.tm_id, Role.TRUST_MODULE.value):
+            raise WrongRole(
+                f"{self.dep.node_cert_path(self.tm_id)} is not {self.tm_id}'s trust-module certificate"
+            )
+        self.peers[self.tm_id] = cert
+        return cert
 
     async def _send_order(
         self, order_id: str, blob: bytes, order_hash: bytes, session: bytes
