@@ -20,6 +20,7 @@ import dataclasses
 import json
 import shutil
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -116,6 +117,29 @@ class E2E(Scenario):
         await self.stack.aclose()
 
     # -- driving -------------------------------------------------------------------
+    async def trustpay(self, command: str, *words: str) -> str:
+        """``trustpay COMMAND`` on this deployment and broker, as an operator runs it; its stdout.
+
+        Fails the test unless it exits 0.
+        """
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ops.cli",
+            command,
+            "--deploy",
+            str(self.dep.root),
+            "--broker",
+            self.launcher.broker_url,
+            *words,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(WAIT_S):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, (out.decode(), err.decode())
+        return out.decode()
+
     async def pay(self, device: str, amount: str, payee: str, *app: str) -> ClientRun:
         return await self.client(device, "pay", amount, payee, *app)
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import DEV1, DEV2, E2E, WAIT_S, tm_of
+from .conftest import DEV1, DEV2, E2E, tm_of
 
 pytestmark = pytest.mark.e2e
 
@@ -94,26 +93,8 @@ async def test_tampered_client_disables_payment_and_the_client_is_refused(e2e: E
 
 async def test_withdrawn_client_release_gets_an_untrusted_verdict(e2e: E2E) -> None:
     before = await e2e.balances()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "release",
-        "--deploy",
-        str(e2e.dep.root),
-        "client",
-        "trustpay-client",
-        "1.0.0",
-        "--withdraw",
-        "--broker",
-        e2e.launcher.broker_url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(WAIT_S):
-        out, err = await proc.communicate()
-    assert proc.returncode == 0, (out.decode(), err.decode())
-    assert "withdrawn" in out.decode()
+    out = await e2e.trustpay("release", "client", "trustpay-client", "1.0.0", "--withdraw")
+    assert "withdrawn" in out
     mark = e2e.watcher.mark()
 
     run = await e2e.pay(DEV1, "4.00", "shop-3")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import pytest
 from nodes.deployment import canonical_json
 from tests.nodes.test_chip_app import HOSTILE
 
-from .conftest import DEV1, E2E, WAIT_S, chip_of, tm_of
+from .conftest import DEV1, E2E, chip_of, tm_of
 
 pytestmark = pytest.mark.e2e
 
@@ -64,25 +62,7 @@ async def release_app(e2e: E2E, build: Path, app: str, version: str, code: bytes
     build.mkdir()
     (build / "code.py").write_bytes(code)
     (build / "static.json").write_bytes(canonical_json({**static, "version": version}))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "release",
-        "--deploy",
-        str(e2e.dep.root),
-        "app",
-        app,
-        version,
-        str(build),
-        "--broker",
-        e2e.launcher.broker_url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(WAIT_S):
-        out, err = await proc.communicate()
-    assert proc.returncode == 0, (out.decode(), err.decode())
+    await e2e.trustpay("release", "app", app, version, str(build))
     for name in ("code.py", "static.json"):
         (app_dir / name).write_bytes((build / name).read_bytes())
 

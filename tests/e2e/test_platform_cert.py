@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 import time
 
 import pytest
@@ -13,7 +11,7 @@ from nodes.deployment import Deployment, OfflineKeys
 from protocol.certs import PLATFORM, CertBody, Certificate, issue
 from protocol.keys import KeyPair
 
-from .conftest import DEV1, E2E, OPENING, WAIT_S, tm_of
+from .conftest import DEV1, E2E, OPENING, tm_of
 
 pytestmark = pytest.mark.e2e
 
@@ -87,21 +85,7 @@ async def test_platform_certificate_older_than_the_terminals_is_refused_at_c1(e2
 async def test_platform_key_rotation_while_devices_run(e2e: E2E) -> None:
     old = e2e.dep.load_public("platform")
     assert held_platform(e2e.dep, DEV1).to_bytes() == old.to_bytes()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "rotate-platform",
-        "--deploy",
-        str(e2e.dep.root),
-        "--broker",
-        e2e.launcher.broker_url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(WAIT_S):
-        out, err = await proc.communicate()
-    assert proc.returncode == 0, (out.decode(), err.decode())
+    await e2e.trustpay("rotate-platform")
     new = e2e.dep.load_public("platform")
     assert new.serial > old.serial
     mark = e2e.watcher.mark()

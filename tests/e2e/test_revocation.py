@@ -3,13 +3,11 @@ revoked device is refused with the reason, another device goes on paying."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import time
 
 import pytest
 
-from .conftest import DEV1, DEV2, E2E, OPENING, WAIT_S, chip_of, client_of, node_stopped_counters
+from .conftest import DEV1, DEV2, E2E, OPENING, chip_of, client_of, node_stopped_counters
 
 pytestmark = pytest.mark.e2e
 
@@ -17,22 +15,7 @@ INSTALL_WITHIN_S = 10.0
 
 
 async def revoke(e2e: E2E, *targets: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ops.cli",
-        "revoke",
-        "--deploy",
-        str(e2e.dep.root),
-        "--broker",
-        e2e.launcher.broker_url,
-        *targets,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(WAIT_S):
-        out, err = await proc.communicate()
-    assert proc.returncode == 0, (out.decode(), err.decode())
+    await e2e.trustpay("revoke", *targets)
 
 
 async def test_a_device_revoked_while_everything_runs_is_refused_and_another_still_pays(e2e: E2E) -> None:
