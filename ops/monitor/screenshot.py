@@ -25,6 +25,7 @@ from ops.watch import EventWatcher
 
 OUT = Path("docs/monitor-web.png")
 DEVICE = "dev-0001"
+CHROMIUM = "/usr/bin/chromium"  # Debian's, which ./ops/test installs: never `playwright install`
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -59,7 +60,7 @@ async def shoot(root: Path, out: Path) -> None:
         try:
             url = (await monitor.stdout.readline()).decode().split(": ", 1)[1].strip()
             async with async_playwright() as pw:
-                browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = await browser.new_page(viewport={"width": 1400, "height": 1250})
                 await page.goto(url)
                 await expect(page.locator("#nodes li").first).to_be_visible(timeout=WAIT_MS)

@@ -20,23 +20,13 @@ from typing import Any
 import pytest
 from playwright.async_api import Locator, Page, async_playwright, expect
 
+from ops.monitor.screenshot import CHROMIUM, CHROMIUM_ARGS
 from ops.monitor.web import WebFeed, serve
 
 from .conftest import DEV1, E2E, WAIT_S
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WAIT_MS = WAIT_S * 1000
 RED = "rgb(200, 30, 30)"  # --bad in style.css
 
