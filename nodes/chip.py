@@ -234,6 +234,9 @@ class Chip(Node):
     async def pay(self, rx: Any) -> tuple[str, Body]:
         req: PayStart = rx.envelope.body
         session: bytes = rx.envelope.session
+        earlier = await self._earlier_answer(req.order_id)
+        if earlier is not None:
+            return "pay.result", earlier
         self._check_usable(req.app)
         async with self._app_locks[req.app]:
             result = await self._pay(req, session)
@@ -242,6 +245,34 @@ class Chip(Node):
             await self._c6(session)
         self.sandbox.warm_up()  # the next payment's worker, started off this payment's path
         return "pay.result", result
+
+    async def _earlier_answer(self, order_id: str) -> PayResult | None:
+        """The answer to an order this chip already sent, for a client asking again.
+
+        A client whose answer was lost asks again under the same message id; a
+        chip that restarted meanwhile no longer knows that id, so without this
+        it would refuse ("closed") an order it may already have paid. A held
+        order is sent again (the payment-server answers a repeat with its first
+        receipt); a settled one is answered from its stored receipt.
+        """
+        entry = self.data["pending"].get(order_id)
+        if entry is not None:
+            blob, session = bytes.fromhex(entry["order"]), bytes.fromhex(entry["session"])
+            order = open_record(Order, blob, ORDER_DOMAIN, self.keys.sign_public, "order")
+            status = await self._send_order(order_id, blob, record_hash(order.data), session)
+            blob = bytes.fromhex(self.data["receipts"].get(order_id, ""))
+            return PayResult(*status, order_id, blob, session)
+        stored = self.data["receipts"].get(order_id)
+        if stored is None or self.payment_server is None:
+            return None
+        blob = bytes.fromhex(stored)
+        try:
+            key = self.payment_server.body.sign_key
+            receipt = open_record(Receipt, blob, RECEIPT_DOMAIN, key, "receipt").body
+        except TrustpayError:  # signed by keys rotated away since: the order runs its normal course
+            return None
+        reason = receipt.reason or "payment confirmed"
+        return PayResult(receipt.status, receipt.code, reason, order_id, blob, b"")
 
     async def _c6(self, session: bytes) -> None:
         """C6: the trust module measures the app's new state and stores it."""
