@@ -64,10 +64,14 @@ from protocol.topics import (
 
 from .bus import Bus
 from .metrics import VERSION, StepClock, metrics_body
+from .retry import RetryTimer
 from .store import write_atomic
 
 Handler = Callable[[Received], Awaitable[tuple[str, Body] | None]]
 Job = Callable[[], Coroutine[Any, Any, object]]
+
+
+MAX_ATTEMPTS = 1000  # a request's attempts in all; its deadline ends it long before
 
 
 def now_ms() -> int:
@@ -211,6 +215,7 @@ class Node:
         self._crl_verifier = Verifier(frozenset(), self.certs, None)
         self._routes: dict[str, _Route] = {}
         self._pending: dict[bytes, _Pending] = {}  # by request message id
+        self.retry_timer = RetryTimer()  # how long answers take, per peer and request type
         self._responses: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         self._lanes: dict[str, asyncio.Queue[Received]] = {}
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
@@ -415,16 +420,26 @@ class Node:
 
         Each attempt is re-stamped and re-signed (fresh time and sequence) but keeps
         its message id, so the receiver treats a retry as a duplicate and answers
-        from its response cache. A typed refusal raises ``Refused``; no answer at
-        all raises ``RequestTimeout`` (the outcome is unknown).
+        from its response cache. The request has ``attempts`` x ``timeout_s`` in
+        all; within that, each attempt waits as long as answers from this peer to
+        this type of request have been taking (:mod:`nodes.retry`), at most
+        ``timeout_s``, so a lost frame costs a retry, not a whole timeout. A typed
+        refusal raises ``Refused``; no answer at all raises ``RequestTimeout``
+        (the outcome is unknown).
         """
         timeout_s = timeout_s or self.settings.request_timeout_s
         attempts = attempts or self.settings.request_attempts
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s * attempts
         message_id = new_id()
-        future: asyncio.Future[Received] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Received] = loop.create_future()
         pending = self._pending[message_id] = _Pending(future, recipient)
+        sent = 0
         try:
-            for attempt in range(1, attempts + 1):
+            for attempt in range(1, MAX_ATTEMPTS + 1):  # bounded, and by the deadline
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
                 frame = self.frame(
                     topic, msg_type, body, recipient, session, peer=peer, message_id=message_id
                 )
@@ -433,13 +448,18 @@ class Node:
                 except TransportError as exc:
                     self.log.warning("request.unsent", type=msg_type, attempt=attempt, reason=exc.reason)
                     continue  # try again at once: the next publish waits for the new connection
+                sent += 1
+                sent_at = loop.time()
+                wait = min(left, self.retry_timer.wait_s(recipient, msg_type, sent, timeout_s))
                 try:
-                    async with asyncio.timeout(timeout_s):
+                    async with asyncio.timeout(wait):
                         answer = await asyncio.shield(future)
                 except TimeoutError:
                     self.counters["request_retry"] += 1
                     self.log.info("request.retry", type=msg_type, to=recipient, attempt=attempt)
                     continue
+                if sent == 1:  # an answer to the only attempt: a clean sample of how long answers take
+                    self.retry_timer.observe(recipient, msg_type, loop.time() - sent_at)
                 if answer.envelope.type in ("error", "refusal"):
                     refusal: Refusal = answer.envelope.body
                     raise Refused(refusal.code, refusal.reason)
@@ -449,7 +469,7 @@ class Node:
                     )
                 return answer
             raise RequestTimeout(
-                f"no answer to {msg_type} from {recipient} after {attempts} attempts{_refusals(pending)}"
+                f"no answer to {msg_type} from {recipient} after {sent} attempts{_refusals(pending)}"
             )
         finally:
             self._pending.pop(message_id, None)

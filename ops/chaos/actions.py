@@ -102,16 +102,16 @@ skew_clock.prepare = _prepare_skew  # type: ignore[attr-defined]
 
 
 async def tamper_app(run: ChaosRun) -> None:
-    """Overwrite the last device's payment app mid-run: from then on it must not pay."""
+    """Overwrite the last device's payment apps mid-run: from then on it must not pay."""
     await run.wait_paid(_a_third(run))
     device = run.devices[-1]
     apps = await asyncio.to_thread(run.dep.installed_apps, device)
-    app = apps[0]
-    code = run.dep.app_dir(device, app) / "code.py"
     tampered_at = time.monotonic()
     paid_before = sum(1 for a in run.attempts if a.device == device)
-    await asyncio.to_thread(_append, code, b"\n# changed behind the trust module's back\n")
-    run.note(f"{device}'s app {app} tampered with after {paid_before} of its payments")
+    for app in apps:
+        code = run.dep.app_dir(device, app) / "code.py"
+        await asyncio.to_thread(_append, code, b"\n# changed behind the trust module's back\n")
+    run.note(f"{device}'s apps {', '.join(apps)} tampered with after {paid_before} of its payments")
     await run.wait_paid(run.opts.payments)
     later = [a for a in run.attempts if a.device == device and a.started_s > tampered_at]
     run.expect(
@@ -141,8 +141,8 @@ async def replay_orders(run: ChaosRun) -> None:
         if not orders:
             run.expect(False, "no payment order crossed the radio to capture")
             return
+        # replayed verbatim: the attacker signs nothing, so needs no boot epoch of its own
         attacker = Attacker(run.dep, chip, run.proxy_url)
-        await attacker.fresh_epoch()
         mark = observer.mark()
         sent: list[Sent] = []
         async with attacker.connect() as client:

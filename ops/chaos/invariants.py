@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from nodes.ledger import PaymentRecord, Snapshot
 
 FINAL = ("confirmed", "refused")  # what a client may be told and rely on
+NEVER_STARTED = ("disabled", "invalid", "error")  # the chip was never asked to pay
 MAX_EVIDENCE = 8  # lines of evidence kept per invariant: enough to start reading
 
 
@@ -27,7 +28,9 @@ class Attempt:
     device: str
     amount: int
     payee: str
-    status: str  # confirmed, refused, unknown, mismatch, disabled, invalid; no_answer: printed nothing
+    # confirmed, refused, unknown, mismatch, disabled, invalid; error: the client could not run
+    # (e.g. no broker), nothing asked of the chip; no_answer: it printed nothing
+    status: str
     code: str = ""
     order_id: str = ""  # "" when the client printed no result
     exit_code: int = 0
@@ -210,7 +213,7 @@ def _resolved(ev: Evidence) -> list[str]:
     rows = _rows(ev)
     broken = []
     for a in ev.attempts:
-        if a.status in FINAL or a.status in ("disabled", "invalid", "no_answer"):
+        if a.status in FINAL or a.status in NEVER_STARTED or a.status == "no_answer":
             continue
         r = ev.resolutions.get(a.order_id)
         if r is None:
@@ -230,8 +233,8 @@ def _clear(ev: Evidence) -> list[str]:
     broken = []
     for a in ev.attempts:
         allowed = ev.expected_refusals.get(a.device, frozenset())
-        if a.status == "refused" and not a.code:
-            broken.append(f"{a.name}: refused without a reason code")
+        if a.status in ("refused", "error") and not a.code:
+            broken.append(f"{a.name}: {a.status} without a reason code")
         elif a.status == "refused" and allowed and a.code not in allowed:
             broken.append(f"{a.name}: refused with {a.code}, expected one of {sorted(allowed)}")
         elif allowed and a.status not in ("refused", "disabled", "confirmed"):
