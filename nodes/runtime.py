@@ -690,7 +690,8 @@ class Node:
         if self._skew_refusals.take(env.sender, self.now_ms()):
             self.counters["clock_skew_unanswered"] += 1  # over its rate: a flood draws no more frames
             return
-        self.spawn(self._refuse(exc.received, CLOCK_SKEW, self._skew_reason(exc)), name="refuse:clock_skew")
+        # the literal CLOCK_SKEW, so that ops.protocol_doc lists the code
+        self.spawn(self._refuse(exc.received, "clock_skew", self._skew_reason(exc)), name="refuse:clock_skew")
 
     def _skew_reason(self, exc: SenderClockSkewed) -> str:
         cert = exc.received.sender_cert
