@@ -21,6 +21,8 @@ from ops.watch import EventWatcher
 
 from .conftest import BACKENDS, DEV1, DEV2, DEVICES, E2E, OPENING
 
+pytestmark = pytest.mark.e2e
+
 PAYER1, PAYER2 = f"{DEV1}:wallet", f"{DEV2}:wallet"
 
 
