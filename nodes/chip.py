@@ -70,7 +70,7 @@ from protocol.topics import Role, node_id
 
 from .bus import Bus
 from .deployment import ComponentFiles, Deployment, canonical_json, load_json
-from .runtime import Node, NodeConfig, now_ms
+from .runtime import Node, NodeConfig
 from .sandbox import Sandbox
 from .store import JsonState, write_atomic
 
@@ -138,14 +138,14 @@ class Chip(Node):
         """The payment-server's certificate as the deployment has it now, checked like a frame's chain."""
         try:
             chain = await asyncio.to_thread(self._payment_server_chain)
-            self.payment_server = self.certs.resolve(chain, now_ms() // 1000)
+            self.payment_server = self.certs.resolve(chain, self.now_ms() // 1000)
         except TrustpayError as exc:
             self.log.warning("chip.no_payment_server_cert", reason=str(exc))
 
     async def _install_from_packages(self) -> None:
         """Install every app on disk whose package the issuer signed and whose bytes match it."""
         try:
-            issuer = self.dep.load_issuer(self.certs, now_ms() // 1000)
+            issuer = self.dep.load_issuer(self.certs, self.now_ms() // 1000)
         except ConfigError as exc:  # a forged issuer would vouch for any package: install none
             self.log.warning("app.install_refused", app="*", reason=exc.reason)
             return
@@ -160,7 +160,7 @@ class Chip(Node):
             except (TrustpayError, OSError) as exc:
                 self.log.warning("app.install_refused", app=app, reason=str(exc))
                 continue
-            self.data["apps"][app] = {"version": package.version, "installed_ms": now_ms()}
+            self.data["apps"][app] = {"version": package.version, "installed_ms": self.now_ms()}
             self.log.info("app.installed", app=app, version=package.version)
         await self.store.save(self.data)
 
@@ -318,7 +318,7 @@ class Chip(Node):
         if not result.trusted:
             return PayResult("refused", "untrusted", result.reason, req.order_id, b"", session)
         try:
-            payment_server = self.certs.resolve(list(result.payment_chain), now_ms() // 1000)
+            payment_server = self.certs.resolve(list(result.payment_chain), self.now_ms() // 1000)
             if payment_server.role != PS:
                 raise WrongRole(f"the payment chain ends in a {payment_server.role}, not the {PS}")
         except TrustpayError as exc:
@@ -366,7 +366,7 @@ class Chip(Node):
                 "amount": intent.amount,
                 "currency": intent.currency,
                 "order_id": intent.order_id,
-                "now_ms": now_ms(),
+                "now_ms": self.now_ms(),
             },
         )
         try:
@@ -392,7 +392,7 @@ class Chip(Node):
         if held is not None:
             return held
         cert = self.certs.resolve(
-            [(await asyncio.to_thread(self.dep.load_cert, self.tm_id)).to_bytes()], now_ms() // 1000
+            [(await asyncio.to_thread(self.dep.load_cert, self.tm_id)).to_bytes()], self.now_ms() // 1000
         )
         if (cert.subject, cert.role) != (self.tm_id, Role.TRUST_MODULE.value):
             raise WrongRole(

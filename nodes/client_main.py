@@ -52,7 +52,10 @@ async def run_client(args: argparse.Namespace, device: str, static: bytes) -> in
         nid,
         args.broker,
         console_level=args.log_level,
-        settings=Settings(connect_timeout_s=CONNECT_TIMEOUT_S),
+        # getattr: a boot path from before --clock-offset-ms passes no such option
+        settings=Settings(
+            connect_timeout_s=CONNECT_TIMEOUT_S, clock_offset_ms=getattr(args, "clock_offset_ms", 0)
+        ),
     )
     words = [w for w in args.words if w != "--"]
     client = Client(

@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -169,6 +169,7 @@ class Launcher:
         stop_timeout_s: float = 10.0,
         log_level: str = "info",
         metrics_port: int | None = None,
+        clock_offsets: Mapping[str, int] | None = None,
         on_up: Callable[[NodeProcess], None] | None = None,
         on_exit: Callable[[NodeExit], None] | None = None,
     ) -> None:
@@ -181,6 +182,7 @@ class Launcher:
         self.stop_timeout_s = stop_timeout_s
         self.log_level = log_level
         self.metrics_port = metrics_port  # the trust-server's; the payment-server's is the next one
+        self.clock_offsets = dict(clock_offsets or {})  # device -> ms its chip and trust module are off
         self.on_up, self.on_exit = on_up, on_exit
         self.broker: Broker | None = None  # set only when this launcher started it
         self.broker_url = broker_url or ""
@@ -240,6 +242,9 @@ class Launcher:
         if not 0 <= count <= len(manifest.devices):
             raise ConfigError(f"--devices {count}: this deployment has {len(manifest.devices)} devices")
         devices = manifest.devices[:count]
+        unknown = sorted(set(self.clock_offsets) - {d.device for d in devices})
+        if unknown:
+            raise ConfigError(f"--clock-offset names devices this run does not start: {', '.join(unknown)}")
         phases: list[list[tuple[Role, str | None, str]]] = [
             [(r, None, manifest.servers[r.value]) for r in SERVER_ROLES],
             [(Role.CHIP, d.device, d.node(Role.CHIP)) for d in devices],
@@ -356,8 +361,12 @@ class Launcher:
         port = self.metrics_port_of(node.role)
         if port is not None:
             argv += ["--metrics-port", str(port)]
+        skew = self.clock_offsets.get(node.device, 0) if node.device is not None else 0
+        if skew:
+            argv += ["--clock-offset-ms", str(skew)]
         node.offsets, out = await asyncio.to_thread(self._open_console, node)
-        node.started_ms, node.started_at = now_ms(), asyncio.get_running_loop().time()
+        # by the node's own clock, which stamps its statuses
+        node.started_ms, node.started_at = now_ms() + skew, asyncio.get_running_loop().time()
         try:
             # same session and process group: a terminal's Ctrl-C reaches the nodes too
             node.proc = await asyncio.create_subprocess_exec(

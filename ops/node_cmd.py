@@ -10,6 +10,7 @@ import argparse
 import asyncio
 
 from nodes.deployment import Deployment
+from nodes.runtime import Settings
 from protocol.errors import ConfigError
 from protocol.topics import NODE_ROLES, SERVER_ROLES, Role, role_from_name
 
@@ -42,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="servers: also serve the node's counters to Prometheus on 127.0.0.1:P/metrics",
     )
+    parser.add_argument(
+        "--clock-offset-ms",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="run with the clock MS milliseconds off (negative: behind), to test a device whose clock is "
+        "wrong: the node stamps and checks every frame with it",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +63,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--metrics-port is for the servers; a {role.value} reports on its metrics channel")
     dep = Deployment(args.deploy)
     nid = resolve_node_id(dep, role, args.device)
+    settings = Settings(clock_offset_ms=args.clock_offset_ms)
     asyncio.run(
-        run_node(dep, nid, args.broker, console_level=args.log_level, metrics_port=args.metrics_port)
+        run_node(
+            dep,
+            nid,
+            args.broker,
+            console_level=args.log_level,
+            settings=settings,
+            metrics_port=args.metrics_port,
+        )
     )
     if args.json:
         print_json({"node": nid, "stopped": True})
