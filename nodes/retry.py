@@ -8,9 +8,10 @@ type, how long answers take, the way TCP learns its retransmission timeout
 (RFC 6298): a smoothed round-trip time plus four times its variation, doubled
 at each retry of the same request, never below ``floor_s`` (so a loaded
 machine's slower answers are not mistaken for losses) and never above the
-request's configured timeout. With no sample yet the configured timeout is
-used, as before. Only answers to a first attempt are samples (Karn's rule:
-an answer after a retry could be the answer to either).
+request's configured timeout. A request type not yet answered by a peer uses
+what that peer's other answers took, and a peer never heard from yet waits
+``initial_s`` (TCP's 1 s), doubled per retry. Only answers to a first attempt
+are samples (Karn's rule: an answer after a retry could be the answer to either).
 """
 
 from __future__ import annotations
@@ -31,25 +32,25 @@ class _Estimate:
 @dataclass
 class RetryTimer:
     floor_s: float = 0.5
+    initial_s: float = 1.0
+    # by (peer, request type), and by peer alone (any type): least recently answered first
     _estimates: OrderedDict[tuple[str, str], _Estimate] = field(default_factory=OrderedDict)
 
     def wait_s(self, peer: str, msg_type: str, attempt: int, ceiling_s: float) -> float:
         """How long attempt ``attempt`` (1, 2, ...) waits for its answer."""
-        est = self._estimates.get((peer, msg_type))
-        if est is None:
-            return ceiling_s
-        rto = max(self.floor_s, est.srtt + K * est.rttvar)
+        est = self._estimates.get((peer, msg_type)) or self._estimates.get((peer, ""))
+        rto = self.initial_s if est is None else max(self.floor_s, est.srtt + K * est.rttvar)
         return min(ceiling_s, rto * (1 << min(max(attempt - 1, 0), 16)))
 
     def observe(self, peer: str, msg_type: str, rtt_s: float) -> None:
         """An answer to a first attempt came after ``rtt_s`` seconds."""
-        key = (peer, msg_type)
-        est = self._estimates.pop(key, None)
-        if est is None:
-            est = _Estimate(rtt_s, rtt_s / 2)
-        else:
-            est.rttvar = (1 - BETA) * est.rttvar + BETA * abs(est.srtt - rtt_s)
-            est.srtt = (1 - ALPHA) * est.srtt + ALPHA * rtt_s
-        self._estimates[key] = est  # most recently used last
+        for key in ((peer, msg_type), (peer, "")):
+            est = self._estimates.pop(key, None)
+            if est is None:
+                est = _Estimate(rtt_s, rtt_s / 2)
+            else:
+                est.rttvar = (1 - BETA) * est.rttvar + BETA * abs(est.srtt - rtt_s)
+                est.srtt = (1 - ALPHA) * est.srtt + ALPHA * rtt_s
+            self._estimates[key] = est  # most recently used last
         while len(self._estimates) > MAX_KEYS:
             self._estimates.popitem(last=False)

@@ -112,6 +112,7 @@ async def tamper_app(run: ChaosRun) -> None:
         code = run.dep.app_dir(device, app) / "code.py"
         await asyncio.to_thread(_append, code, b"\n# changed behind the trust module's back\n")
     run.note(f"{device}'s apps {', '.join(apps)} tampered with after {paid_before} of its payments")
+    await run.pay(device, 125, "shop-1")  # at least one payment after it, whatever the schedule
     await run.wait_paid(run.opts.payments)
     later = [a for a in run.attempts if a.device == device and a.started_s > tampered_at]
     run.expect(

@@ -31,7 +31,7 @@ import contextlib
 import json
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +96,8 @@ class ChaosRun:
     notes: list[str] = field(default_factory=list)
     ups: list[UpRun] = field(default_factory=list)  # every `up` this run started, the current last
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
+    # one client at a time per device, as on a phone (a second one is refused: identity_in_use)
+    _in_use: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -126,6 +128,16 @@ class ChaosRun:
         if pid is None:
             raise ConfigError(f"`up` never said {nid} was up")
         return pid
+
+    async def pay(self, device: str, amount: int, payee: str) -> Attempt:
+        """One payment by ``device``'s user, recorded as its client reports it."""
+        async with self._in_use[device]:
+            began = time.monotonic()
+            result = await self.client(device, "pay", f"{amount // 100}.{amount % 100:02d}", payee)
+        attempt = _attempt(device, amount, payee, result, began)
+        self.attempts.append(attempt)
+        self._progress.set()
+        return attempt
 
     async def client(self, device: str, *words: str) -> ClientRun | None:
         """``trustpay client --json`` on ``device`` through the proxy; None if it never ended."""
@@ -260,13 +272,7 @@ async def _pay_from(run: ChaosRun, index: int, device: str) -> None:
     manifest = await asyncio.to_thread(run.dep.load_manifest)
     merchants = [m.account for m in manifest.merchants]
     for _ in range(_share(run, index)):
-        amount = rng.randint(1, MAX_AMOUNT)
-        payee = rng.choice(merchants)
-        text = f"{amount // 100}.{amount % 100:02d}"
-        began = time.monotonic()
-        result = await run.client(device, "pay", text, payee)
-        run.attempts.append(_attempt(device, amount, payee, result, began))
-        run._progress.set()
+        await run.pay(device, rng.randint(1, MAX_AMOUNT), rng.choice(merchants))
 
 
 def _attempt(device: str, amount: int, payee: str, run: ClientRun | None, began: float) -> Attempt:

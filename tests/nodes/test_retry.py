@@ -12,9 +12,10 @@ from protocol.topics import Role
 from .harness import make_node, provisioned, running
 
 
-def test_with_no_sample_an_attempt_waits_the_configured_timeout() -> None:
+def test_a_peer_never_heard_from_gets_a_second_doubled_per_retry_within_the_timeout() -> None:
     timer = RetryTimer()
-    assert [timer.wait_s("ts", "c2.nonce", n, 3.0) for n in (1, 2, 3)] == [3.0, 3.0, 3.0]
+    assert [timer.wait_s("ts", "c2.nonce", n, 3.0) for n in (1, 2, 3)] == [1.0, 2.0, 3.0]
+    assert [timer.wait_s("ts", "c2.nonce", n, 0.5) for n in (1, 2, 3)] == [0.5, 0.5, 0.5]
 
 
 def test_learned_answers_shorten_the_wait_never_below_the_floor_doubling_per_retry() -> None:
@@ -23,8 +24,12 @@ def test_learned_answers_shorten_the_wait_never_below_the_floor_doubling_per_ret
         timer.observe("ts", "c2.nonce", 0.010)
     assert timer.wait_s("ts", "c2.nonce", 1, 3.0) == 0.5  # 10 ms answers: the floor
     assert [timer.wait_s("ts", "c2.nonce", n, 3.0) for n in (2, 3, 4)] == [1.0, 2.0, 3.0]  # capped
-    assert timer.wait_s("ts", "c2.evidence", 1, 3.0) == 3.0  # another request type learns apart
-    assert timer.wait_s("ps", "c2.nonce", 1, 3.0) == 3.0  # and another peer
+    assert timer.wait_s("ps", "c2.nonce", 1, 3.0) == 1.0  # another peer: not heard from yet
+    for _ in range(20):
+        timer.observe("ts", "c2.evidence", 2.0)
+    assert timer.wait_s("ts", "c2.evidence", 1, 30.0) >= 2.0  # a slower request type learns apart
+    assert timer.wait_s("ts", "c2.nonce", 1, 3.0) == 0.5  # and leaves the quick one quick
+    assert timer.wait_s("ts", "c1.check", 1, 30.0) > 0.5  # a new type starts from the peer's mix
 
 
 def test_slow_and_varying_answers_lengthen_the_wait() -> None:
@@ -39,7 +44,7 @@ def test_it_remembers_a_bounded_number_of_peers() -> None:
     timer = RetryTimer()
     for n in range(MAX_KEYS + 10):
         timer.observe(f"dev-{n}.tm", "c1.check", 0.01)
-    assert timer.wait_s("dev-0.tm", "c1.check", 1, 3.0) == 3.0  # forgotten first
+    assert timer.wait_s("dev-0.tm", "c1.check", 1, 3.0) == timer.initial_s  # forgotten first
     assert timer.wait_s(f"dev-{MAX_KEYS + 9}.tm", "c1.check", 1, 3.0) == timer.floor_s
 
 
