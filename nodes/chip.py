@@ -316,7 +316,7 @@ class Chip(Node):
             return PayResult("refused", "attestation_unavailable", str(exc), req.order_id, b"", b"")
         result: AttestResult = answer.envelope.body
         if not result.trusted:
-            return PayResult("refused", "untrusted", result.reason, req.order_id, b"", session)
+            return PayResult("refused", result.code or "untrusted", result.reason, req.order_id, b"", session)
         try:
             payment_server = self.certs.resolve(list(result.payment_chain), self.now_ms() // 1000)
             if payment_server.role != PS:

@@ -32,7 +32,7 @@ import structlog
 
 from protocol.appraisal import ReleaseBook, open_release
 from protocol.certs import Certificate
-from protocol.errors import ConfigError, Refused, TrustpayError
+from protocol.errors import ConfigError, Refused, RequestTimeout, TransportError, TrustpayError
 from protocol.measure import APP, CLIENT, LogEntry, Measurement, MeasurementLog, make_quote, measure
 from protocol.messages import (
     AttestRequest,
@@ -61,6 +61,7 @@ from .runtime import Node, NodeConfig
 from .store import JsonState
 
 CHIP_WAIT_ATTEMPTS = 20  # x request timeout: how long start-up waits for the chip
+UNTRUSTED, UNAVAILABLE = "untrusted", "attestation_unavailable"  # AttestResult.code when not trusted
 
 
 @dataclass(frozen=True)
@@ -382,9 +383,25 @@ class TrustModule(Node):
             self.step("C", step, "refused", exc.refusal_reason, session=session, order_id=order)
             raise exc
 
-    def _untrusted(self, step: str, reason: str, session: bytes, order: str) -> AttestResult:
+    def _untrusted(
+        self, step: str, reason: str, session: bytes, order: str, code: str = UNTRUSTED
+    ) -> AttestResult:
         self.step("C", step, "refused", reason, session=session, order_id=order)
-        return AttestResult(False, f"{step}: {reason}", b"", ())
+        return AttestResult(False, f"{step}: {reason}", b"", (), code)
+
+    def _unfinished(
+        self, step: str, what: str, exc: TrustpayError, session: bytes, order: str
+    ) -> AttestResult:
+        """C1-C4 stopped by an error: no answer is not a verdict, and a refusal keeps its own code."""
+        self._pass_clock_skew(step, exc, session, order)
+        code = (
+            UNAVAILABLE
+            if isinstance(exc, (RequestTimeout, TransportError))
+            else exc.refusal_code
+            if isinstance(exc, Refused)
+            else UNTRUSTED
+        )
+        return self._untrusted(step, f"{what}: {exc}", session, order, code)
 
     async def _attest(self, session: bytes, req: AttestRequest) -> AttestResult:
         order = req.order_id
@@ -407,8 +424,7 @@ class TrustModule(Node):
             presented = Certificate.from_bytes(c1.platform_cert)
             rotated = self.certs.accept_platform(presented, self.now_ms() // 1000)
         except TrustpayError as exc:
-            self._pass_clock_skew("C1", exc, session, order)
-            return self._untrusted("C1", f"platform certificate not verified: {exc}", session, order)
+            return self._unfinished("C1", "platform certificate not verified", exc, session, order)
         if rotated or self.data["platform_cert"] != presented.to_bytes().hex():
             await self._save()
             self.step(
@@ -437,8 +453,7 @@ class TrustModule(Node):
             )
             nonce = answer.envelope.body.nonce
         except TrustpayError as exc:
-            self._pass_clock_skew("C2", exc, session, order)
-            return self._untrusted("C2", f"attestation did not complete: {exc}", session, order)
+            return self._unfinished("C2", "attestation did not complete", exc, session, order)
         log = MeasurementLog()
         for component in [CLIENT] + [f"{APP}:{a}" for a in self.apps]:
             check = await self._check(component)
@@ -461,8 +476,7 @@ class TrustModule(Node):
                 peer=self.peers.get(ts),
             )
         except TrustpayError as exc:
-            self._pass_clock_skew("C2", exc, session, order)
-            return self._untrusted("C2", f"attestation did not complete: {exc}", session, order)
+            return self._unfinished("C2", "attestation did not complete", exc, session, order)
         # C4: the verdict
         message = answer.envelope.body
         try:
@@ -479,7 +493,7 @@ class TrustModule(Node):
         self.data["sessions"][session.hex()]["trusted"] = True  # now C5 may journal the app's data
         await self._save()
         self.step("C", "C4", "trusted", f"verdict {verdict.status}", session=session, order_id=order)
-        return AttestResult(True, verdict.status, message.verdict, message.payment_chain)
+        return AttestResult(True, verdict.status, message.verdict, message.payment_chain, "")
 
     async def _same_as_chip(self, m: Measurement, req: AttestRequest, session: bytes) -> None:
         """Refuse at C2 if the paying app on disk is not the buffer the chip will run."""
