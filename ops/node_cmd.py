@@ -14,7 +14,13 @@ from nodes.runtime import Settings
 from protocol.errors import ConfigError
 from protocol.topics import NODE_ROLES, SERVER_ROLES, Role, role_from_name
 
-from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
+from .cli_common import (
+    add_clock_offset_argument,
+    add_deploy_argument,
+    add_examples,
+    add_json_argument,
+    print_json,
+)
 from .roles import resolve_node_id, run_node
 
 HELP = "run one node (trust-module, chip, client, trust-server, payment-server) until stopped"
@@ -43,14 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="servers: also serve the node's counters to Prometheus on 127.0.0.1:P/metrics",
     )
-    parser.add_argument(
-        "--clock-offset-ms",
-        type=int,
-        default=0,
-        metavar="MS",
-        help="run with the clock MS milliseconds off (negative: behind), to test a device whose clock is "
-        "wrong: the node stamps and checks every frame with it",
-    )
+    add_clock_offset_argument(parser, "the node stamps and checks every frame with it")
 
 
 def run(args: argparse.Namespace) -> int:

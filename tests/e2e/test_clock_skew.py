@@ -7,46 +7,15 @@ on a real broker, each a process of its own.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from nodes.deployment import Deployment
-from ops.launcher import Launcher, LaunchError
-from ops.provision import provision
-from ops.watch import EventWatcher
-
-from .conftest import BACKENDS, DEV1, DEV2, DEVICES, E2E, OPENING
+from .conftest import BACKENDS, DEV1, DEV2, OPENING, running_deployment
 
 pytestmark = pytest.mark.e2e
 
 PAYER1, PAYER2 = f"{DEV1}:wallet", f"{DEV2}:wallet"
-
-
-@contextlib.asynccontextmanager
-async def skewed_deployment(tmp_path: Path, backend: str, offset_ms: int) -> AsyncIterator[E2E]:
-    """Two devices, ``DEV1``'s chip and trust module with their clock ``offset_ms`` off."""
-    root = tmp_path / "deploy"
-    await asyncio.to_thread(provision, root, len(DEVICES), backend=backend)
-    dep = Deployment(root)
-    async with contextlib.AsyncExitStack() as stack:
-        launcher = Launcher(dep, backend=backend, log_level="warning", clock_offsets={DEV1: offset_ms})
-        await stack.enter_async_context(launcher)
-        watcher = await stack.enter_async_context(EventWatcher(dep, launcher.broker_url))
-        scn = E2E(dep, launcher, watcher, tmp=tmp_path, stack=stack)
-        try:
-            await launcher.wait_all_up()
-        except LaunchError as exc:
-            pytest.fail(f"the deployment did not come up: {exc}\n{exc.report}")
-        for device in DEVICES:  # the start-up checks need no server: the skewed device passes them
-            started = await scn.wait_started(device)
-            assert started.outcome == "done", f"{device} start-up: {started.outcome} {started.reason}"
-        yield scn
-        surprises = [e.describe() for e in launcher.unexpected_exits]
-        assert not surprises, "nodes died during the test:\n" + "\n".join(surprises)
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1])
@@ -54,7 +23,7 @@ async def skewed_deployment(tmp_path: Path, backend: str, offset_ms: int) -> Asy
 async def test_a_device_40s_off_is_refused_clock_skew_while_the_other_pays(
     tmp_path: Path, backend: str, offset_ms: int, way: str
 ) -> None:
-    async with skewed_deployment(tmp_path, backend, offset_ms) as e2e:
+    async with running_deployment(tmp_path, backend, clock_offsets={DEV1: offset_ms}) as e2e:
         skewed = await e2e.client(DEV1, "pay", "1.00", "shop-1", "--clock-offset-ms", str(offset_ms))
         fine = await e2e.pay(DEV2, "2.00", "shop-1")
         balances = await e2e.balances()
