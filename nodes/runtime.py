@@ -493,7 +493,8 @@ class Node:
                     )
                 return answer
             raise RequestTimeout(
-                f"no answer to {msg_type} from {recipient} after {sent} attempts{_refusals(pending)}"
+                f"no answer to {msg_type} from {recipient} after {sent} attempts{_refusals(pending)}",
+                sum(pending.refused.values()),
             )
         finally:
             self._pending.pop(message_id, None)

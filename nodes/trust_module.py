@@ -392,15 +392,13 @@ class TrustModule(Node):
     def _unfinished(
         self, step: str, what: str, exc: TrustpayError, session: bytes, order: str
     ) -> AttestResult:
-        """C1-C4 stopped by an error: no answer is not a verdict, and a refusal keeps its own code."""
+        """C1-C4 stopped by an error. Silence is not a verdict (``attestation_unavailable``); a
+        refusal keeps its own code; answers that did not verify, or anything else, are untrusted."""
         self._pass_clock_skew(step, exc, session, order)
-        code = (
-            UNAVAILABLE
-            if isinstance(exc, (RequestTimeout, TransportError))
-            else exc.refusal_code
-            if isinstance(exc, Refused)
-            else UNTRUSTED
+        silent = isinstance(exc, TransportError) or (
+            isinstance(exc, RequestTimeout) and not exc.answers_refused
         )
+        code = UNAVAILABLE if silent else exc.refusal_code if isinstance(exc, Refused) else UNTRUSTED
         return self._untrusted(step, f"{what}: {exc}", session, order, code)
 
     async def _attest(self, session: bytes, req: AttestRequest) -> AttestResult:
