@@ -105,9 +105,11 @@ def auth_text(identities: Iterable[BrokerIdentity]) -> str:
         for ident in check_unique(identities)
     ]
     # NATS reads JSON; its own config syntax would take an unquoted $word as a variable
-    return "# Generated from protocol.topics.acl_for by broker.nats.\n" + json.dumps(
-        {"authorization": {"users": users}}, indent=1
-    )[1:-1].strip() + "\n"
+    return (
+        "# Generated from protocol.topics.acl_for by broker.nats.\n"
+        + json.dumps({"authorization": {"users": users}}, indent=1)[1:-1].strip()
+        + "\n"
+    )
 
 
 def write_nats_auth(directory: Path, identities: Iterable[BrokerIdentity]) -> Path:
