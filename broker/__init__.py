@@ -30,6 +30,7 @@ BACKENDS = ("mosquitto", "amqtt", "nats")
 
 __all__ = [
     "BACKENDS",
+    "CLUSTER_SIZE",
     "HOST",
     "AmqttBroker",
     "Broker",
@@ -39,6 +40,7 @@ __all__ = [
     "MosquittoBroker",
     "NatsCluster",
     "NatsMember",
+    "PORTS_PER_MEMBER",
     "ServerTls",
     "default_backend",
     "free_port",
