@@ -16,10 +16,13 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from broker import CLUSTER_SIZE, PORTS_PER_MEMBER, NatsCluster, make_broker
+from broker import CLUSTER_SIZE, HOST, PORTS_PER_MEMBER, NatsCluster, make_broker
 from broker.nats import member_ports, permissions, subjects
 from nodes import assemble
+from nodes.assemble import broker_address
 from nodes.bus import BrokerAddress, MqttBus
+from nodes.deployment import Deployment
+from ops.provision import provision
 from protocol.topics import CRL_TOPIC, Role, link_topic
 
 from .broker_harness import Cast
@@ -173,3 +176,20 @@ async def test_the_bus_fails_over_to_another_member(tmp_path: Path) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def test_provision_for_nats_writes_the_logins_and_nodes_get_every_member(tmp_path: Path) -> None:
+    manifest = provision(tmp_path / "deploy", 1, backend="nats")
+    dep = Deployment(tmp_path / "deploy")
+    users = dep.broker_dir / "nats-users.conf"
+    assert users.stat().st_mode & 0o777 == 0o600
+    text = users.read_text()
+    assert '"user": "dev-0001.chip"' in text and '"tp.v1.dev.dev-0001.chip.ps"' in text
+    first = manifest.broker.port
+    members = {(HOST, p) for p in member_ports(first, CLUSTER_SIZE)}
+    chip = broker_address(dep, "dev-0001.chip")
+    assert set(chip.endpoints) == members and len(chip.endpoints) == CLUSTER_SIZE
+    monitor = broker_address(dep, "monitor")  # no second listener on NATS: the member's own port
+    assert monitor.endpoints == (("127.0.0.1", first), *sorted(members)[1:])
+    url = broker_address(dep, "payment-server", "mqtt://127.0.0.1:5001,127.0.0.1:5002?v=3.1.1")
+    assert set(url.endpoints) == {("127.0.0.1", 5001), ("127.0.0.1", 5002)} and url.mqtt_version == "3.1.1"
