@@ -27,12 +27,15 @@ from .mosquitto import MosquittoBroker
 from .nats import CLUSTER_SIZE, PORTS_PER_MEMBER, NatsCluster, NatsMember
 
 BACKENDS = ("mosquitto", "amqtt", "nats")
+# provisioned for (its logins and permissions, broker.rabbitmq) but not started by trustpay
+PROVISION_ONLY = ("rabbitmq",)
 
 __all__ = [
     "BACKENDS",
     "CLUSTER_SIZE",
     "HOST",
     "PORTS_PER_MEMBER",
+    "PROVISION_ONLY",
     "AmqttBroker",
     "Broker",
     "BrokerError",
@@ -171,4 +174,10 @@ def make_broker(
         if tls is not None:
             raise BrokerError("the embedded amqtt broker runs without TLS here: use mosquitto for mqtts")
         return AmqttBroker(data_dir, chosen, identities, health_identity)
+    if backend in PROVISION_ONLY:
+        raise BrokerError(
+            f"trustpay does not start {backend}: load the deployment's broker/rabbitmq-definitions.json "
+            "into it (rabbitmqctl import_definitions), enable its MQTT plugin, "
+            "then give its URL: trustpay up --broker mqtt://127.0.0.1:PORT"
+        )
     raise BrokerError(f"unknown broker backend {backend!r}; choose one of {', '.join(BACKENDS)}")

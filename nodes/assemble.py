@@ -120,7 +120,7 @@ def broker_address(dep: Deployment, node_id: str, url: str | None = None) -> Bro
         version = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("v", "auto")
     role = parse_node_id(node_id)[0]
     if role is Role.MONITOR:
-        if backend != "nats":  # NATS has one MQTT listener per member: the monitor shares it
+        if backend in ("mosquitto", "amqtt"):  # NATS, RabbitMQ: one MQTT listener, the monitor shares it
             endpoints = [(h, p + MONITOR_PORT_OFFSET) for h, p in endpoints]
     elif len(endpoints) > 1:
         first = zlib.crc32(node_id.encode()) % len(endpoints)

@@ -26,9 +26,19 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from broker import BACKENDS, CLUSTER_SIZE, HOST, PORTS_PER_MEMBER, default_backend, free_port, free_ports
+from broker import (
+    BACKENDS,
+    CLUSTER_SIZE,
+    HOST,
+    PORTS_PER_MEMBER,
+    PROVISION_ONLY,
+    default_backend,
+    free_port,
+    free_ports,
+)
 from broker.identities import BrokerIdentity, write_amqtt_auth, write_mosquitto_auth
 from broker.nats import write_nats_auth
+from broker.rabbitmq import write_rabbitmq_definitions
 from nodes.deployment import (
     MANIFEST_FORMAT,
     AccountEntry,
@@ -152,8 +162,8 @@ def _check_options(
             raise ConfigError(f"app name {app!r} must be letters, digits or '_'")
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"--broker-port {port} is not a TCP port (1-65535)")
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend not in (*BACKENDS, *PROVISION_ONLY):
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS + PROVISION_ONLY)}, not {backend!r}")
     if balance < 0:
         raise ConfigError(f"--opening-balance must not be negative, not {balance}")
     if days < 1:
@@ -266,6 +276,8 @@ def _build(dep: Deployment, offline: OfflineKeys, manifest: Manifest, now_ms: in
     elif manifest.broker.backend == "nats":
         # every member includes the same logins and permissions (rewritten at each start)
         write_nats_auth(dep.broker_dir, identities)
+    elif manifest.broker.backend == "rabbitmq":  # run by the operator: rabbitmqctl import_definitions
+        write_rabbitmq_definitions(dep.broker_dir, identities)
     else:
         # amqtt keeps its topic ACL in the config the broker writes at start (broker.embedded)
         write_amqtt_auth(dep.broker_dir, identities)
@@ -350,9 +362,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         "--broker",
         dest="backend",
-        choices=BACKENDS,
+        choices=BACKENDS + PROVISION_ONLY,
         default=None,
-        help="default: mosquitto if installed; nats: a three-member NATS cluster (README)",
+        help="default: mosquitto if installed; nats: a three-member NATS cluster; "
+        "rabbitmq: its logins only, to load into a RabbitMQ you run (README)",
     )
     parser.add_argument(
         "--opening-balance",
