@@ -120,7 +120,8 @@ def broker_address(dep: Deployment, node_id: str, url: str | None = None) -> Bro
         version = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("v", "auto")
     role = parse_node_id(node_id)[0]
     if role is Role.MONITOR:
-        if backend in ("mosquitto", "amqtt"):  # NATS, RabbitMQ: one MQTT listener, the monitor shares it
+        # NATS, RabbitMQ (and so any cluster's URL): one MQTT listener, the monitor shares it
+        if backend in ("mosquitto", "amqtt") and len(endpoints) == 1:
             endpoints = [(h, p + MONITOR_PORT_OFFSET) for h, p in endpoints]
     elif len(endpoints) > 1:
         first = zlib.crc32(node_id.encode()) % len(endpoints)
