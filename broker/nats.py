@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -298,6 +299,15 @@ class NatsCluster:
     def member_client(self, index: int, identity: BrokerIdentity, **kwargs: object) -> aiomqtt.Client:
         return self.members[index].client(identity, **kwargs)
 
+    async def placement(self) -> dict[str, int]:
+        """Which member each MQTT client id is connected to now (each live member's ``/connz``)."""
+        found: dict[str, int] = {}
+        for index, member in enumerate(self.members):
+            if member.is_running:
+                for client_id in await asyncio.to_thread(_mqtt_clients, member.http_port):
+                    found[client_id] = index
+        return found
+
     async def start(self) -> None:
         """Start every member at once: JetStream needs a majority before any is healthy."""
         try:
@@ -351,3 +361,14 @@ class NatsCluster:
             await self.stop()
         finally:
             await self.kill()
+
+
+def _mqtt_clients(http_port: int) -> list[str]:
+    """The client ids of the MQTT connections a member lists on its monitoring port."""
+    url = f"http://{HOST}:{http_port}/connz?limit=100000"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # our own member, on loopback
+            data = json.load(response)
+    except (OSError, ValueError) as exc:
+        raise BrokerError(f"cannot read {url}: {exc}") from exc
+    return [str(c["mqtt_client"]) for c in data.get("connections", ()) if c.get("mqtt_client")]

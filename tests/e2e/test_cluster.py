@@ -57,6 +57,8 @@ async def test_payments_cross_members_and_survive_one_dying(cluster: E2E) -> Non
 
     first = await scn.pay(DEV1, "1.25", "shop-1")
     assert first.code == 0, first.stderr[-3000:]
+    where = await broker.placement()  # as the members themselves see it
+    assert {nid: where[nid] for nid in placed} == placed, where
 
     # mid-stream: kill the payment-server's member once the trust link has started this payment
     since = len(scn.watcher.events)
@@ -68,6 +70,8 @@ async def test_payments_cross_members_and_survive_one_dying(cluster: E2E) -> Non
 
     third = await scn.pay(DEV1, "3.75", "shop-3")  # and afterwards, on two members
     assert third.code == 0, third.stderr[-3000:]
+    where = await broker.placement()
+    assert where[PS] != placed[PS], where  # it moved to a member still running
 
     orders = [run.result["order_id"] for run in (first, second, third)]
     stored = scn.stored_payments()
