@@ -15,7 +15,7 @@ import itertools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import aiomqtt
@@ -53,6 +53,13 @@ class BrokerAddress:
     @property
     def endpoints(self) -> tuple[tuple[str, int], ...]:
         return ((self.host, self.port), *self.alternates)
+
+    def at(self, attempt: int) -> BrokerAddress:
+        """The address for connection try ``attempt``: the members in turn (one broker: itself)."""
+        ends = self.endpoints
+        first = attempt % len(ends)
+        (host, port), *others = ends[first:] + ends[:first]
+        return replace(self, host=host, port=port, alternates=tuple(others))
 
 
 @dataclass

@@ -220,3 +220,11 @@ def test_provision_for_nats_writes_the_logins_and_nodes_get_every_member(tmp_pat
     assert monitor.endpoints == (("127.0.0.1", first), *sorted(members)[1:])
     url = broker_address(dep, "payment-server", "mqtt://127.0.0.1:5001,127.0.0.1:5002?v=3.1.1")
     assert set(url.endpoints) == {("127.0.0.1", 5001), ("127.0.0.1", 5002)} and url.mqtt_version == "3.1.1"
+
+
+def test_an_address_turns_through_the_members() -> None:
+    one = BrokerAddress("127.0.0.1", 1, "u", "p")
+    assert one.at(5) == one
+    three = BrokerAddress("127.0.0.1", 1, "u", "p", "3.1.1", alternates=(("127.0.0.1", 4), ("127.0.0.1", 7)))
+    assert [a.port for a in (three.at(0), three.at(1), three.at(2), three.at(3))] == [1, 4, 7, 1]
+    assert three.at(1).endpoints == (("127.0.0.1", 4), ("127.0.0.1", 7), ("127.0.0.1", 1))
