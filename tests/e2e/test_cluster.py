@@ -84,4 +84,3 @@ async def test_payments_cross_members_and_survive_one_dying(cluster: E2E) -> Non
     balances = await scn.balances()
     assert balances[f"{DEV1}:wallet"] == OPENING - 125 - 250 - 375
     assert balances["shop-2"] == 250
-
