@@ -1,8 +1,10 @@
 """The MQTT broker under trustpay, as a managed child process.
 
-Two backends with one interface: ``mosquitto`` (the real one: MQTT 5,
-persistence, ``$share``) and ``amqtt`` (pure Python fallback; see
-:mod:`broker.embedded` for what it lacks). Both listen on 127.0.0.1 only,
+Three backends with one interface: ``mosquitto`` (the real one: MQTT 5,
+persistence, ``$share``), ``amqtt`` (pure Python fallback; see
+:mod:`broker.embedded` for what it lacks) and ``nats`` (a cluster of NATS
+servers through their MQTT 3.1.1 gateway, for more than one machine; see
+:mod:`broker.nats`). Both listen on 127.0.0.1 only,
 refuse anonymous clients and enforce :func:`protocol.topics.acl_for`.
 """
 
@@ -22,21 +24,30 @@ from ._base import HOST, BrokerError, ClientTls, ServerTls
 from .embedded import AmqttBroker
 from .identities import BrokerIdentity, identities_for
 from .mosquitto import MosquittoBroker
+from .nats import CLUSTER_SIZE, PORTS_PER_MEMBER, NatsCluster, NatsMember
 
-BACKENDS = ("mosquitto", "amqtt")
+BACKENDS = ("mosquitto", "amqtt", "nats")
+# provisioned for (its logins and permissions, broker.rabbitmq) but not started by trustpay
+PROVISION_ONLY = ("rabbitmq",)
 
 __all__ = [
     "BACKENDS",
+    "CLUSTER_SIZE",
     "HOST",
+    "PORTS_PER_MEMBER",
+    "PROVISION_ONLY",
     "AmqttBroker",
     "Broker",
     "BrokerError",
     "BrokerIdentity",
     "ClientTls",
     "MosquittoBroker",
+    "NatsCluster",
+    "NatsMember",
     "ServerTls",
     "default_backend",
     "free_port",
+    "free_ports",
     "identities_for",
     "make_broker",
 ]
@@ -52,7 +63,7 @@ class Broker(Protocol):
     wrap_argv: Callable[[list[str]], list[str]]  # applied to the argv at start()
 
     @property
-    def backend(self) -> str: ...  # "mosquitto" | "amqtt"
+    def backend(self) -> str: ...  # "mosquitto" | "amqtt" | "nats"
 
     @property
     def mqtt_version(self) -> str: ...  # "5" | "3.1.1": pick aiomqtt's ProtocolVersion by it
@@ -103,12 +114,17 @@ def free_port() -> int:
     our own MQTT clients may hold it. Ports are drawn at random below that range.
     A broker listens on this port and the next (the monitor's listener): both are free.
     """
+    return free_ports(2)
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports free on 127.0.0.1 now (see :func:`free_port`)."""
     low = _ephemeral_floor()
-    for _ in range(200):  # bounded; each try is two binds
-        port = secrets.randbelow(low - _LOWEST - 1) + _LOWEST
-        if _bindable(port) and _bindable(port + 1):
+    for _ in range(200):  # bounded; each try is up to ``count`` binds
+        port = secrets.randbelow(low - _LOWEST - count) + _LOWEST
+        if all(_bindable(p) for p in range(port, port + count)):
             return port
-    raise BrokerError(f"no free port found on {HOST} between {_LOWEST} and {low}")
+    raise BrokerError(f"no {count} free ports found on {HOST} between {_LOWEST} and {low}")
 
 
 def _bindable(port: int) -> bool:
@@ -144,7 +160,13 @@ def make_broker(
     """A stopped broker; ``port=None`` picks a free one. Start it, or use ``async with``.
 
     ``tls`` (Mosquitto only): mqtts with a client certificate required on every listener.
+    ``nats``: a cluster of ``CLUSTER_SIZE`` members whose first listens on ``port``.
     """
+    if backend == "nats":
+        if tls is not None:
+            raise BrokerError("the NATS cluster runs without TLS here: use mosquitto for mqtts")
+        first = free_ports(CLUSTER_SIZE * PORTS_PER_MEMBER) if port is None else port
+        return NatsCluster(data_dir, first, identities, health_identity)
     chosen = free_port() if port is None else port
     if backend == "mosquitto":
         return MosquittoBroker(data_dir, chosen, identities, health_identity, tls=tls, client_tls=client_tls)
@@ -152,4 +174,10 @@ def make_broker(
         if tls is not None:
             raise BrokerError("the embedded amqtt broker runs without TLS here: use mosquitto for mqtts")
         return AmqttBroker(data_dir, chosen, identities, health_identity)
+    if backend in PROVISION_ONLY:
+        raise BrokerError(
+            f"trustpay does not start {backend}: load the deployment's broker/rabbitmq-definitions.json "
+            "into it (rabbitmqctl import_definitions), enable its MQTT plugin, "
+            "then give its URL: trustpay up --broker mqtt://127.0.0.1:PORT"
+        )
     raise BrokerError(f"unknown broker backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -7,6 +7,7 @@ runtime works with; it is done once, at the entry point.
 from __future__ import annotations
 
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import TextIO
 from urllib.parse import urlsplit
@@ -96,24 +97,52 @@ def node_config(dep: Deployment, node_id: str, settings: Settings | None = None)
 
 
 def broker_address(dep: Deployment, node_id: str, url: str | None = None) -> BrokerAddress:
-    """The manifest's broker, or ``url`` (mqtt[s]://host:port[?v=5|3.1.1]) when given.
+    """The manifest's broker, or ``url`` (mqtt[s]://host:port[,host:port...][?v=5|3.1.1]) when given.
 
     TLS (``mqtts``, or a manifest saying so) presents the login's own client certificate.
+    Several members (a clustered broker, or a manifest on ``nats``): the node starts on
+    one picked by its id, so the nodes spread over the members, and fails over to the
+    others in turn (:class:`nodes.bus.MqttBus`); the monitor starts on the first.
     """
     creds = dep.load_broker_credentials(node_id)
     manifest = dep.load_manifest()
-    host, port, tls = manifest.broker.host, manifest.broker.port, manifest.broker.tls
-    version = "5" if manifest.broker.backend == "mosquitto" else "3.1.1"
+    host, tls, backend = manifest.broker.host, manifest.broker.tls, manifest.broker.backend
+    endpoints = [(host, manifest.broker.port)]
+    if backend == "nats":  # a cluster: broker.nats.member_ports
+        endpoints = [(host, manifest.broker.port + _NATS_PORTS_PER_MEMBER * i) for i in range(_NATS_MEMBERS)]
+    version = "5" if backend == "mosquitto" else "3.1.1"
     if url:
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "tcp", "mqtts") or not parts.hostname:
+        if parts.scheme not in ("mqtt", "tcp", "mqtts") or not parts.netloc:
             raise ConfigError(f"broker URL {url!r} must look like mqtt://127.0.0.1:1883 or mqtts://...")
-        host, port, tls = parts.hostname, parts.port or 1883, parts.scheme == "mqtts"
+        endpoints = [_host_port(url, member) for member in parts.netloc.split(",")]
+        tls = parts.scheme == "mqtts"
         version = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("v", "auto")
-    if parse_node_id(node_id)[0] is Role.MONITOR:
-        port += MONITOR_PORT_OFFSET  # the monitor's own listener (protocol.topics)
+    role = parse_node_id(node_id)[0]
+    if role is Role.MONITOR:
+        # NATS, RabbitMQ (and so any cluster's URL): one MQTT listener, the monitor shares it
+        if backend in ("mosquitto", "amqtt") and len(endpoints) == 1:
+            endpoints = [(h, p + MONITOR_PORT_OFFSET) for h, p in endpoints]
+    elif len(endpoints) > 1:
+        first = zlib.crc32(node_id.encode()) % len(endpoints)
+        endpoints = endpoints[first:] + endpoints[:first]
     context = client_context(node_tls(dep, node_id)) if tls else None
-    return BrokerAddress(host, port, creds.username, creds.password, version, context)
+    (host, port), *others = endpoints
+    return BrokerAddress(host, port, creds.username, creds.password, version, context, tuple(others))
+
+
+_NATS_MEMBERS, _NATS_PORTS_PER_MEMBER = 3, 3  # broker.nats.CLUSTER_SIZE, PORTS_PER_MEMBER
+
+
+def _host_port(url: str, member: str) -> tuple[str, int]:
+    parts = urlsplit(f"mqtt://{member}")
+    try:
+        port = parts.port or 1883
+    except ValueError as exc:
+        raise ConfigError(f"broker URL {url!r}: {member!r} is not host:port") from exc
+    if not parts.hostname:
+        raise ConfigError(f"broker URL {url!r}: {member!r} has no host")
+    return parts.hostname, port
 
 
 @dataclass

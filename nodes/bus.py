@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import itertools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import aiomqtt
@@ -46,6 +47,19 @@ class BrokerAddress:
     password: str
     mqtt_version: str = "auto"  # "5", "3.1.1" or "auto" (try 5, fall back)
     tls: ssl.SSLContext | None = field(default=None, compare=False)  # mqtts (nodes.tls)
+    # other members of a clustered broker (broker.nats), tried in turn after host:port fails
+    alternates: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        return ((self.host, self.port), *self.alternates)
+
+    def at(self, attempt: int) -> BrokerAddress:
+        """The address for connection try ``attempt``: the members in turn (one broker: itself)."""
+        ends = self.endpoints
+        first = attempt % len(ends)
+        (host, port), *others = ends[first:] + ends[:first]
+        return replace(self, host=host, port=port, alternates=tuple(others))
 
 
 @dataclass
@@ -69,6 +83,7 @@ class MqttBus:
     _kick: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _closing: bool = field(default=False, init=False)
     connections: int = field(default=0, init=False)
+    endpoint: tuple[str, int] = field(default=("", 0), init=False)  # the member connected to last
 
     def _make_client(self, version: str) -> aiomqtt.Client:
         will = None
@@ -76,8 +91,8 @@ class MqttBus:
             topic, payload = self.will()
             will = aiomqtt.Will(topic, payload, qos=1, retain=True)
         common = dict(
-            hostname=self.address.host,
-            port=self.address.port,
+            hostname=self.endpoint[0],
+            port=self.endpoint[1],
             username=self.address.username,
             password=self.address.password,
             identifier=self.client_id,
@@ -114,7 +129,11 @@ class MqttBus:
     ) -> None:
         delay = self.backoff_initial_s
         version = self.address.mqtt_version if self.address.mqtt_version != "auto" else "5"
-        while True:
+        endpoints = self.address.endpoints
+        for attempt in itertools.count():  # ends by cancellation or close(); backoff between tries
+            # a clustered broker: each lost connection or failed try moves on to the next member
+            # (the session, with its unacknowledged QoS 1 messages, is the cluster's, not the member's)
+            self.endpoint = endpoints[attempt % len(endpoints)]
             try:
                 async with self._make_client(version) as client:
                     for topic_filter in subscriptions:
@@ -124,7 +143,9 @@ class MqttBus:
                     self._ready.set()
                     connected.set()
                     delay = self.backoff_initial_s
-                    self.log.info("bus.connected", mqtt=version, attempt=self.connections)
+                    self.log.info(
+                        "bus.connected", mqtt=version, attempt=self.connections, port=self.endpoint[1]
+                    )
                     if self.on_connect is not None:
                         self.on_connect()
                     self._kick = asyncio.Event()
@@ -139,7 +160,9 @@ class MqttBus:
                     # the node is stopping, so stop instead of reconnecting
                     raise asyncio.CancelledError from None
                 exc = group.exceptions[0]
-                self.log.warning("bus.disconnected", reason=str(exc), retry_in_s=delay, mqtt=version)
+                self.log.warning(
+                    "bus.disconnected", reason=str(exc), retry_in_s=delay, mqtt=version, port=self.endpoint[1]
+                )
                 if self.address.mqtt_version == "auto" and self.connections == 0:
                     # Until one connection works, alternate: amqtt refuses a v5 CONNECT.
                     version = "3.1.1" if version == "5" else "5"
@@ -148,6 +171,8 @@ class MqttBus:
                 self._kick.set()
                 self._ready.clear()
                 connected.clear()
+            if len(endpoints) > 1 and (attempt + 1) % len(endpoints):
+                continue  # another member right away; back off once every member was tried
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max_s)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
+from broker import BACKENDS
 from nodes.assemble import assemble
 from nodes.deployment import Deployment
 from nodes.runtime import Node, now_ms, ping
@@ -264,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="micro: per-message costs; rt: round trips vs raw MQTT; pay: attested payments",
     )
     parser.add_argument("--payments", type=int, default=20, help="payments for `pay`")
-    parser.add_argument("--backend", choices=["mosquitto", "amqtt"], default=None)
+    parser.add_argument("--backend", choices=BACKENDS, default=None)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--n", type=int, default=2000, help="messages per micro batch")
     add_json_argument(parser, "the result as one JSON line (default: indented JSON)")

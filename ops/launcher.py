@@ -419,10 +419,11 @@ class Launcher:
         versions = ("5", "3.1.1") if address.mqtt_version == "auto" else (address.mqtt_version,)
         timeout = _PROBE_TIMEOUT_S if len(versions) > 1 else _MQTT_TIMEOUT_S
         failures = 0
-        for _ in range(_MONITOR_CONNECTS):
+        for attempt in range(_MONITOR_CONNECTS):
             version = versions[failures % len(versions)]
+            member = address.at(attempt)  # a clustered broker: each try on the next member
             try:
-                async with monitor_client(address, version, "monitor-up", timeout, _QUIET) as client:
+                async with monitor_client(member, version, "monitor-up", timeout, _QUIET) as client:
                     for topic_filter in STATUS_FILTERS:
                         await client.subscribe(topic_filter, qos=1)
                     versions, timeout, failures = (version,), _MQTT_TIMEOUT_S, 0  # keep what worked

@@ -26,8 +26,19 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from broker import BACKENDS, HOST, default_backend, free_port
+from broker import (
+    BACKENDS,
+    CLUSTER_SIZE,
+    HOST,
+    PORTS_PER_MEMBER,
+    PROVISION_ONLY,
+    default_backend,
+    free_port,
+    free_ports,
+)
 from broker.identities import BrokerIdentity, write_amqtt_auth, write_mosquitto_auth
+from broker.nats import write_nats_auth
+from broker.rabbitmq import write_rabbitmq_definitions
 from nodes.deployment import (
     MANIFEST_FORMAT,
     AccountEntry,
@@ -96,7 +107,9 @@ def provision(
     _check_target(out, force)
     _check_target(offline_dir, force, "--offline")
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-    manifest = _manifest(now_ms, devices, apps, backend, broker_port or free_port(), opening_balance)
+    if broker_port is None:  # a NATS cluster's members listen on a block of ports (broker.nats)
+        broker_port = free_ports(CLUSTER_SIZE * PORTS_PER_MEMBER) if backend == "nats" else free_port()
+    manifest = _manifest(now_ms, devices, apps, backend, broker_port, opening_balance)
     if tls:  # mqtts with client certificates (nodes.tls); the embedded broker stays plain
         if backend != "mosquitto":
             raise ConfigError("--tls needs the mosquitto backend: the embedded amqtt broker has no TLS here")
@@ -149,8 +162,8 @@ def _check_options(
             raise ConfigError(f"app name {app!r} must be letters, digits or '_'")
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"--broker-port {port} is not a TCP port (1-65535)")
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend not in (*BACKENDS, *PROVISION_ONLY):
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS + PROVISION_ONLY)}, not {backend!r}")
     if balance < 0:
         raise ConfigError(f"--opening-balance must not be negative, not {balance}")
     if days < 1:
@@ -260,6 +273,11 @@ def _build(dep: Deployment, offline: OfflineKeys, manifest: Manifest, now_ms: in
     _write_releases(dep, manifest, issuer_keys, now_ms)
     if manifest.broker.backend == "mosquitto":
         write_mosquitto_auth(dep.broker_dir, identities)
+    elif manifest.broker.backend == "nats":
+        # every member includes the same logins and permissions (rewritten at each start)
+        write_nats_auth(dep.broker_dir, identities)
+    elif manifest.broker.backend == "rabbitmq":  # run by the operator: rabbitmqctl import_definitions
+        write_rabbitmq_definitions(dep.broker_dir, identities)
     else:
         # amqtt keeps its topic ACL in the config the broker writes at start (broker.embedded)
         write_amqtt_auth(dep.broker_dir, identities)
@@ -340,7 +358,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory to create")
     parser.add_argument("--devices", type=int, required=True, help="number of devices")
     parser.add_argument("--broker-port", type=int, default=None, help="default: a free port now")
-    parser.add_argument("--backend", choices=BACKENDS, default=None, help="default: mosquitto if installed")
+    parser.add_argument(
+        "--backend",
+        "--broker",
+        dest="backend",
+        choices=BACKENDS + PROVISION_ONLY,
+        default=None,
+        help="default: mosquitto if installed; nats: a three-member NATS cluster; "
+        "rabbitmq: its logins only, to load into a RabbitMQ you run (README)",
+    )
     parser.add_argument(
         "--opening-balance",
         type=int,
@@ -364,6 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "trustpay provision --out deploy --devices 2          # ./deploy: found by every command",
         "trustpay provision --out /srv/tp --devices 100 --tls --json   # then TRUSTPAY_DEPLOY=/srv/tp",
+        "trustpay provision --out deploy --devices 2 --broker nats   # a clustered broker (NATS, 3 members)",
     )
 
 

@@ -234,7 +234,7 @@ def test_empty_dir_is_used_and_options_are_checked(tmp_path: Path) -> None:
     assert manifest.broker.backend == "amqtt" and 0 < manifest.broker.port < 65536
     assert {a.opening_balance for a in manifest.accounts} == {5}
     assert mode(Deployment(out).broker_dir / "amqtt.passwd") == 0o600
-    for kwargs in ({"devices": 0}, {"devices": 1, "backend": "nats"}, {"devices": 1, "opening_balance": -1}):
+    for kwargs in ({"devices": 0}, {"devices": 1, "backend": "kafka"}, {"devices": 1, "opening_balance": -1}):
         with pytest.raises(ConfigError):
             provision(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
