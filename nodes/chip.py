@@ -82,8 +82,14 @@ ATTEST_PATIENCE = 4  # an attestation spans several platform round trips: wait t
 
 class Chip(Node):
     def __init__(
-        self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger, deployment: Deployment
+        self,
+        config: NodeConfig,
+        bus: Bus,
+        log: structlog.typing.FilteringBoundLogger,
+        deployment: Deployment,
+        sandbox: Sandbox | None = None,
     ) -> None:
+        """``sandbox``: shared by a fleet's chips (``ops.fleet``), which closes it; else the chip's own."""
         super().__init__(config, bus, log)
         assert self.device is not None
         self.dep = deployment
@@ -93,7 +99,8 @@ class Chip(Node):
         self.is_open = False
         self.payment_server: Certificate | None = None
         self._app_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.sandbox = Sandbox()
+        self._owns_sandbox = sandbox is None
+        self.sandbox = sandbox or Sandbox()
         self.route("chip.info", self.info)
         self.route("chip.enable", self.set_enabled)
         self.route("app.delete", self.delete_app)
@@ -110,7 +117,8 @@ class Chip(Node):
         try:
             await super().run()
         finally:
-            await self.sandbox.close()
+            if self._owns_sandbox:
+                await self.sandbox.close()
 
     async def main(self) -> None:
         # Once running, so the worker it starts is always closed by ``run`` (never by a bare prepare).
