@@ -164,6 +164,7 @@ class Fleet:
                 ]
                 for phase in phases:
                     for member in phase:
+                        member.node = self._make(member)  # now, so that the phase can wait for it
                         tg.create_task(self._keep(member), name=f"fleet:{member.node_id}")
                     if phase:
                         await self._wait_connected(phase)
@@ -206,7 +207,8 @@ class Fleet:
             if member.stopped:
                 return
             try:
-                member.node = self._make(member)
+                if member.node is None:
+                    member.node = self._make(member)
                 await member.node.run()
                 if member.stopped:
                     return
@@ -220,6 +222,7 @@ class Fleet:
             member.failures.append(why)
             if member.node is not None:
                 self._retired.update(member.node.counters)
+                member.node = None  # the next incarnation is a fresh node
             if member.stopped:
                 return
             member.restarts += 1

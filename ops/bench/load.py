@@ -48,7 +48,7 @@ from ..parent_death import guarded
 from .baseline import Lane, Login, baseline
 from .cpu import CpuMeter, rss_kib
 
-UP_TIMEOUT_S = 180.0
+UP_TIMEOUT_S = 60.0
 # messages that are not part of a payment's hops: said apart, never counted as its link frames
 NOT_LINK = ("event", "metrics", "status", "pong", "ping")
 
@@ -356,8 +356,13 @@ async def _measure(
     tasks = [asyncio.create_task(c.run(), name=f"bench:{c.id}") for c in clients]
     try:
         async with asyncio.timeout(UP_TIMEOUT_S):
-            for client in clients:
-                await client.opened.wait()
+            for client, task in zip(clients, tasks, strict=True):
+                opened = asyncio.ensure_future(client.opened.wait())
+                await asyncio.wait((opened, task), return_when=asyncio.FIRST_COMPLETED)
+                opened.cancel()
+                if not client.opened.is_set():
+                    why = task.exception() if not task.cancelled() else None
+                    raise BenchError(f"{client.id} could not open its chip: {why!r}")
         # warm-up: every device pays once, so each is known to pay and caches are as in service
         slots = asyncio.Semaphore(concurrency)
 
