@@ -40,6 +40,7 @@ from protocol.replay import ReplayGuard
 from protocol.topics import Role, link_topic
 
 from ..cli_common import add_examples, add_json_argument, print_json
+from .baseline import STOP
 
 if TYPE_CHECKING:
     from ops.watch import Seen
@@ -140,7 +141,11 @@ async def _raw_rt(
         await b.subscribe(req, qos=1)
 
         async def echo() -> None:
+            # ends on the stop message, never by cancelling it while it waits in b.messages
+            # (a cancelled reader stayed "cancelling" there for good in two runs of three)
             async for message in b.messages:
+                if message.payload == STOP:
+                    return
                 await b.publish(rsp, message.payload, qos=1)
 
         echo_task = asyncio.create_task(echo())
@@ -150,9 +155,13 @@ async def _raw_rt(
                 await a.publish(req, str(i).encode(), qos=1)
                 await anext(aiter(a.messages))
         elapsed = time.perf_counter() - start
-        echo_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await echo_task
+        await a.publish(req, STOP, qos=1)
+        try:
+            async with asyncio.timeout(10):
+                await echo_task
+        finally:
+            if not echo_task.done():
+                echo_task.cancel()
     return rounds / elapsed
 
 
