@@ -73,6 +73,7 @@ class Member:
     restarts: int = 0
     failures: list[str] = field(default_factory=list)
     stopped: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set when it fails or starts again
 
 
 class Fleet:
@@ -166,15 +167,15 @@ class Fleet:
                     for member in phase:
                         member.node = self._make(member)  # now, so that the phase can wait for it
                         tg.create_task(self._keep(member), name=f"fleet:{member.node_id}")
-                    if phase:
-                        await self._wait_connected(phase)
-                await self._wait_started([m for m in self.members if m.role is Role.TRUST_MODULE])
+                    await self._settle(phase)
                 if not self._stop.is_set():
                     self.up.set()
+                    failed = [m.node_id for m in self.members if m.failures]
                     self.report(
                         {
                             "event": "up",
-                            "nodes": len(self.members),
+                            "nodes": len(self.members) - len(failed),
+                            "failed": failed,
                             "seconds": round(time.monotonic() - started, 2),
                         }
                     )
@@ -185,20 +186,41 @@ class Fleet:
                 await asyncio.to_thread(close)
         return self.counters()
 
-    async def _wait_connected(self, phase: list[Member]) -> None:
-        for _ in range(len(phase) + 1):  # bounded: one pass per member at most
-            waiting = [m.node.connected.wait() for m in phase if m.node is not None and not m.stopped]
-            if not waiting:
-                return
-            await _unless(self._stop, asyncio.gather(*waiting), UP_TIMEOUT_S)
-            if all(m.node is not None and m.node.connected.is_set() for m in phase if not m.stopped):
-                return
-
-    async def _wait_started(self, phase: list[Member]) -> None:
-        events = [getattr(m.node, "started", None) for m in phase if m.node is not None]
-        waiting = [e.wait() for e in events if isinstance(e, asyncio.Event)]
+    async def _settle(self, phase: list[Member]) -> None:
+        """Until each member of ``phase`` runs (or has failed once: reported, not waited for)."""
+        waiting = [self._running(m, once=True) for m in phase]
         if waiting:
             await _unless(self._stop, asyncio.gather(*waiting), UP_TIMEOUT_S)
+
+    async def wait_running(self, nid: str) -> Node:
+        """The node ``nid`` once it runs: connected, and a trust module past its start-up checks."""
+        member = next((m for m in self.members if m.node_id == nid), None)
+        if member is None:
+            raise ConfigError(f"{nid} is not in this fleet")
+        node = await self._running(member, once=False)
+        if node is None:
+            raise TrustpayError(f"{nid} is not running: {member.failures[-1:] or 'stopped'}")
+        return node
+
+    async def _running(self, member: Member, once: bool) -> Node | None:
+        for _ in range(MAX_RESTARTS + 2):  # one turn per incarnation at most
+            node = member.node
+            if member.stopped or (once and member.failures):
+                return None
+            if node is not None:
+                ready = [node.connected]
+                started = getattr(node, "started", None)
+                if isinstance(started, asyncio.Event):
+                    ready.append(started)
+                pending = [e for e in ready if not e.is_set()]
+                if not pending:
+                    return node
+                member.changed.clear()
+                await _first(pending[0].wait(), member.changed.wait())
+            else:
+                member.changed.clear()
+                await member.changed.wait()
+        return None
 
     async def _keep(self, member: Member) -> None:
         """Run one node; when it fails, report it and start it again after a jittered backoff."""
@@ -209,6 +231,7 @@ class Fleet:
             try:
                 if member.node is None:
                     member.node = self._make(member)
+                    member.changed.set()
                 await member.node.run()
                 if member.stopped:
                     return
@@ -223,6 +246,7 @@ class Fleet:
             if member.node is not None:
                 self._retired.update(member.node.counters)
                 member.node = None  # the next incarnation is a fresh node
+            member.changed.set()
             if member.stopped:
                 return
             member.restarts += 1
@@ -247,6 +271,16 @@ async def _unless(stop: asyncio.Event, work: Any, timeout_s: float | None) -> No
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def _first(*waits: Any) -> None:
+    """Return once the first of ``waits`` (coroutines) is done; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _role_of(manifest: Manifest, nid: str) -> Role:
