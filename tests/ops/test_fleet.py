@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,7 +85,9 @@ def fleet_dep(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
 async def test_a_fleet_of_20_devices_pays_and_one_failing_node_takes_none_down(fleet_dep: Deployment) -> None:
     dep = fleet_dep
     manifest = dep.load_manifest()
-    ids = fleet_node_ids(manifest, None, [Role.TRUST_SERVER, Role.PAYMENT_SERVER, Role.CHIP, Role.TRUST_MODULE])
+    ids = fleet_node_ids(
+        manifest, None, [Role.TRUST_SERVER, Role.PAYMENT_SERVER, Role.CHIP, Role.TRUST_MODULE]
+    )
     assert len(ids) == 2 + 2 * DEVICES
     victim = node_id(Role.TRUST_MODULE, "dev-0003")
     held = _claim(dep.state_dir(victim), victim)  # another "process" runs that identity: it cannot start
