@@ -175,3 +175,26 @@ def test_seal_boxes_are_kept_per_own_key_so_a_fleet_does_not_thrash() -> None:
     first = _box(nodes[0].box_secret, peers[0])
     assert _box(nodes[0].box_secret, peers[0]) is first  # still cached after the whole cycle
     assert len(_boxes[nodes[0].box_secret]) == len(peers)
+
+
+async def test_launcher_in_fleet_mode_runs_devices_as_two_processes_and_restarts_them(
+    fleet_dep: Deployment,
+) -> None:
+    from ops.launcher import Launcher
+
+    async with Launcher(fleet_dep, devices=3, up_timeout_s=WAIT_S, fleet=True) as up:
+        await up.wait_all_up()
+        chips = [up.processes[node_id(Role.CHIP, f"dev-000{i}")] for i in (1, 2, 3)]
+        tms = [up.processes[node_id(Role.TRUST_MODULE, f"dev-000{i}")] for i in (1, 2, 3)]
+        assert len({c.pid for c in chips}) == 1 and len({t.pid for t in tms}) == 1
+        assert chips[0].pid not in {up.processes["trust-server"].pid, tms[0].pid}
+        # the fleet process dies: each of its nodes is seen to die, not as a deliberate stop
+        assert chips[0].pid is not None
+        os.kill(chips[0].pid, signal.SIGKILL)
+        for chip in chips:
+            died = await up.wait_exit(chip.node_id)
+            assert died.returncode == -signal.SIGKILL and not died.deliberate
+        # restarting its nodes starts one new fleet, which all of them join
+        again = [await up.restart(chip.node_id) for chip in chips]
+        assert len({c.pid for c in again}) == 1 and again[0].pid != chips[0].pid
+        assert all(c.is_up and c.incarnation == 2 for c in again)
