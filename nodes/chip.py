@@ -68,6 +68,7 @@ from protocol.records import (
 from protocol.schema import from_map
 from protocol.topics import Role, node_id
 
+from .app_forks import ForkSandbox
 from .bus import Bus
 from .deployment import ComponentFiles, Deployment, canonical_json, load_json
 from .runtime import Node, NodeConfig, now_ms
@@ -87,7 +88,7 @@ class Chip(Node):
         bus: Bus,
         log: structlog.typing.FilteringBoundLogger,
         deployment: Deployment,
-        sandbox: Sandbox | None = None,
+        sandbox: ForkSandbox | Sandbox | None = None,
     ) -> None:
         """``sandbox``: shared by a fleet's chips (``ops.fleet``), which closes it; else the chip's own."""
         super().__init__(config, bus, log)
@@ -100,7 +101,8 @@ class Chip(Node):
         self.payment_server: Certificate | None = None
         self._app_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._owns_sandbox = sandbox is None
-        self.sandbox = sandbox or Sandbox()
+        # payment apps run in a fresh child of a fork server each (``nodes.app_forks``)
+        self.sandbox: ForkSandbox | Sandbox = sandbox or ForkSandbox()
         self.route("chip.info", self.info)
         self.route("chip.enable", self.set_enabled)
         self.route("app.delete", self.delete_app)

@@ -10,15 +10,15 @@ log file and counters. What a fleet shares is only what carries no identity:
 * the manifest, read once (not once per node);
 * one handler per signal for the whole process, which stops every node (a node
   installing its own would overwrite the previous node's);
-* the chips' sandbox for payment-app workers (each worker is still started
-  fresh from ``exec`` and used for one payment only; one warm spare for the
-  fleet instead of one interpreter per chip).
+* the chips' fork servers for payment-app workers (``nodes.app_forks``: each
+  payment's app still runs in a fresh child, used once; a few servers for the
+  fleet instead of a spare interpreter per chip).
 
 A node that fails (its ``run`` raises) is reported and started again after a
 capped, jittered backoff; the other nodes never notice. Chips start before
 trust modules (a trust module asks its chip for its apps at start-up).
 
-Reports, one JSON object per line on stdout: ``{"event": "up", ...}`` once
+Reports, a line each on stdout (with ``--json`` one JSON object each): ``{"event": "up", ...}`` once
 every node is connected (and every trust module has finished its start-up
 flow), ``{"event": "failed", ...}`` when a node fails, and at the end
 ``{"event": "stopped", "counters": ...}`` with the fleet's summed counters;
@@ -40,14 +40,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from nodes.app_forks import ForkSandbox
 from nodes.assemble import assemble
 from nodes.deployment import Deployment, Manifest
 from nodes.runtime import Node, Settings
-from nodes.sandbox import Sandbox
 from protocol.errors import ConfigError, TrustpayError
 from protocol.topics import DEVICE_ROLES, SERVER_ROLES, Role, role_from_name
 
-from .cli_common import add_deploy_argument, add_examples
+from .cli_common import add_deploy_argument, add_examples, add_json_argument
 
 HELP = "run many nodes (the device nodes of N devices, or servers) in one process, each its own node"
 RESTART_INITIAL_S = 0.5
@@ -108,7 +108,7 @@ class Fleet:
                 raise ConfigError(f"{nid} is a {role.value}: a fleet runs chips, trust modules and servers")
             members.append(Member(nid, role))
         self.members = sorted(members, key=lambda m: order[m.role])
-        self.sandbox = Sandbox()  # shared by the fleet's chips
+        self.sandbox = ForkSandbox(max_servers=8)  # shared by the fleet's chips
         self.up = asyncio.Event()
         self._stop = asyncio.Event()
         self._retired: Counter[str] = Counter()  # counters of incarnations that ended
@@ -321,6 +321,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="console log level (each node's JSON log file gets everything)",
     )
+    add_json_argument(parser, "one JSON object per line for each event (up, failed, counters, stopped)")
     add_examples(
         parser,
         "trustpay fleet --deploy deploy --devices 1000      # 2,000 device nodes in this process",
@@ -328,8 +329,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _emit(event: dict[str, Any]) -> None:
-    print(json.dumps(event), flush=True)
+def _emitter(as_json: bool) -> Report:
+    def emit(event: dict[str, Any]) -> None:
+        if as_json:
+            print(json.dumps(event), flush=True)
+            return
+        kind = event.pop("event")
+        if kind == "counters" or kind == "stopped":
+            counters = event.pop("counters", {})
+            sent = sum(v for k, v in counters.items() if k.startswith("out."))
+            event["frames_sent"] = sent
+        print(f"{kind:<8} " + " ".join(f"{k}={v}" for k, v in event.items()), flush=True)
+
+    return emit
 
 
 def run(args: argparse.Namespace) -> int:
@@ -346,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(dep: Deployment, manifest: Manifest, ids: list[str], args: argparse.Namespace) -> int:
+    emit = _emitter(args.json)
     fleet = Fleet(
         dep,
         ids,
@@ -353,19 +366,19 @@ async def _run(dep: Deployment, manifest: Manifest, ids: list[str], args: argpar
         manifest=manifest,
         console=sys.stderr,
         console_level=args.log_level,
-        report=_emit,
+        report=emit,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # one handler for the whole process, stopping every node
         loop.add_signal_handler(sig, fleet.stop)
     # SIGUSR1: the counters so far, as one line (``trustpay bench`` reads them before and after a run)
     loop.add_signal_handler(
-        signal.SIGUSR1, lambda: _emit({"event": "counters", "counters": fleet.counters()})
+        signal.SIGUSR1, lambda: emit({"event": "counters", "counters": fleet.counters()})
     )
     try:
         counters = await fleet.run()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
-    _emit({"event": "stopped", "nodes": len(ids), "counters": dict(sorted(counters.items()))})
+    emit({"event": "stopped", "nodes": len(ids), "counters": dict(sorted(counters.items()))})
     return 0

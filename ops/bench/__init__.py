@@ -287,10 +287,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--broker",
         metavar="URL",
-        help="load: use this running broker (it must know the deployment's logins: give --deploy too)",
+        help="load: use this running broker (it must know the deployment's logins: give --reuse too)",
     )
     parser.add_argument(
-        "--deploy", type=Path, metavar="DIR", help="load: an existing deployment (default: a fresh one)"
+        "--reuse",
+        type=Path,
+        metavar="DIR",
+        help="load: run on this existing deployment instead of a fresh one (its first N devices pay)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="load: skip the raw-MQTT baseline")
     parser.add_argument(
@@ -347,12 +350,12 @@ def _run_load(args: argparse.Namespace) -> int:
 
     from .load import compare, load, save, table
 
-    if args.broker and not args.deploy:
-        raise ConfigError("--broker needs --deploy: a fresh deployment's logins are unknown to that broker")
+    if args.broker and not args.reuse:
+        raise ConfigError("--broker needs --reuse: a fresh deployment's logins are unknown to that broker")
     earlier = json.loads(args.compare.read_text()) if args.compare else None
     with tempfile.TemporaryDirectory(prefix="trustpay-bench-") as tmp:
-        if args.deploy:
-            dep = Deployment(args.deploy.resolve())
+        if args.reuse:
+            dep = Deployment(args.reuse.resolve())
         else:
             backend = args.backend or default_backend()
             provision(Path(tmp) / "d", args.devices, backend=backend)

@@ -125,7 +125,7 @@ async def _start_fleet(
     dep: Deployment, name: str, roles: str, devices: int | None, broker_url: str, tg: asyncio.TaskGroup
 ) -> FleetProcess:
     argv = [sys.executable, "-m", "ops.cli", "fleet", "--deploy", str(dep.root), "--roles", roles]
-    argv += ["--broker", broker_url, "--log-level", "error"]
+    argv += ["--broker", broker_url, "--log-level", "error", "--json"]
     if devices is not None:
         argv += ["--devices", str(devices)]
     dep.logs_dir.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,7 @@ async def test_fleet_process_stops_every_node_on_one_sigterm(fleet_dep: Deployme
         url = f"mqtt://{broker.host}:{broker.port}?v={broker.mqtt_version}"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ops.cli", "fleet", "--deploy", str(dep.root), "--roles", "chip",
-            "--devices", "5", "--broker", url,
+            "--devices", "5", "--broker", url, "--json",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         assert proc.stdout is not None
