@@ -8,20 +8,42 @@ from dataclasses import dataclass
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User + system CPU of ``pid``, and of the children it has reaped (a chip's app workers).
-
-    Zeros for a process that is gone (its CPU can no longer be read).
-    """
+def _stat(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read().decode("ascii", "replace")
     except OSError:
-        return 0.0, 0.0
+        return []
     # the command name (field 2) may hold spaces and parentheses: split after its last ')'
-    fields = stat[stat.rindex(")") + 2 :].split()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _children_of() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields:
+                tree.setdefault(int(fields[1]), []).append(int(entry))
+    return tree
+
+
+def cpu_seconds(pid: int, tree: dict[int, list[int]] | None = None) -> tuple[float, float]:
+    """User + system CPU of ``pid``, and of all its descendants, live or reaped.
+
+    Descendants count too (a chip's fork server for app workers, and that
+    server's children once it reaped them). Zeros for a process that is gone.
+    """
+    fields = _stat(pid)
+    if not fields:
+        return 0.0, 0.0
     utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
-    return (utime + stime) * _TICK_S, (cutime + cstime) * _TICK_S
+    tree = _children_of() if tree is None else tree
+    below = (cutime + cstime) * _TICK_S
+    for child in tree.get(pid, ()):
+        own, theirs = cpu_seconds(child, tree)
+        below += own + theirs
+    return (utime + stime) * _TICK_S, below
 
 
 def rss_kib(pid: int) -> int:
@@ -40,23 +62,26 @@ def rss_kib(pid: int) -> int:
 class CpuMeter:
     """CPU seconds per named process between ``start`` and ``stop``.
 
-    A process's reaped children (the chip's app workers) are said apart, as ``NAME+children``.
+    A process's descendants (the chip's app workers) are said apart, as ``NAME+children``.
     """
 
     pids: dict[str, int]
+    own_only: frozenset[str] = frozenset()  # processes whose descendants are measured by name already
 
     def __post_init__(self) -> None:
         self._start: dict[str, tuple[float, float]] = {}
         self.used: dict[str, float] = {}
 
     def start(self) -> None:
-        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        tree = _children_of()
+        self._start = {name: cpu_seconds(pid, tree) for name, pid in self.pids.items()}
 
     def stop(self) -> dict[str, float]:
         self.used = {}
+        tree = _children_of()
         for name, pid in self.pids.items():
-            (own, children), (own0, children0) = cpu_seconds(pid), self._start[name]
+            (own, children), (own0, children0) = cpu_seconds(pid, tree), self._start[name]
             self.used[name] = own - own0
-            if children - children0 > 0:
+            if name not in self.own_only and children - children0 > 0:
                 self.used[f"{name}+children"] = children - children0
         return self.used

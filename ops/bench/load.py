@@ -379,7 +379,7 @@ async def _measure(
         if broker is not None and broker.pid is not None:
             pids["broker"] = broker.pid
         pids["client"] = os.getpid()  # the clients live in this process (with the bench's own driving)
-        meter = CpuMeter(pids)
+        meter = CpuMeter(pids, own_only=frozenset({"client"}))  # this process started the others
         before = Counter[str]()
         for fleet in fleets:
             before.update(await fleet.counters())
