@@ -4,8 +4,8 @@ A baseline "payment" makes the same number of MQTT hops as an attested one,
 one after another (a request, its answer, the next request...), plus the same
 number of one-way publishes (trustpay's step events), with the same number of
 payments in flight, each lane on its own device login as the devices are. One
-responder (the trust-server's login) answers every lane, from a task per
-message, as a node does.
+responder (the trust-server's login), in a process of its own as the server
+is, answers every lane from a task per message, as a node does.
 
 Ending it never relies on cancelling a task blocked in ``client.messages``
 (``bench rt`` once hung there): the responder's reader stops on a stop message
@@ -54,8 +54,9 @@ def _client(host: str, port: int, login: Login, version: aiomqtt.ProtocolVersion
     )
 
 
-async def _respond(client: aiomqtt.Client, stopped: asyncio.Event) -> None:
-    """Echo each request on its device's answer topic; return at the stop message."""
+async def _respond(client: aiomqtt.Client) -> int:
+    """Echo each request on its device's answer topic; return at the stop message (how many)."""
+    answered = 0
     async with asyncio.TaskGroup() as tg:
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
@@ -64,7 +65,21 @@ async def _respond(client: aiomqtt.Client, stopped: asyncio.Event) -> None:
             device = str(message.topic).split("/")[3]
             answer = link_topic(Role.TRUST_SERVER, Role.TRUST_MODULE, device)
             tg.create_task(client.publish(answer, payload, qos=1))
-    stopped.set()
+            answered += 1
+    return answered
+
+
+async def responder(host: str, port: int, version: aiomqtt.ProtocolVersion, login: Login) -> None:
+    """The responder as its own process, as a server is (``python -m ops.bench.baseline``).
+
+    Says ``ready`` on stdout once subscribed, ``done N`` at the stop message.
+    """
+    async with _client(host, port, login, version) as server:
+        await server.subscribe(link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, "+"), qos=1)
+        print("ready", flush=True)
+        async with asyncio.timeout(3600):
+            answered = await _respond(server)
+    print(f"done {answered}", flush=True)
 
 
 async def _lane(
@@ -102,19 +117,34 @@ async def baseline(
     events: int,
     seconds: float,
 ) -> dict[str, float]:
-    """Baseline payments per second (and latency) with ``len(lanes)`` in flight for ``seconds``."""
+    """Baseline payments per second (and latency) with ``len(lanes)`` in flight for ``seconds``.
+
+    The responder runs in a process of its own, as the servers do; the lanes run here.
+    """
+    import sys
+
+    from ..parent_death import guarded
+
     latencies: list[float] = []
-    stopped = asyncio.Event()
-    async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(_client(host, port, responder, version))
-        await server.subscribe(link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, "+"), qos=1)
-        clients = []
-        for lane in lanes:
-            client = await stack.enter_async_context(_client(host, port, lane.login, version))
-            await client.subscribe(link_topic(Role.TRUST_SERVER, Role.TRUST_MODULE, lane.device), qos=1)
-            clients.append(client)
-        responding = asyncio.create_task(_respond(server, stopped), name="baseline:respond")
-        try:
+    v = "5" if version == aiomqtt.ProtocolVersion.V5 else "3.1.1"
+    argv = [sys.executable, "-m", "ops.bench.baseline", host, str(port), v, responder.username]
+    proc = await asyncio.create_subprocess_exec(
+        *guarded(argv), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(responder.password.encode() + b"\n")  # not on the command line
+        await proc.stdin.drain()
+        proc.stdin.close()
+        async with asyncio.timeout(30):
+            if (await proc.stdout.readline()).strip() != b"ready":
+                raise RuntimeError("the baseline responder did not start")
+        async with contextlib.AsyncExitStack() as stack:
+            clients = []
+            for lane in lanes:
+                client = await stack.enter_async_context(_client(host, port, lane.login, version))
+                await client.subscribe(link_topic(Role.TRUST_SERVER, Role.TRUST_MODULE, lane.device), qos=1)
+                clients.append(client)
             start = time.perf_counter()
             async with asyncio.timeout(seconds + 60), asyncio.TaskGroup() as tg:
                 runs = [
@@ -123,17 +153,15 @@ async def baseline(
                 ]
             elapsed = time.perf_counter() - start
             # the stop message comes after every request of this lane: the responder has seen them all
-            await clients[0].publish(
-                link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, lanes[0].device), STOP, qos=1
-            )
-            async with asyncio.timeout(10):
-                await stopped.wait()
-        finally:
-            if not responding.done():
-                responding.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                async with asyncio.timeout(5):
-                    await responding
+            stop_topic = link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, lanes[0].device)
+            await clients[0].publish(stop_topic, STOP, qos=1)
+            async with asyncio.timeout(30):
+                await proc.stdout.readline()
+                await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     made = sum(r.result() for r in runs)
     ordered = sorted(latencies)
     return {
@@ -142,3 +170,16 @@ async def baseline(
         "p50_ms": 1000 * ordered[len(ordered) // 2] if ordered else 0.0,
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0,
     }
+
+
+def _main() -> None:
+    import sys
+
+    host, port, version, username = sys.argv[1:5]
+    password = sys.stdin.readline().rstrip("\n")
+    mqtt = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
+    asyncio.run(responder(host, int(port), mqtt, Login(username, password)))
+
+
+if __name__ == "__main__":
+    _main()
