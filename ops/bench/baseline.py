@@ -70,7 +70,7 @@ async def _respond(client: aiomqtt.Client) -> int:
 
 
 async def responder(host: str, port: int, version: aiomqtt.ProtocolVersion, login: Login) -> None:
-    """The responder as its own process, as a server is (``python -m ops.bench.baseline``).
+    """The responder as its own process, as a server is (``python -m ops.bench.respond``).
 
     Says ``ready`` on stdout once subscribed, ``done N`` at the stop message.
     """
@@ -127,7 +127,7 @@ async def baseline(
 
     latencies: list[float] = []
     v = "5" if version == aiomqtt.ProtocolVersion.V5 else "3.1.1"
-    argv = [sys.executable, "-m", "ops.bench.baseline", host, str(port), v, responder.username]
+    argv = [sys.executable, "-m", "ops.bench.respond", host, str(port), v, responder.username]
     proc = await asyncio.create_subprocess_exec(
         *guarded(argv), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
     )
@@ -172,14 +172,10 @@ async def baseline(
     }
 
 
-def _main() -> None:
+def main() -> None:
     import sys
 
     host, port, version, username = sys.argv[1:5]
     password = sys.stdin.readline().rstrip("\n")
     mqtt = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
     asyncio.run(responder(host, int(port), mqtt, Login(username, password)))
-
-
-if __name__ == "__main__":
-    _main()
