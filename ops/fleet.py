@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -54,6 +55,7 @@ RESTART_INITIAL_S = 0.5
 RESTART_MAX_S = 30.0
 MAX_RESTARTS = 50  # per node: a node that keeps failing stays down, reported, after this many
 UP_TIMEOUT_S = 120.0
+PROFILE_ENV = "TRUSTPAY_PROFILE"  # a path prefix: the fleet runs under cProfile and writes its stats there
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -354,7 +356,17 @@ def run(args: argparse.Namespace) -> int:
     ids = fleet_node_ids(manifest, args.devices, roles)
     if not ids:
         raise ConfigError("no nodes to run: check --roles and --devices")
-    return asyncio.run(_run(dep, manifest, ids, args))
+    profile = os.environ.get(PROFILE_ENV)
+    if not profile:
+        return asyncio.run(_run(dep, manifest, ids, args))
+    import cProfile
+
+    # the event loop's thread, in CPU time: where a fleet's CPU goes (``trustpay bench --profile``)
+    profiler = cProfile.Profile(time.process_time)
+    try:
+        return profiler.runcall(asyncio.run, _run(dep, manifest, ids, args))
+    finally:
+        profiler.dump_stats(f"{profile}.{'-'.join(r.value for r in roles)}.prof")
 
 
 async def _run(dep: Deployment, manifest: Manifest, ids: list[str], args: argparse.Namespace) -> int:
