@@ -297,6 +297,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-baseline", action="store_true", help="load: skip the raw-MQTT baseline")
     parser.add_argument(
+        "--mqtt", choices=["5", "3.1.1"], help="load: the MQTT version of the nodes and the baseline"
+    )
+    parser.add_argument(
         "--save", type=Path, metavar="FILE", help="load: also write the result to FILE (JSON)"
     )
     parser.add_argument(
@@ -371,6 +374,7 @@ def _run_load(args: argparse.Namespace) -> int:
                 backend=args.backend if not args.broker else None,
                 crypto_us=(costs["ping.sign_us"], costs["ping.verify_us"]),
                 run_baseline=not args.no_baseline,
+                mqtt=args.mqtt,
             )
         )
     result["machine"] = _machine()

@@ -255,8 +255,12 @@ async def load(
     backend: str | None,
     crypto_us: tuple[float, float],
     run_baseline: bool = True,
+    mqtt: str | None = None,
 ) -> dict[str, Any]:
-    """The whole run: nodes up, warm-up, the measured window, the baseline; the result as a dict."""
+    """The whole run: nodes up, warm-up, the measured window, the baseline; the result as a dict.
+
+    ``mqtt``: the MQTT version every node and the baseline speak (default: the broker's best).
+    """
     from ops.broker_cmd import broker_for
 
     manifest = dep.load_manifest()
@@ -268,7 +272,7 @@ async def load(
         broker = None
         if broker_url is None:
             broker = await stack.enter_async_context(broker_for(dep, backend))
-            url = f"mqtt://{broker.host}:{broker.port}?v={broker.mqtt_version}"
+            url = f"mqtt://{broker.host}:{broker.port}?v={mqtt or broker.mqtt_version}"
         else:
             url = broker_url
         tg = await stack.enter_async_context(asyncio.TaskGroup())
@@ -297,6 +301,7 @@ async def load(
             raw = result["baseline_payments_per_second"]
             result["baseline_ratio"] = round(result["payments_per_second"] / raw, 3) if raw else 0.0
         result["broker"] = broker.backend if broker is not None else url
+        result["mqtt"] = url.rsplit("v=", 1)[-1] if "v=" in url else "auto"
     return result
 
 
