@@ -8,7 +8,7 @@ the user's intent (device, order id, app, payee, amount, currency) by hash and
 asks the trust module to attest the terminal for that intent, sending the
 buffer's digests (C1-C4); no app code has run yet. Only after a trusted
 verdict does it run the app's code from that buffer, the very bytes the trust
-module measured, in a sandboxed worker (``nodes/sandbox.py``) to make the
+module measured, in a sandboxed worker (``nodes/app_forks.py``) to make the
 order (C5). An order that is not exactly the intent is refused
 (``order_mismatch``); otherwise the trust module journals the app's next
 dynamic digest, the chip writes it, signs the order and seals it for the
