@@ -449,7 +449,8 @@ def table(result: dict[str, Any]) -> str:
         f"CPU/payment         {result['cpu_ms_per_payment']} ms, {result['cpu_cores_busy']} cores busy: "
         + ", ".join(f"{k} {v}" for k, v in result["cpu_ms_per_payment_by_role"].items()),
         f"crypto floor        {result['crypto_floor_ms_per_payment']} ms/payment (sign + verify each frame)",
-        f"fleet memory        {result['fleet_rss_kib_per_device']} KiB RSS per device (chip + tm fleets, interpreters included)",
+        f"fleet memory        {result['fleet_rss_kib_per_device']} KiB RSS per device "
+        "(chip + tm fleets, interpreters included)",
     ]
     if "baseline_payments_per_second" in result:
         lines.append(
