@@ -62,6 +62,7 @@ class MqttBus:
     backoff_max_s: float = 5.0
     publish_timeout_s: float = 10.0
     ack_timeout_s: float = 3.0
+    handshake_timeout_s: float = 4.0
     log: structlog.typing.FilteringBoundLogger = field(default_factory=structlog.get_logger)
     _client: aiomqtt.Client | None = field(default=None, init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -84,7 +85,9 @@ class MqttBus:
             tls_context=self.address.tls,
             will=will,
             keepalive=self.keepalive_s,
-            timeout=self.publish_timeout_s,
+            # how long CONNACK and SUBACK may take: a broker that accepted the connection but never
+            # answers (one still stopping, seen with amqtt during a restart) costs one short attempt
+            timeout=self.handshake_timeout_s,
             max_inflight_messages=200,
             # Nagle costs ~44-88 ms per round trip on loopback (FIELD-NOTES).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],

@@ -71,7 +71,7 @@ from protocol.topics import Role, node_id
 from .app_forks import ForkSandbox
 from .bus import Bus
 from .deployment import ComponentFiles, Deployment, canonical_json, load_json
-from .runtime import Node, NodeConfig, now_ms
+from .runtime import Node, NodeConfig
 from .sandbox import Sandbox
 from .store import JsonState, write_atomic
 
@@ -148,14 +148,14 @@ class Chip(Node):
         """The payment-server's certificate as the deployment has it now, checked like a frame's chain."""
         try:
             chain = await asyncio.to_thread(self._payment_server_chain)
-            self.payment_server = self.certs.resolve(chain, now_ms() // 1000)
+            self.payment_server = self.certs.resolve(chain, self.now_ms() // 1000)
         except TrustpayError as exc:
             self.log.warning("chip.no_payment_server_cert", reason=str(exc))
 
     async def _install_from_packages(self) -> None:
         """Install every app on disk whose package the issuer signed and whose bytes match it."""
         try:
-            issuer = self.dep.load_issuer(self.certs, now_ms() // 1000)
+            issuer = self.dep.load_issuer(self.certs, self.now_ms() // 1000)
         except ConfigError as exc:  # a forged issuer would vouch for any package: install none
             self.log.warning("app.install_refused", app="*", reason=exc.reason)
             return
@@ -170,7 +170,7 @@ class Chip(Node):
             except (TrustpayError, OSError) as exc:
                 self.log.warning("app.install_refused", app=app, reason=str(exc))
                 continue
-            self.data["apps"][app] = {"version": package.version, "installed_ms": now_ms()}
+            self.data["apps"][app] = {"version": package.version, "installed_ms": self.now_ms()}
             self.log.info("app.installed", app=app, version=package.version)
         await self.store.save(self.data)
 
@@ -244,6 +244,9 @@ class Chip(Node):
     async def pay(self, rx: Any) -> tuple[str, Body]:
         req: PayStart = rx.envelope.body
         session: bytes = rx.envelope.session
+        earlier = await self._earlier_answer(req.order_id)
+        if earlier is not None:
+            return "pay.result", earlier
         self._check_usable(req.app)
         async with self._app_locks[req.app]:
             result = await self._pay(req, session)
@@ -252,6 +255,34 @@ class Chip(Node):
             await self._c6(session)
         self.sandbox.warm_up()  # the next payment's worker, started off this payment's path
         return "pay.result", result
+
+    async def _earlier_answer(self, order_id: str) -> PayResult | None:
+        """The answer to an order this chip already sent, for a client asking again.
+
+        A client whose answer was lost asks again under the same message id; a
+        chip that restarted meanwhile no longer knows that id, so without this
+        it would refuse ("closed") an order it may already have paid. A held
+        order is sent again (the payment-server answers a repeat with its first
+        receipt); a settled one is answered from its stored receipt.
+        """
+        entry = self.data["pending"].get(order_id)
+        if entry is not None:
+            blob, session = bytes.fromhex(entry["order"]), bytes.fromhex(entry["session"])
+            order = open_record(Order, blob, ORDER_DOMAIN, self.keys.sign_public, "order")
+            status = await self._send_order(order_id, blob, record_hash(order.data), session)
+            blob = bytes.fromhex(self.data["receipts"].get(order_id, ""))
+            return PayResult(*status, order_id, blob, session)
+        stored = self.data["receipts"].get(order_id)
+        if stored is None or self.payment_server is None:
+            return None
+        blob = bytes.fromhex(stored)
+        try:
+            key = self.payment_server.body.sign_key
+            receipt = open_record(Receipt, blob, RECEIPT_DOMAIN, key, "receipt").body
+        except TrustpayError:  # signed by keys rotated away since: the order runs its normal course
+            return None
+        reason = receipt.reason or "payment confirmed"
+        return PayResult(receipt.status, receipt.code, reason, order_id, blob, b"")
 
     async def _c6(self, session: bytes) -> None:
         """C6: the trust module measures the app's new state and stores it."""
@@ -295,9 +326,9 @@ class Chip(Node):
             return PayResult("refused", "attestation_unavailable", str(exc), req.order_id, b"", b"")
         result: AttestResult = answer.envelope.body
         if not result.trusted:
-            return PayResult("refused", "untrusted", result.reason, req.order_id, b"", session)
+            return PayResult("refused", result.code or "untrusted", result.reason, req.order_id, b"", session)
         try:
-            payment_server = self.certs.resolve(list(result.payment_chain), now_ms() // 1000)
+            payment_server = self.certs.resolve(list(result.payment_chain), self.now_ms() // 1000)
             if payment_server.role != PS:
                 raise WrongRole(f"the payment chain ends in a {payment_server.role}, not the {PS}")
         except TrustpayError as exc:
@@ -345,7 +376,7 @@ class Chip(Node):
                 "amount": intent.amount,
                 "currency": intent.currency,
                 "order_id": intent.order_id,
-                "now_ms": now_ms(),
+                "now_ms": self.now_ms(),
             },
         )
         try:
@@ -371,7 +402,7 @@ class Chip(Node):
         if held is not None:
             return held
         cert = self.certs.resolve(
-            [(await asyncio.to_thread(self.dep.load_cert, self.tm_id)).to_bytes()], now_ms() // 1000
+            [(await asyncio.to_thread(self.dep.load_cert, self.tm_id)).to_bytes()], self.now_ms() // 1000
         )
         if (cert.subject, cert.role) != (self.tm_id, Role.TRUST_MODULE.value):
             raise WrongRole(

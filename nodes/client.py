@@ -217,8 +217,10 @@ class Client(Node):
             expect="pay.result",
             session=uuid.uuid4().bytes,
             peer=self._chip_cert(),
-            timeout_s=self.settings.request_timeout_s * self.settings.request_attempts * PAY_PATIENCE,
-            attempts=1,
+            # asked again under the same id while no answer comes: the chip answers a repeat from its
+            # cache, or (restarted meanwhile) from the order it holds; never a second payment
+            timeout_s=self.settings.request_timeout_s * self.settings.request_attempts,
+            attempts=PAY_PATIENCE,
         )
         result: PayResult = answer.envelope.body
         if result.session:  # the trust module journalled this digest: record the attempt, then C7

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 
@@ -35,9 +36,9 @@ def main(args: argparse.Namespace, device: str, static: bytes) -> int:
     try:
         return asyncio.run(run_client(args, device, static))
     except ConfigError as exc:
-        return _fail(exc, EXIT_CONFIG)
+        return _fail(exc, EXIT_CONFIG, args.json)
     except TrustpayError as exc:
-        return _fail(exc, EXIT_ERROR)
+        return _fail(exc, EXIT_ERROR, args.json)
     except KeyboardInterrupt:
         print("trustpay: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -51,7 +52,10 @@ async def run_client(args: argparse.Namespace, device: str, static: bytes) -> in
         nid,
         args.broker,
         console_level=args.log_level,
-        settings=Settings(connect_timeout_s=CONNECT_TIMEOUT_S),
+        # getattr: a boot path from before --clock-offset-ms passes no such option
+        settings=Settings(
+            connect_timeout_s=CONNECT_TIMEOUT_S, clock_offset_ms=getattr(args, "clock_offset_ms", 0)
+        ),
     )
     words = [w for w in args.words if w != "--"]
     client = Client(
@@ -78,6 +82,10 @@ async def run_client(args: argparse.Namespace, device: str, static: bytes) -> in
     return client.exit_code
 
 
-def _fail(exc: TrustpayError, code: int) -> int:
+def _fail(exc: TrustpayError, code: int, as_json: bool) -> int:
+    """The client could not run (no broker, a broken install): nothing was asked of the chip."""
     print(f"trustpay: error: {exc.reason}", file=sys.stderr)
+    if as_json:  # a program reading the JSON lines learns why too
+        line = {"exit": code, "status": "error", "code": exc.code, "reason": exc.reason}
+        print(json.dumps(line), flush=True)
     return code

@@ -18,6 +18,15 @@ publishes its counters every ``Settings.metrics_interval_s`` (``nodes.metrics``)
 Every node also reads the retained revocation list (``CRL_TOPIC``) and installs
 a newer one the moment it arrives. A verified request from a sender it revokes
 is answered with a typed ``revoked`` refusal, so the sender learns why at once.
+
+Likewise a verified request refused only because its stamp is outside the time
+window gets a typed ``clock_skew`` refusal saying by how much and which way the
+sender's clock is off (at most ``CLOCK_SKEW_BURST`` at once per sender, then one
+a second). A requester takes such a refusal although its own stamp is outside
+*its* window, but only as the answer to a request still pending, from the peer
+asked: the reply_to names a random id just sent, so an old or foreign refusal
+ends nothing. Every time a node reads goes through ``Node.now_ms``, which adds
+``Settings.clock_offset_ms``: a node can run with its clock off, as a device's can.
 """
 
 from __future__ import annotations
@@ -36,7 +45,16 @@ from typing import Any
 import structlog
 
 from protocol.certs import Certificate, CertStore, RevocationList
-from protocol.envelope import Envelope, Received, SenderRevoked, Verifier, new_id, peek, sign_frame
+from protocol.envelope import (
+    Envelope,
+    Received,
+    SenderClockSkewed,
+    SenderRevoked,
+    Verifier,
+    new_id,
+    peek,
+    sign_frame,
+)
 from protocol.errors import (
     Duplicate,
     Malformed,
@@ -48,7 +66,7 @@ from protocol.errors import (
 )
 from protocol.keys import KeyPair
 from protocol.messages import MESSAGE_TYPES, Body, Metrics, Ping, Pong, Refusal, Status, StepEvent
-from protocol.replay import ReplayGuard
+from protocol.replay import CLOCK_SKEW, ReplayGuard
 from protocol.topics import (
     CHANNEL_EVENTS,
     CHANNEL_METRICS,
@@ -64,10 +82,14 @@ from protocol.topics import (
 
 from .bus import Bus
 from .metrics import VERSION, StepClock, metrics_body
+from .rate_limit import RateLimiter
+from .retry import RetryTimer
 from .store import write_atomic
 
 Handler = Callable[[Received], Awaitable[tuple[str, Body] | None]]
 Job = Callable[[], Coroutine[Any, Any, object]]
+CLOCK_SKEW_BURST, CLOCK_SKEW_PER_S = 4, 1.0  # clock_skew refusals per sender: a flood draws no more
+MAX_ATTEMPTS = 1000  # a request's attempts in all; its deadline ends it long before
 
 
 def now_ms() -> int:
@@ -101,6 +123,7 @@ class Settings:
     response_cache: int = 4096
     connect_timeout_s: float = 60.0  # a node gives up (with a clear error) if no broker answers by then
     metrics_interval_s: float = 10.0  # how often the node publishes its counters
+    clock_offset_ms: int = 0  # added to the system clock for every stamp and check (a wrong device clock)
 
 
 @dataclass(frozen=True)
@@ -196,12 +219,12 @@ class Node:
         if config.anchors.platform is not None:
             self.certs.install_platform(config.anchors.platform)
         if config.anchors.crl is not None:
-            self.certs.set_revocations(config.anchors.crl, now_ms() // 1000)
+            self.certs.set_revocations(config.anchors.crl, self.now_ms() // 1000)
         self.counters: Counter[str] = Counter()
         self.step_clock = StepClock()
         self.peers: dict[str, Certificate] = {}
         self.connected = asyncio.Event()
-        self.started_ms = now_ms()
+        self.started_ms = self.now_ms()
         self.epoch = 0
         self._seq = 0
         self._verifier: Verifier | None = None
@@ -211,6 +234,7 @@ class Node:
         self._crl_verifier = Verifier(frozenset(), self.certs, None)
         self._routes: dict[str, _Route] = {}
         self._pending: dict[bytes, _Pending] = {}  # by request message id
+        self.retry_timer = RetryTimer()  # how long answers take, per peer and request type
         self._responses: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         self._lanes: dict[str, asyncio.Queue[Received]] = {}
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
@@ -220,8 +244,13 @@ class Node:
         self._stop = asyncio.Event()
         self.finished = asyncio.Event()  # set once ``run`` has ended and released the identity
         self._lock_fd: int | None = None
+        self._skew_refusals = RateLimiter(CLOCK_SKEW_BURST, CLOCK_SKEW_PER_S, max_keys=10_000)
         self.failure: TrustpayError | None = None  # why the node stopped by itself, if it did
         self.route("ping", self._on_ping)
+
+    def now_ms(self) -> int:
+        """This node's clock: the system's plus ``Settings.clock_offset_ms``."""
+        return now_ms() + self.settings.clock_offset_ms
 
     # -- wiring ------------------------------------------------------------
     def route(self, msg_type: str, handler: Handler, ordered: bool = False) -> None:
@@ -254,7 +283,7 @@ class Node:
 
     async def _run_claimed(self) -> None:
         self.epoch = await asyncio.to_thread(_next_epoch, self.config.state_dir)
-        self.started_ms = now_ms()
+        self.started_ms = self.now_ms()
         guard = ReplayGuard(floor_ms=self.started_ms, skew_ms=self.settings.skew_ms)
         self._verifier = Verifier(frozenset({self.id}), self.certs, guard, keys=self.keys)
         self.log.info("node.starting", role=self.role.value, epoch=self.epoch)
@@ -362,7 +391,7 @@ class Node:
             recipient=recipient,
             session=session,
             reply_to=reply_to,
-            ts_ms=now_ms(),
+            ts_ms=self.now_ms(),
             epoch=self.epoch,
             seq=self._seq,
             chain=self.config.identity.chain,
@@ -415,16 +444,26 @@ class Node:
 
         Each attempt is re-stamped and re-signed (fresh time and sequence) but keeps
         its message id, so the receiver treats a retry as a duplicate and answers
-        from its response cache. A typed refusal raises ``Refused``; no answer at
-        all raises ``RequestTimeout`` (the outcome is unknown).
+        from its response cache. The request has ``attempts`` x ``timeout_s`` in
+        all; within that, each attempt waits as long as answers from this peer to
+        this type of request have been taking (:mod:`nodes.retry`), at most
+        ``timeout_s``, so a lost frame costs a retry, not a whole timeout. A typed
+        refusal raises ``Refused``; no answer at all raises ``RequestTimeout``
+        (the outcome is unknown).
         """
         timeout_s = timeout_s or self.settings.request_timeout_s
         attempts = attempts or self.settings.request_attempts
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s * attempts
         message_id = new_id()
-        future: asyncio.Future[Received] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Received] = loop.create_future()
         pending = self._pending[message_id] = _Pending(future, recipient)
+        sent = 0
         try:
-            for attempt in range(1, attempts + 1):
+            for attempt in range(1, MAX_ATTEMPTS + 1):  # bounded, and by the deadline
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
                 frame = self.frame(
                     topic, msg_type, body, recipient, session, peer=peer, message_id=message_id
                 )
@@ -433,13 +472,18 @@ class Node:
                 except TransportError as exc:
                     self.log.warning("request.unsent", type=msg_type, attempt=attempt, reason=exc.reason)
                     continue  # try again at once: the next publish waits for the new connection
+                sent += 1
+                sent_at = loop.time()
+                wait = min(left, self.retry_timer.wait_s(recipient, msg_type, sent, timeout_s))
                 try:
-                    async with asyncio.timeout(timeout_s):
+                    async with asyncio.timeout(wait):
                         answer = await asyncio.shield(future)
                 except TimeoutError:
                     self.counters["request_retry"] += 1
                     self.log.info("request.retry", type=msg_type, to=recipient, attempt=attempt)
                     continue
+                if sent == 1:  # an answer to the only attempt: a clean sample of how long answers take
+                    self.retry_timer.observe(recipient, msg_type, loop.time() - sent_at)
                 if answer.envelope.type in ("error", "refusal"):
                     refusal: Refusal = answer.envelope.body
                     raise Refused(refusal.code, refusal.reason)
@@ -449,7 +493,8 @@ class Node:
                     )
                 return answer
             raise RequestTimeout(
-                f"no answer to {msg_type} from {recipient} after {attempts} attempts{_refusals(pending)}"
+                f"no answer to {msg_type} from {recipient} after {sent} attempts{_refusals(pending)}",
+                sum(pending.refused.values()),
             )
         finally:
             self._pending.pop(message_id, None)
@@ -472,7 +517,7 @@ class Node:
         await self.bus.publish(topic, frame)
 
     def _status(self, state: str, will: bool = False) -> Status:
-        return Status(self.id, self.role.value, state, now_ms(), VERSION, self.started_ms, will)
+        return Status(self.id, self.role.value, state, self.now_ms(), VERSION, self.started_ms, will)
 
     async def publish_status(self, state: str) -> None:
         topic = channel_topic(self.role, CHANNEL_STATUS, self.device)
@@ -487,7 +532,7 @@ class Node:
     def metrics(self) -> Metrics:
         """The node's counters and step latencies so far, as the bounded body it publishes."""
         return metrics_body(
-            self.id, self.role.value, now_ms(), self.started_ms, self.counters, self.step_clock
+            self.id, self.role.value, self.now_ms(), self.started_ms, self.counters, self.step_clock
         )
 
     async def publish_metrics(self) -> None:
@@ -535,9 +580,12 @@ class Node:
             self._on_revocations(topic, frame)
             return
         try:
-            received = self._verifier.open(frame, topic, now_ms())
+            received = self._verifier.open(frame, topic, self.now_ms())
         except SenderRevoked as exc:
             self._answer_revoked(topic, exc)
+            return
+        except SenderClockSkewed as exc:
+            self._on_clock_skewed(topic, frame, exc)
             return
         except Duplicate as exc:
             self.counters["duplicate"] += 1
@@ -587,9 +635,9 @@ class Node:
     def _on_revocations(self, topic: str, frame: bytes) -> None:
         """Install a newer revocation list at once, before the next frame is verified."""
         try:
-            received = self._crl_verifier.open(frame, topic, now_ms())
+            received = self._crl_verifier.open(frame, topic, self.now_ms())
             crl = RevocationList.from_bytes(received.envelope.body.crl)
-            changed = self.certs.set_revocations(crl, now_ms() // 1000)
+            changed = self.certs.set_revocations(crl, self.now_ms() // 1000)
         except Rejected as exc:
             self.counters[f"rejected.{exc.code}"] += 1
             self.log.warning("crl.rejected", code=exc.code, reason=exc.reason)
@@ -625,6 +673,54 @@ class Node:
                 f"{exc.reason} by revocation list {self.certs.crl_number}: {self.id} refuses its requests"
             )
             self.spawn(self._refuse(received, "revoked", reason), name="refuse:revoked")
+
+    def _on_clock_skewed(self, topic: str, frame: bytes, exc: SenderClockSkewed) -> None:
+        """A verified frame refused by the time window alone.
+
+        A ``clock_skew`` refusal answering a request of ours still pending, from the
+        peer we asked, ends it: its reply_to names the random id we just sent, which
+        no old refusal can name. Anything else stays refused; a request gets a
+        ``clock_skew`` refusal (rate-limited per sender), so its sender learns why.
+        """
+        assert self._verifier is not None
+        env = exc.received.envelope
+        if env.reply_to:
+            pending = self._pending.get(env.reply_to)
+            if (
+                env.type in ("refusal", "error")
+                and pending is not None
+                and not pending.answer.done()
+                and env.sender == pending.peer
+            ):
+                try:
+                    received: Received | None = self._verifier.decode(exc.received)
+                except Rejected:
+                    received = None  # counted below as the stale frame it is
+                if received is not None and received.envelope.body.code == CLOCK_SKEW:
+                    self.counters["accepted_clock_skew"] += 1
+                    self.log.warning("frame.clock_skew_refusal", sender=env.sender, ahead_ms=exc.ahead_ms)
+                    pending.answer.set_result(received)
+                    return
+        self.counters[f"rejected.{exc.code}"] += 1
+        self.log.warning("frame.rejected", code=exc.code, reason=exc.reason, topic=topic, size=len(frame))
+        self._note_refused_answer(frame, exc)
+        if env.reply_to or env.type not in self._routes:
+            return
+        if self._skew_refusals.take(env.sender, self.now_ms()):
+            self.counters["clock_skew_unanswered"] += 1  # over its rate: a flood draws no more frames
+            return
+        # the literal CLOCK_SKEW, so that ops.protocol_doc lists the code
+        self.spawn(self._refuse(exc.received, "clock_skew", self._skew_reason(exc)), name="refuse:clock_skew")
+
+    def _skew_reason(self, exc: SenderClockSkewed) -> str:
+        cert = exc.received.sender_cert
+        way = "ahead of" if exc.ahead_ms > 0 else "behind"
+        fix = "set the device's clock" if cert.body.device else f"set {cert.subject}'s clock"
+        guard = self._verifier.guard if self._verifier is not None else None
+        window = ""
+        if guard is not None:
+            window = f" (allowed: {guard.skew_ms / 1000:g} s behind, {guard.ahead_ms / 1000:g} s ahead)"
+        return f"your clock is {abs(exc.ahead_ms) / 1000:.1f} s {way} the {self.role.value}'s; {fix}{window}"
 
     def _note_refused_answer(self, frame: bytes, exc: Rejected) -> None:
         """A refused frame whose unsigned header claims to answer one of our requests.
@@ -673,7 +769,8 @@ class Node:
 
     async def _on_ping(self, received: Received) -> tuple[str, Body]:
         ping: Ping = received.envelope.body
-        return "pong", Pong(ping.nonce, self.id, self.role.value, now_ms() - self.started_ms, self.state())
+        uptime_ms = self.now_ms() - self.started_ms
+        return "pong", Pong(ping.nonce, self.id, self.role.value, uptime_ms, self.state())
 
 
 def _refusals(pending: _Pending) -> str:

@@ -32,7 +32,7 @@ import structlog
 
 from protocol.appraisal import ReleaseBook, open_release
 from protocol.certs import Certificate
-from protocol.errors import ConfigError, Refused, TrustpayError
+from protocol.errors import ConfigError, Refused, RequestTimeout, TransportError, TrustpayError
 from protocol.measure import APP, CLIENT, LogEntry, Measurement, MeasurementLog, make_quote, measure
 from protocol.messages import (
     AttestRequest,
@@ -52,14 +52,16 @@ from protocol.messages import (
     SetEnabled,
 )
 from protocol.records import AFFIRMING, VERDICT_DOMAIN, WARNING, Verdict, open_record
+from protocol.replay import CLOCK_SKEW
 from protocol.topics import Role, node_id
 
 from .bus import Bus
 from .deployment import SECRET_FILE_MODE, Deployment, canonical_json, load_json, write_file
-from .runtime import Node, NodeConfig, now_ms
+from .runtime import Node, NodeConfig
 from .store import JsonState
 
 CHIP_WAIT_ATTEMPTS = 20  # x request timeout: how long start-up waits for the chip
+UNTRUSTED, UNAVAILABLE = "untrusted", "attestation_unavailable"  # AttestResult.code when not trusted
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class TrustModule(Node):
         self.data = self.store.load(
             {"measurements": {}, "platform_cert": "", "reports": [], "sessions": {}, "releases": []}
         )
-        issuer = self.dep.load_issuer(self.certs, now_ms() // 1000)
+        issuer = self.dep.load_issuer(self.certs, self.now_ms() // 1000)
         blobs = self.dep.load_releases() + [bytes.fromhex(h) for h in self.data["releases"]]
         for blob in blobs:
             self.book.add(open_release(blob, issuer))
@@ -126,7 +128,7 @@ class TrustModule(Node):
         try:
             held = Certificate.from_bytes(bytes.fromhex(stored))
             if held.serial > self.certs.platform.serial:
-                self.certs.accept_platform(held, now_ms() // 1000)
+                self.certs.accept_platform(held, self.now_ms() // 1000)
                 self.log.info("platform.restored", serial=held.serial)
                 return
         except (TrustpayError, ValueError) as exc:
@@ -141,7 +143,7 @@ class TrustModule(Node):
         await self.store.save(self.data)
 
     def _report(self, step: str, text: str) -> None:
-        self.data["reports"].append({"at_ms": now_ms(), "step": step, "text": text, "delivered": False})
+        self.data["reports"].append({"at_ms": self.now_ms(), "step": step, "text": text, "delivered": False})
 
     # -- measuring -----------------------------------------------------------
     async def _measure(self, component: str) -> Measurement:
@@ -355,7 +357,7 @@ class TrustModule(Node):
             "order": req.order_id,
             "pending": pending,
             "trusted": False,
-            "opened_ms": now_ms(),
+            "opened_ms": self.now_ms(),
         }
         await self._save()
 
@@ -375,9 +377,29 @@ class TrustModule(Node):
         self.log.info("c5.journalled", app=entry.app, session=key)
         return "journalled", Empty()
 
-    def _untrusted(self, step: str, reason: str, session: bytes, order: str) -> AttestResult:
+    def _pass_clock_skew(self, step: str, exc: TrustpayError, session: bytes, order: str) -> None:
+        """A trust-server's ``clock_skew`` refusal goes up to the chip as is: only the user can fix it."""
+        if isinstance(exc, Refused) and exc.refusal_code == CLOCK_SKEW:
+            self.step("C", step, "refused", exc.refusal_reason, session=session, order_id=order)
+            raise exc
+
+    def _untrusted(
+        self, step: str, reason: str, session: bytes, order: str, code: str = UNTRUSTED
+    ) -> AttestResult:
         self.step("C", step, "refused", reason, session=session, order_id=order)
-        return AttestResult(False, f"{step}: {reason}", b"", ())
+        return AttestResult(False, f"{step}: {reason}", b"", (), code)
+
+    def _unfinished(
+        self, step: str, what: str, exc: TrustpayError, session: bytes, order: str
+    ) -> AttestResult:
+        """C1-C4 stopped by an error. Silence is not a verdict (``attestation_unavailable``); a
+        refusal keeps its own code; answers that did not verify, or anything else, are untrusted."""
+        self._pass_clock_skew(step, exc, session, order)
+        silent = isinstance(exc, TransportError) or (
+            isinstance(exc, RequestTimeout) and not exc.answers_refused
+        )
+        code = UNAVAILABLE if silent else exc.refusal_code if isinstance(exc, Refused) else UNTRUSTED
+        return self._untrusted(step, f"{what}: {exc}", session, order, code)
 
     async def _attest(self, session: bytes, req: AttestRequest) -> AttestResult:
         order = req.order_id
@@ -398,9 +420,9 @@ class TrustModule(Node):
             if not c1.trusted:
                 return self._untrusted("C1", c1.reason, session, order)
             presented = Certificate.from_bytes(c1.platform_cert)
-            rotated = self.certs.accept_platform(presented, now_ms() // 1000)
+            rotated = self.certs.accept_platform(presented, self.now_ms() // 1000)
         except TrustpayError as exc:
-            return self._untrusted("C1", f"platform certificate not verified: {exc}", session, order)
+            return self._unfinished("C1", "platform certificate not verified", exc, session, order)
         if rotated or self.data["platform_cert"] != presented.to_bytes().hex():
             await self._save()
             self.step(
@@ -429,7 +451,7 @@ class TrustModule(Node):
             )
             nonce = answer.envelope.body.nonce
         except TrustpayError as exc:
-            return self._untrusted("C2", f"attestation did not complete: {exc}", session, order)
+            return self._unfinished("C2", "attestation did not complete", exc, session, order)
         log = MeasurementLog()
         for component in [CLIENT] + [f"{APP}:{a}" for a in self.apps]:
             check = await self._check(component)
@@ -437,7 +459,7 @@ class TrustModule(Node):
                 await self._same_as_chip(check.measurement, req, session)
             stored = self.data["measurements"].get(component, {}).get("dynamic")
             log.append(LogEntry(check.measurement, stored == check.measurement.dynamic.hex()))
-        quote = make_quote(self.device or "", nonce, log, self.keys, now_ms())
+        quote = make_quote(self.device or "", nonce, log, self.keys, self.now_ms())
         self.step(
             "C", "C2", "ok", f"quote over {len(log.entries)} measurements", session=session, order_id=order
         )
@@ -452,7 +474,7 @@ class TrustModule(Node):
                 peer=self.peers.get(ts),
             )
         except TrustpayError as exc:
-            return self._untrusted("C2", f"attestation did not complete: {exc}", session, order)
+            return self._unfinished("C2", "attestation did not complete", exc, session, order)
         # C4: the verdict
         message = answer.envelope.body
         try:
@@ -470,7 +492,7 @@ class TrustModule(Node):
         # (a restart settles and forgets every open session), and C5's journal writes it with the digest
         self.data["sessions"][session.hex()]["trusted"] = True
         self.step("C", "C4", "trusted", f"verdict {verdict.status}", session=session, order_id=order)
-        return AttestResult(True, verdict.status, message.verdict, message.payment_chain)
+        return AttestResult(True, verdict.status, message.verdict, message.payment_chain, "")
 
     async def _same_as_chip(self, m: Measurement, req: AttestRequest, session: bytes) -> None:
         """Refuse at C2 if the paying app on disk is not the buffer the chip will run."""
@@ -528,7 +550,7 @@ class TrustModule(Node):
     # -- operator ----------------------------------------------------------------
     async def release_update(self, rx: Any) -> tuple[str, Body]:
         blob = rx.envelope.body.release
-        issuer = await asyncio.to_thread(self.dep.load_issuer, self.certs, now_ms() // 1000)
+        issuer = await asyncio.to_thread(self.dep.load_issuer, self.certs, self.now_ms() // 1000)
         release = open_release(blob, issuer)
         self.book.add(release)
         self.data["releases"].append(blob.hex())

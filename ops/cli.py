@@ -46,6 +46,7 @@ COMMANDS: dict[str, str] = {
     # two words: argparse cannot parse options intermixed across subparsers, so an action is a command
     "chaos proxy": "ops.chaos_cmd",
     "chaos fuzz": "ops.chaos.fuzz",
+    "chaos run": "ops.chaos_run_cmd",
     "attack": "ops.attack_cmd",
 }
 

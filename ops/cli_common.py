@@ -39,6 +39,18 @@ def add_json_argument(parser: argparse.ArgumentParser, what: str = "print JSON f
     parser.add_argument("--json", action="store_true", help=what)
 
 
+def add_clock_offset_argument(parser: argparse.ArgumentParser, effect: str) -> None:
+    """``--clock-offset-ms``: run as a device whose clock is wrong (``effect``: what it changes)."""
+    parser.add_argument(
+        "--clock-offset-ms",
+        type=int,
+        default=0,
+        metavar="MS",
+        help=f"run with the clock MS milliseconds off (negative: behind), to test a device whose clock is "
+        f"wrong: {effect}",
+    )
+
+
 def add_examples(parser: argparse.ArgumentParser, *lines: str) -> None:
     """Show ``lines`` (command lines, each with an optional ``# why``) under ``--help``."""
     parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in lines)

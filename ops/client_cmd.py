@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from . import client_boot
-from .cli_common import add_deploy_argument, add_examples, add_json_argument
+from .cli_common import add_clock_offset_argument, add_deploy_argument, add_examples, add_json_argument
 
 HELP = "open the payment client: pay AMOUNT PAYEE [APP] | balance | history | apps | status"
 # The boot path reports its own errors: ops.cli must not import project code to catch them.
@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="broker URL (default: the manifest's)")
     add_json_argument(parser, "print one JSON object per report and result")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_clock_offset_argument(
+        parser, "with `trustpay up --clock-offset DEVICE=MS` for its chip and trust module"
+    )
     # "*", not REMAINDER: options after the command's words are still options ("--" passes "-x" on)
     parser.add_argument("words", nargs="*", help="one command; none opens a prompt")
     add_examples(

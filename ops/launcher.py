@@ -43,7 +43,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -174,6 +174,7 @@ class Launcher:
         stop_timeout_s: float = 10.0,
         log_level: str = "info",
         metrics_port: int | None = None,
+        clock_offsets: Mapping[str, int] | None = None,
         on_up: Callable[[NodeProcess], None] | None = None,
         on_exit: Callable[[NodeExit], None] | None = None,
         fleet: bool = False,
@@ -187,6 +188,7 @@ class Launcher:
         self.stop_timeout_s = stop_timeout_s
         self.log_level = log_level
         self.metrics_port = metrics_port  # the trust-server's; the payment-server's is the next one
+        self.clock_offsets = dict(clock_offsets or {})  # device -> ms its chip and trust module are off
         self.on_up, self.on_exit = on_up, on_exit
         # fleet mode: every chip in one process and every trust module in another (ops.fleet), each
         # node still its own MQTT client and identity; a device node's process is then its fleet's
@@ -253,6 +255,11 @@ class Launcher:
             raise ConfigError(f"--devices {count}: this deployment has {len(manifest.devices)} devices")
         devices = manifest.devices[:count]
         self._device_count = count
+        unknown = sorted(set(self.clock_offsets) - {d.device for d in devices})
+        if unknown:
+            raise ConfigError(f"--clock-offset names devices this run does not start: {', '.join(unknown)}")
+        if self.fleet and self.clock_offsets:
+            raise ConfigError("--clock-offset sets one device's nodes apart: it needs --fleet off")
         phases: list[list[tuple[Role, str | None, str]]] = [
             [(r, None, manifest.servers[r.value]) for r in SERVER_ROLES],
             [(Role.CHIP, d.device, d.node(Role.CHIP)) for d in devices],
@@ -384,12 +391,16 @@ class Launcher:
         port = self.metrics_port_of(node.role)
         if port is not None:
             argv += ["--metrics-port", str(port)]
-        await self._exec(node, argv, node.node_id)
+        skew = self.clock_offsets.get(node.device, 0) if node.device is not None else 0
+        if skew:
+            argv += ["--clock-offset-ms", str(skew)]
+        await self._exec(node, argv, node.node_id, skew)
 
-    async def _exec(self, node: NodeProcess, argv: list[str], console: str) -> None:
+    async def _exec(self, node: NodeProcess, argv: list[str], console: str, skew: int = 0) -> None:
         assert self._tg is not None
         node.offsets, out = await asyncio.to_thread(self._open_console, node, console)
-        node.started_ms, node.started_at = now_ms(), asyncio.get_running_loop().time()
+        # by the node's own clock, which stamps its statuses
+        node.started_ms, node.started_at = now_ms() + skew, asyncio.get_running_loop().time()
         try:
             # same session and process group: a terminal's Ctrl-C reaches the nodes too
             node.proc = await asyncio.create_subprocess_exec(

@@ -10,10 +10,17 @@ import argparse
 import asyncio
 
 from nodes.deployment import Deployment
+from nodes.runtime import Settings
 from protocol.errors import ConfigError
 from protocol.topics import NODE_ROLES, SERVER_ROLES, Role, role_from_name
 
-from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
+from .cli_common import (
+    add_clock_offset_argument,
+    add_deploy_argument,
+    add_examples,
+    add_json_argument,
+    print_json,
+)
 from .roles import resolve_node_id, run_node
 
 HELP = "run one node (trust-module, chip, client, trust-server, payment-server) until stopped"
@@ -42,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="servers: also serve the node's counters to Prometheus on 127.0.0.1:P/metrics",
     )
+    add_clock_offset_argument(parser, "the node stamps and checks every frame with it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +62,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--metrics-port is for the servers; a {role.value} reports on its metrics channel")
     dep = Deployment(args.deploy)
     nid = resolve_node_id(dep, role, args.device)
+    settings = Settings(clock_offset_ms=args.clock_offset_ms)
     asyncio.run(
-        run_node(dep, nid, args.broker, console_level=args.log_level, metrics_port=args.metrics_port)
+        run_node(
+            dep,
+            nid,
+            args.broker,
+            console_level=args.log_level,
+            settings=settings,
+            metrics_port=args.metrics_port,
+        )
     )
     if args.json:
         print_json({"node": nid, "stopped": True})

@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trustpay up --devices 1 --json            # deploy from $TRUSTPAY_DEPLOY, else ./deploy",
         "trustpay up --broker mqtt://127.0.0.1:1883  # nodes only, on a broker already running",
         "trustpay up --restart never               # the first node that dies stops everything",
+        "trustpay up --clock-offset dev-0002=-40000  # dev-0002's clock 40 s slow: it is refused clock_skew",
     )
     parser.add_argument("--devices", type=int, metavar="N", help="run the first N devices (default: all)")
     parser.add_argument("--broker", help="use this running broker (mqtt://host:port[?v=5|3.1.1]); start none")
@@ -82,6 +83,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="serve Prometheus metrics on 127.0.0.1: the trust-server on P, the payment-server on P+1",
     )
+    parser.add_argument(
+        "--clock-offset",
+        type=clock_offset,
+        action="append",
+        default=[],
+        metavar="DEVICE=MS",
+        help="run DEVICE's chip and trust module with their clock MS milliseconds off (negative: behind), "
+        "to test a device whose clock is wrong; repeatable. Run its client with the same "
+        "--clock-offset-ms",
+    )
+
+
+def clock_offset(text: str) -> tuple[str, int]:
+    """``DEVICE=MS`` of ``--clock-offset``."""
+    device, sep, ms = text.partition("=")
+    try:
+        if not sep or not device:
+            raise ValueError(text)
+        return device, int(ms)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not DEVICE=MS, e.g. dev-0001=-40000") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +135,7 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
     fleet = args.fleet == "on"
     if args.fleet == "auto":
         count = args.devices if args.devices is not None else len(dep.load_manifest().devices)
-        fleet = count > FLEET_FROM
+        fleet = count > FLEET_FROM and not args.clock_offset  # an offset is one device's nodes' own
     launcher = Launcher(
         dep,
         args.devices,
@@ -121,6 +143,7 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
         args.backend,
         up_timeout_s=args.timeout,
         metrics_port=args.metrics_port,
+        clock_offsets=dict(args.clock_offset),
         on_up=_print_up,
         on_exit=lambda ex: _print_exit(ex, all_up),
         fleet=fleet,

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .keys import SIGNATURE_SIZE, KeyPair, verify
 from .messages import MESSAGE_TYPES, Body, MessageSpec
-from .replay import ReplayGuard
+from .replay import OutsideWindow, ReplayGuard
 from .schema import from_map, to_map
 from .seal import seal, unseal
 from .topics import ParsedTopic, parse_topic
@@ -84,6 +84,20 @@ class SenderRevoked(CertificateRevoked):
 
     def __init__(self, reason: str, received: Received) -> None:
         super().__init__(reason)
+        self.received = received
+
+
+class SenderClockSkewed(OutsideWindow):
+    """A frame that passed every check but the time window: signature, chain and role are good.
+
+    It carries the verified frame (the body left undecoded, :meth:`Verifier.decode`
+    decodes it) so the receiver can tell the sender its clock is off, and so a
+    requester can take a ``clock_skew`` refusal that answers its own pending
+    request. Its id was not recorded: nothing else may act on it.
+    """
+
+    def __init__(self, reason: str, ahead_ms: int, received: Received) -> None:
+        super().__init__(reason, ahead_ms)
         self.received = received
 
 
@@ -253,7 +267,16 @@ class Verifier:
         if self.my_ids and header.recipient not in self.my_ids:
             raise NotForMe(f"addressed to {header.recipient}, not to {sorted(self.my_ids)}")
         if self.guard is not None:
-            self.guard.check(header.sender, header.message_id, header.ts_ms, header.epoch, header.seq, now_ms)
+            try:
+                self.guard.check(
+                    header.sender, header.message_id, header.ts_ms, header.epoch, header.seq, now_ms
+                )
+            except OutsideWindow as exc:
+                if self.certs.is_revoked(cert):
+                    raise  # a revoked sender hears nothing more about its frames
+                raise SenderClockSkewed(
+                    exc.reason, exc.ahead_ms, Received(header, cert, parsed, bytes(frame))
+                ) from exc
         if self.certs.is_revoked(cert):
             raise SenderRevoked(
                 f"{cert.subject}'s certificate {cert.serial} is revoked",
@@ -261,6 +284,14 @@ class Verifier:
             )
         env = dataclasses.replace(header, body=self._body(spec, header.body, cert))
         return Received(env, cert, parsed, bytes(frame))
+
+    def decode(self, received: Received) -> Received:
+        """``received`` (from :class:`SenderClockSkewed`) with its body decoded and unsealed."""
+        spec, data = MESSAGE_TYPES[received.envelope.type], received.envelope.body
+        if not isinstance(data, bytes):
+            raise Malformed("this frame's body is already decoded")
+        body = self._body(spec, data, received.sender_cert)
+        return dataclasses.replace(received, envelope=dataclasses.replace(received.envelope, body=body))
 
     def _body(self, spec: MessageSpec, data: bytes, sender: Certificate) -> Body:
         if spec.sealed:

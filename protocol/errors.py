@@ -121,9 +121,17 @@ class TransportError(TrustpayError):
 
 
 class RequestTimeout(TrustpayError):
-    """No response arrived after every retry: the outcome is unknown."""
+    """No response arrived after every retry: the outcome is unknown.
+
+    ``answers_refused`` counts frames that claimed to answer but failed
+    verification: the peer (or someone) answered, and we could not trust it.
+    """
 
     code = "timeout"
+
+    def __init__(self, reason: str, answers_refused: int = 0) -> None:
+        super().__init__(reason)
+        self.answers_refused = answers_refused
 
 
 class Refused(TrustpayError):

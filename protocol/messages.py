@@ -220,6 +220,9 @@ class AttestResult:
     reason: str
     verdict: bytes  # the trust-server's signed verdict
     payment_chain: tuple[bytes, ...]  # payment-server certificate, then platform certificate
+    # why not trusted: "untrusted" (judged so), "attestation_unavailable" (the trust-server did
+    # not answer), or the trust-server's refusal code (rate_limited, revoked ...); "" when trusted
+    code: str
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ stale instead of accepted twice. The floor never passes our clock: if the
 oldest entry is stamped ahead of now, the new frame is refused instead (the
 sender is flooding us with future stamps and only its own frames suffer).
 Senders are certificate holders, so their number is bounded by the deployment.
+
+A frame refused by the time window alone raises :class:`OutsideWindow`, which
+says by how much the sender's stamp is off: a verified request refused so gets
+a ``clock_skew`` refusal (``nodes.runtime``), so a device whose clock is wrong
+hears why instead of waiting for a timeout.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ from dataclasses import dataclass, field
 from .errors import Duplicate, Replayed, Stale
 
 WINDOW_BITS = 1024
+CLOCK_SKEW = "clock_skew"  # the refusal code answering a verified request refused by the time window
+
+
+class OutsideWindow(Stale):
+    """Stamped outside the time window; ``ahead_ms`` is the stamp minus our clock (negative: behind)."""
+
+    def __init__(self, reason: str, ahead_ms: int) -> None:
+        super().__init__(reason)
+        self.ahead_ms = ahead_ms
 
 
 @dataclass
@@ -71,9 +85,13 @@ class ReplayGuard:
                 raise Duplicate(f"message {message_id.hex()} already received", message_id)
             raise Replayed(f"message id {message_id.hex()} was used by another sender")
         if ts_ms > now_ms + self.ahead_ms:
-            raise Stale(f"sent {ts_ms - now_ms} ms in the future (allowed {self.ahead_ms} ms ahead)")
+            raise OutsideWindow(
+                f"sent {ts_ms - now_ms} ms in the future (allowed {self.ahead_ms} ms ahead)", ts_ms - now_ms
+            )
         if ts_ms < now_ms - self.skew_ms:
-            raise Stale(f"sent {now_ms - ts_ms} ms ago (allowed skew {self.skew_ms} ms)")
+            raise OutsideWindow(
+                f"sent {now_ms - ts_ms} ms ago (allowed skew {self.skew_ms} ms)", ts_ms - now_ms
+            )
         if ts_ms < state.floor_ms:
             raise Stale(
                 "sent before this receiver started, or before ids of this sender were forgotten; "

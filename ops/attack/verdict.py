@@ -20,6 +20,7 @@ from typing import Any
 from ops.monitor.model import OK, Monitor, Observation, frame_digest
 
 DEFENDED, NOT_DEFENDED = "defended", "NOT DEFENDED"
+REFUSAL_TYPES = ("error", "refusal")
 NOT_DELIVERED = "not delivered"  # the broker let it through to nobody (its ACL, size limit, or a cut)
 
 Json = dict[str, Any]
@@ -115,7 +116,14 @@ def outcome(sent: Sent, seen: list[Seen]) -> FrameOutcome:
 
 def _outcome(sent: Sent, arrivals: list[Seen], answers: list[Seen]) -> FrameOutcome:
     answers = answers if sent.message_id else []
-    fresh = [a for a in answers if a.new_id and a.obs.verdict == OK]
+    # a typed refusal answering a frame the monitor refused too (a stamp outside the window draws
+    # a rate-limited clock_skew refusal) is the target saying why it did nothing, not acceptance
+    refused = bool(arrivals) and all(a.obs.verdict != OK for a in arrivals)
+    fresh = [
+        a
+        for a in answers
+        if a.new_id and a.obs.verdict == OK and not (refused and a.obs.type in REFUSAL_TYPES)
+    ]
     monitor = ", ".join(sorted({a.obs.verdict for a in arrivals})) or NOT_DELIVERED
     accepted = bool(fresh) or any(a.obs.verdict == OK for a in arrivals)
     described = tuple(

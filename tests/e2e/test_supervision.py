@@ -23,9 +23,11 @@ from typing import Any
 import pytest
 
 from nodes.deployment import Deployment
+from ops import up_process
 from ops.launcher import Launcher, NodeExit, NodeProcess
 from ops.provision import provision
 from ops.supervise import Backoff, Restart, Supervisor
+from ops.up_process import UpRun, alive, children_of, survivors
 
 pytestmark = pytest.mark.e2e
 
@@ -40,91 +42,10 @@ def deploy(tmp_path: Path) -> Deployment:
     return Deployment(tmp_path / "d")
 
 
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a process, None once it is gone (a zombie counts as gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    state, ppid = text.rsplit(")", 1)[1].split()[:2]  # after the command name, which may hold anything
-    return None if state == "Z" else (state, int(ppid))
-
-
-def alive(pid: int) -> bool:
-    return proc_stat(pid) is not None
-
-
-def children_of(parent: int) -> set[int]:
-    pids = (int(e.name) for e in os.scandir("/proc") if e.name.isdigit())
-    return {pid for pid in pids if (st := proc_stat(pid)) is not None and st[1] == parent}
-
-
-async def survivors(pidfds: dict[int, int], timeout_s: float) -> set[int]:
-    """Wait until every process behind ``pidfds`` exited (or the timeout); those still alive."""
-    loop = asyncio.get_running_loop()
-    ended = {pid: loop.create_future() for pid in pidfds}
-    for pid, fd in pidfds.items():  # a pidfd turns readable when its process exits, child or not
-        loop.add_reader(fd, lambda f=ended[pid]: f.done() or f.set_result(None))
-    try:
-        async with asyncio.timeout(timeout_s):
-            await asyncio.gather(*ended.values())
-    except TimeoutError:
-        pass
-    finally:
-        for fd in pidfds.values():
-            loop.remove_reader(fd)
-    return {pid for pid in pidfds if alive(pid)}
-
-
-@dataclass
-class UpRun:
-    """``trustpay up --json`` as a process; its events as they were printed."""
-
-    proc: asyncio.subprocess.Process
-    stderr: Path
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    async def until(self, since: int = 0, timeout_s: float = WAIT_S, **match: Any) -> dict[str, Any]:
-        """The first event from position ``since`` whose fields equal ``match``, read as it comes."""
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout_s):
-            while True:  # each turn reads one more line; bounded by the timeout and by EOF
-                for event in self.events[since:]:
-                    if all(event.get(k) == v for k, v in match.items()):
-                        return event
-                since = len(self.events)
-                line = await self.proc.stdout.readline()
-                if not line:
-                    raise AssertionError(
-                        f"`up` ended before {match}: {self.events}\n{self.stderr.read_text()}"
-                    )
-                self.events.append(json.loads(line))
-
-    def node_pids(self, since: int = 0) -> dict[str, int]:
-        return {e["node"]: e["pid"] for e in self.events[since:] if e["event"] == "up"}
-
-
 @contextlib.asynccontextmanager
 async def running_up(dep: Deployment, tmp_path: Path, *extra: str) -> AsyncIterator[UpRun]:
-    err = tmp_path / "up.stderr"
-    with err.open("wb") as err_file:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ops.cli", "up", "--deploy", str(dep.root), "--json", *extra,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err_file,
-        )  # fmt: skip
-    run = UpRun(proc, err)
-    started: set[int] = set()
-    try:
-        await run.until(event="all_up")
-        started = children_of(proc.pid)
+    async with up_process.running_up(dep, tmp_path / "up.stderr", *extra) as run:
         yield run
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        for pid in started | set(run.node_pids().values()):  # only if the test failed half-way
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 async def test_a_trust_server_killed_twice_comes_back_the_others_keep_their_pids_and_a_payment_goes_through(

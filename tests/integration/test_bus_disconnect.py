@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from nodes.bus import BrokerAddress, MqttBus
+from ops.chaos.faults import Direction, Kind, Profile, Rule
+from ops.chaos.proxy import ChaosProxy
 from protocol.errors import TransportError
 from protocol.topics import Role, link_topic
 
@@ -48,6 +50,40 @@ async def test_a_publish_waiting_for_its_ack_fails_as_soon_as_the_connection_end
             async with asyncio.timeout(WAIT_S):
                 with pytest.raises(TransportError, match="the connection ended before its acknowledgement"):
                     await publishing
+        finally:
+            bus.close()
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_proxy_cutting_a_connection_after_delivering_a_publish_fails_it_at_once_then_reconnects(
+    backend: str, tmp_path: Path
+) -> None:
+    """The race of a publish whose connection ends while its PUBACK is due, made deterministic:
+    the fault proxy delivers the PUBLISH to the broker, then cuts the sender's connection before
+    the acknowledgement can come back (``disconnect deliver=true``, exactly once)."""
+    cast = Cast()
+    cut_once = Rule(Kind.DISCONNECT, (UP,), Direction.TO_BROKER, limit=1, deliver=True)
+    async with (
+        running_broker(backend, tmp_path / "b", cast) as broker,
+        ChaosProxy(broker.host, broker.port, Profile((cut_once,))) as proxy,
+    ):
+        login = cast["dev-a.tm"]
+        address = BrokerAddress("127.0.0.1", proxy.port, login.username, login.password, broker.mqtt_version)
+        slow = WAIT_S * 6  # no timeout of its own may end the publish within the test's bound
+        bus = MqttBus(address, login.username, ack_timeout_s=slow, publish_timeout_s=slow)
+        connected = asyncio.Event()
+        running = asyncio.create_task(bus.run((), lambda topic, payload: None, connected))
+        try:
+            async with asyncio.timeout(WAIT_S):
+                await connected.wait()
+                with pytest.raises(TransportError, match="the connection ended before its acknowledgement"):
+                    await bus.publish(UP, b"delivered, never acknowledged")
+                await bus.publish(UP, b"on the next connection")  # waits for the reconnect, then goes
+            assert proxy.log.counts["disconnect"] == 1
+            assert bus.connections == 2
         finally:
             bus.close()
             running.cancel()

@@ -141,7 +141,7 @@ async def test_the_trust_server_answers_a_revoked_trust_module_with_the_reason(d
     async with split_world(dep, knows="ts", revoked=f"{DEV}.tm") as w:
         code, result = await w.client("pay", "1.00", "shop-1")
         balance = (await w.balances())[PAYER]
-    assert code == 1 and result["code"] == "untrusted", result
+    assert code == 1 and result["code"] == "revoked", result  # the trust-server's own code, passed up
     assert f"{DEV}.tm's certificate" in str(result["reason"]) and "revoked" in str(result["reason"])
     assert "no answer" not in str(result["reason"])
     assert balance == 100_000

@@ -24,7 +24,7 @@ from .test_launcher import NODES, deploy, finish, lines_until, run_up
 
 REPO = Path(__file__).resolve().parents[2]
 # these make their own deployment (--out, a temporary one); every other command reads one
-MAKE_THEIR_OWN_DEPLOYMENT = {"provision", "bench", "demo", "chaos fuzz"}
+MAKE_THEIR_OWN_DEPLOYMENT = {"provision", "bench", "demo", "chaos fuzz", "chaos run"}
 
 
 @pytest.fixture(scope="module")

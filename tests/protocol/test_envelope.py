@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from protocol.certs import sign_revocations
 from protocol.codec import pack
-from protocol.envelope import MAX_FRAME, SealedBody, SenderRevoked, Verifier
+from protocol.envelope import MAX_FRAME, SealedBody, SenderClockSkewed, SenderRevoked, Verifier
 from protocol.errors import (
     BadSignature,
     CertificateExpired,
@@ -30,8 +30,8 @@ from protocol.errors import (
     WrongTopic,
 )
 from protocol.keys import SIGNATURE_SIZE
-from protocol.messages import MESSAGE_TYPES, Empty, PayStart, Ping, Status
-from protocol.replay import ReplayGuard
+from protocol.messages import MESSAGE_TYPES, Empty, PayStart, Ping, Refusal, Status
+from protocol.replay import OutsideWindow, ReplayGuard
 from protocol.schema import to_map
 from protocol.seal import unseal
 from protocol.topics import Role, channel_topic, link_topic
@@ -395,7 +395,7 @@ def test_revoked_sender_is_named_only_after_its_signature_and_freshness_verify()
     with exactly(Duplicate):
         receiver.open(frame, topic, NOW_MS)
     stale, topic, _ = frame_for(TM, TS, "c1.check", ts_ms=NOW_MS - 60_000)
-    with exactly(Stale):
+    with exactly(OutsideWindow):  # not SenderClockSkewed: a revoked sender draws no clock_skew answer
         receiver.open(stale, topic, NOW_MS)
 
 
@@ -413,8 +413,9 @@ def test_stale_and_future():
     # 30 s behind, but only 5 s ahead (ReplayGuard's defaults)
     for ts in (NOW_MS - 30_001, NOW_MS + 5_001, NOW_MS - 3_600_000, 0):
         frame, topic, _ = frame_for(TM, TS, "c1.check", ts_ms=ts)
-        with exactly(Stale):
+        with exactly(SenderClockSkewed) as info:
             verifier(PKI, TS, floor_ms=0).open(frame, topic, NOW_MS)
+        assert info.value.ahead_ms == ts - NOW_MS and info.value.received.frame == frame
     for ts in (NOW_MS - 30_000, NOW_MS + 5_000):
         frame, topic, _ = frame_for(TM, TS, "c1.check", ts_ms=ts)
         assert verifier(PKI, TS, floor_ms=0).open(frame, topic, NOW_MS)
@@ -612,3 +613,36 @@ def test_signed_garbage_only_raises_rejected(type_, body, edits):
 def test_empty_body_types():
     frame, topic, _ = frame_for(TM, CHIP, "chip.info")
     assert verifier(PKI, CHIP).open(frame, topic, NOW_MS).envelope.body == Empty()
+
+
+def test_a_frame_refused_only_by_its_stamp_is_handed_back_verified_with_its_body_undecoded():
+    body = Refusal("clock_skew", "your clock is 40.0 s behind")
+    frame, topic, env = frame_for(TS, TM, "refusal", body, ts_ms=NOW_MS + 40_000)
+    receiver = verifier(PKI, TM, floor_ms=0)
+    with exactly(SenderClockSkewed) as info:
+        receiver.open(frame, topic, NOW_MS)
+    held = info.value.received
+    assert held.sender_cert == TS.cert and isinstance(held.envelope.body, bytes)  # still sealed
+    assert receiver.decode(held).envelope == env
+    with exactly(Malformed):
+        receiver.decode(receiver.decode(held))
+    assert receiver.guard is not None and receiver.guard.tracked_ids == 0  # its id was not recorded
+
+
+def test_only_the_time_window_hands_a_frame_back():
+    """A forged, misaddressed or replayed frame stamped outside the window fails as before."""
+    frame, topic, _ = frame_for(TS, TM, "refusal", Refusal("clock_skew", "x"), ts_ms=NOW_MS + 40_000)
+    receiver = verifier(PKI, TM, floor_ms=0)
+    with exactly(BadSignature):
+        receiver.open(flip(frame, len(frame) * 8 - 1), topic, NOW_MS)
+    with exactly(NotForMe):
+        verifier(PKI, TM2, floor_ms=0).open(frame, topic, NOW_MS)
+    with exactly(WrongRole):  # moved to another link
+        receiver.open(frame, TM_TS, NOW_MS)
+    within, _, env = frame_for(TS, TM, "refusal", Refusal("clock_skew", "x"), ts_ms=NOW_MS)
+    receiver.open(within, topic, NOW_MS)
+    replayed = frame_for(
+        TS, TM, "refusal", Refusal("clock_skew", "x"), ts_ms=NOW_MS + 40_000, message_id=env.message_id
+    )[0]
+    with exactly(Duplicate):  # an id already seen is a duplicate whatever its stamp
+        receiver.open(replayed, topic, NOW_MS)

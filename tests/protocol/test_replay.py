@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import Duplicate, Rejected, Replayed, Stale
-from protocol.replay import WINDOW_BITS, ReplayGuard
+from protocol.replay import WINDOW_BITS, OutsideWindow, ReplayGuard
 
 from .factory import NOW_MS, exactly
 
@@ -41,9 +41,12 @@ def test_time_window_and_floor():
     g = ReplayGuard(floor_ms=NOW_MS - 10_000, skew_ms=SKEW, ahead_ms=AHEAD)
     f = Feed(g)
     # behind by up to the skew, ahead by far less: a stamp ahead is what a flooder uses
-    for ts in (NOW_MS - SKEW - 1, NOW_MS + AHEAD + 1, NOW_MS + SKEW, NOW_MS - 10_001, 0):
-        with exactly(Stale):
+    for ts in (NOW_MS - SKEW - 1, NOW_MS + AHEAD + 1, NOW_MS + SKEW, 0):
+        with exactly(OutsideWindow) as info:  # the window: a wrong clock, answered with clock_skew
             f.check(1, ts=ts)
+        assert info.value.ahead_ms == ts - NOW_MS
+    with exactly(Stale):  # within the window but before the floor: not the sender's clock
+        f.check(1, ts=NOW_MS - 10_001)
     for seq, ts in enumerate((NOW_MS - 10_000, NOW_MS + AHEAD, NOW_MS), start=1):
         f.check(seq, ts=ts)
     assert g.tracked_ids == 3
@@ -63,7 +66,7 @@ def test_duplicate_and_foreign_id():
 
 def test_rejected_frames_leave_no_trace():
     g = ReplayGuard(0)
-    with exactly(Stale):
+    with exactly(OutsideWindow):
         g.check("a", mid(1), NOW_MS - SKEW - 1, 1, 1, NOW_MS)
     assert g.tracked_ids == 0
     g.check("a", mid(2), NOW_MS, 1, 5, NOW_MS)
@@ -232,7 +235,7 @@ def test_old_ids_expire():
     later = NOW_MS + 2 * SKEW + 1
     g.check("a", mid(100), later, 1, 100, later)
     assert g.tracked_ids == 1
-    with exactly(Stale):  # forgotten, but far too old to be accepted again
+    with exactly(OutsideWindow):  # forgotten, but far too old to be accepted again
         g.check("b", mid(3), NOW_MS, 1, 3, later)
 
 
