@@ -17,7 +17,7 @@ from protocol.errors import CertificateInvalid, ConfigError
 from protocol.topics import DEVICE_ROLES, MONITOR_PORT_OFFSET, Role
 
 from .bus import BrokerAddress, MqttBus, WillFactory
-from .deployment import Deployment, parse_node_id
+from .deployment import Deployment, Manifest, parse_node_id
 from .logs import NodeLogging
 from .runtime import Anchors, Identity, NodeConfig, Settings
 from .tls import client_context, node_tls
@@ -96,16 +96,19 @@ def node_config(dep: Deployment, node_id: str, settings: Settings | None = None)
     )
 
 
-def broker_address(dep: Deployment, node_id: str, url: str | None = None) -> BrokerAddress:
+def broker_address(
+    dep: Deployment, node_id: str, url: str | None = None, manifest: Manifest | None = None
+) -> BrokerAddress:
     """The manifest's broker, or ``url`` (mqtt[s]://host:port[,host:port...][?v=5|3.1.1]) when given.
 
     TLS (``mqtts``, or a manifest saying so) presents the login's own client certificate.
     Several members (a clustered broker, or a manifest on ``nats``): the node starts on
     one picked by its id, so the nodes spread over the members, and fails over to the
     others in turn (:class:`nodes.bus.MqttBus`); the monitor starts on the first.
+    ``manifest``: the deployment's, when the caller holds it already (a fleet reads it once).
     """
     creds = dep.load_broker_credentials(node_id)
-    manifest = dep.load_manifest()
+    manifest = manifest or dep.load_manifest()
     host, tls, backend = manifest.broker.host, manifest.broker.tls, manifest.broker.backend
     endpoints = [(host, manifest.broker.port)]
     if backend == "nats":  # a cluster: broker.nats.member_ports
@@ -160,6 +163,7 @@ def assemble(
     console_level: str = "info",
     will: WillFactory | None = None,
     settings: Settings | None = None,
+    manifest: Manifest | None = None,
 ) -> Assembled:
     config = node_config(dep, node_id, settings)
     logging = NodeLogging(
@@ -170,5 +174,5 @@ def assemble(
         role=config.identity.role.value,
         device=config.identity.device or "",
     )
-    bus = MqttBus(broker_address(dep, node_id, broker_url), node_id, will=will, log=logging.logger)
+    bus = MqttBus(broker_address(dep, node_id, broker_url, manifest), node_id, will=will, log=logging.logger)
     return Assembled(config, bus, logging)

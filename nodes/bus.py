@@ -1,7 +1,7 @@
 """The message bus a node talks through: a real MQTT connection, or an in-memory fake.
 
 Both offer the same two operations. ``run`` keeps the connection up (reconnecting
-with capped exponential backoff), subscribes, and hands every received message
+with capped, jittered exponential backoff), subscribes, and hands every received message
 to ``on_message`` from a single reader, so messages of one connection stay in
 order. ``publish`` sends one message at QoS 1 and returns once the broker has
 acknowledged it.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import itertools
+import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -173,7 +174,9 @@ class MqttBus:
                 connected.clear()
             if len(endpoints) > 1 and (attempt + 1) % len(endpoints):
                 continue  # another member right away; back off once every member was tried
-            await asyncio.sleep(delay)
+            # jittered (up to half shorter at random): a thousand nodes of a fleet that lost the
+            # broker together must not all come back in the same instant
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.backoff_max_s)
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ the user's intent (device, order id, app, payee, amount, currency) by hash and
 asks the trust module to attest the terminal for that intent, sending the
 buffer's digests (C1-C4); no app code has run yet. Only after a trusted
 verdict does it run the app's code from that buffer, the very bytes the trust
-module measured, in a sandboxed worker (``nodes/sandbox.py``) to make the
+module measured, in a sandboxed worker (``nodes/app_forks.py``) to make the
 order (C5). An order that is not exactly the intent is refused
 (``order_mismatch``); otherwise the trust module journals the app's next
 dynamic digest, the chip writes it, signs the order and seals it for the
@@ -68,6 +68,7 @@ from protocol.records import (
 from protocol.schema import from_map
 from protocol.topics import Role, node_id
 
+from .app_forks import ForkSandbox
 from .bus import Bus
 from .deployment import ComponentFiles, Deployment, canonical_json, load_json
 from .runtime import Node, NodeConfig
@@ -82,8 +83,14 @@ ATTEST_PATIENCE = 4  # an attestation spans several platform round trips: wait t
 
 class Chip(Node):
     def __init__(
-        self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger, deployment: Deployment
+        self,
+        config: NodeConfig,
+        bus: Bus,
+        log: structlog.typing.FilteringBoundLogger,
+        deployment: Deployment,
+        sandbox: ForkSandbox | Sandbox | None = None,
     ) -> None:
+        """``sandbox``: shared by a fleet's chips (``ops.fleet``), which closes it; else the chip's own."""
         super().__init__(config, bus, log)
         assert self.device is not None
         self.dep = deployment
@@ -93,7 +100,9 @@ class Chip(Node):
         self.is_open = False
         self.payment_server: Certificate | None = None
         self._app_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.sandbox = Sandbox()
+        self._owns_sandbox = sandbox is None
+        # payment apps run in a fresh child of a fork server each (``nodes.app_forks``)
+        self.sandbox: ForkSandbox | Sandbox = sandbox or ForkSandbox()
         self.route("chip.info", self.info)
         self.route("chip.enable", self.set_enabled)
         self.route("app.delete", self.delete_app)
@@ -110,7 +119,8 @@ class Chip(Node):
         try:
             await super().run()
         finally:
-            await self.sandbox.close()
+            if self._owns_sandbox:
+                await self.sandbox.close()
 
     async def main(self) -> None:
         # Once running, so the worker it starts is always closed by ``run`` (never by a bare prepare).

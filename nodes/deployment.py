@@ -593,10 +593,18 @@ def read_tree(root: Path) -> dict[str, bytes]:
     if not root.is_dir():
         raise ConfigError(f"client install missing: {root} (re-run `trustpay provision` or restore it)")
     files: dict[str, bytes] = {}
-    for directory, _subdirs, names in os.walk(root):
+    top = os.fspath(root)
+    cut = len(os.path.join(top, ""))
+    # plain strings, not Path objects: the trust module reads the whole install at every C7
+    for directory, _subdirs, names in os.walk(top):
         for name in names:
-            path = Path(directory) / name
-            files[path.relative_to(root).as_posix()] = _read(path, "client install file")
+            path = os.path.join(directory, name)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                data = _read(Path(path), "client install file")  # raises the same errors as before
+            files[path[cut:].replace(os.sep, "/")] = data
     return files
 
 

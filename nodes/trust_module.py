@@ -488,8 +488,9 @@ class TrustModule(Node):
         if verdict.status not in (AFFIRMING, WARNING):
             why = "; ".join(a.reason for a in verdict.appraisals if a.status != AFFIRMING)
             return self._untrusted("C4", f"platform found the terminal untrustworthy: {why}", session, order)
-        self.data["sessions"][session.hex()]["trusted"] = True  # now C5 may journal the app's data
-        await self._save()
+        # now C5 may journal the app's data. Not written yet: the flag is only read by this run
+        # (a restart settles and forgets every open session), and C5's journal writes it with the digest
+        self.data["sessions"][session.hex()]["trusted"] = True
         self.step("C", "C4", "trusted", f"verdict {verdict.status}", session=session, order_id=order)
         return AttestResult(True, verdict.status, message.verdict, message.payment_chain, "")
 
@@ -519,12 +520,11 @@ class TrustModule(Node):
         done: SessionDone = rx.envelope.body
         if done.session.hex() not in self.data["sessions"]:
             raise Refused("no_session", "no open payment session with that id")
-        measured = await self._settle(CLIENT, done.session, "C7")
-        self.data["sessions"].pop(done.session.hex(), None)
-        await self._save()
+        measured = await self._settle(CLIENT, done.session, "C7", end=True)
         return "measured", measured
 
-    async def _settle(self, component: str, session: bytes, step: str) -> Measured:
+    async def _settle(self, component: str, session: bytes, step: str, end: bool = False) -> Measured:
+        """Measure and store ``component``; with ``end`` the session closes in the same write."""
         check = await self._check(component)
         if component == CLIENT:
             await self._tell_boot_path(check)
@@ -532,7 +532,9 @@ class TrustModule(Node):
         if check.ok:
             self._store(check.measurement)
             self.data["sessions"].get(session.hex(), {}).get("pending", {}).pop(component, None)
-            await self._save()
+            if end:
+                self.data["sessions"].pop(session.hex(), None)
+            await self._save()  # one atomic write: the measurement stored and, at C7, the session closed
             self.step("C", step, "ok", f"{component} measured and stored", session=session, order_id=order)
         else:
             self.step("C", step, "failed", check.reason, session=session, order_id=order)
@@ -540,6 +542,8 @@ class TrustModule(Node):
                 await self._disable(check.reason)
             else:
                 await self._delete_app(component.split(":", 1)[1], check.reason)
+            if end:
+                self.data["sessions"].pop(session.hex(), None)
             await self._save()
         return Measured(component, check.ok, check.reason)
 

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "client": "ops.client_cmd",
     "broker": "ops.broker_cmd",
     "up": "ops.up_cmd",
+    "fleet": "ops.fleet",
     "release": "ops.release_cmd",
     "rotate-platform": "ops.rotate_cmd",
     "revoke": "ops.revoke_cmd",

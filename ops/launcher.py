@@ -18,6 +18,11 @@ broker it started, also when the block failed. Every child (the broker too)
 runs behind :func:`ops.parent_death.guarded`: if this process dies without
 leaving the block (SIGKILL), the kernel kills them.
 
+With ``fleet=True`` the device nodes run in two processes (``trustpay fleet``:
+every chip in one, every trust module in the other), each node still its own MQTT
+client with its own identity; a fleet restarts its own failing nodes, and
+stopping or restarting one of its nodes from here stops or restarts its fleet.
+
 Nodes stay in the caller's process group, so a terminal's Ctrl-C reaches them
 (and the broker) directly as well; the ordered stop then only mops up. Each
 node's stdout and stderr go to ``logs/{node_id}.stderr`` next to its JSON log.
@@ -172,6 +177,7 @@ class Launcher:
         clock_offsets: Mapping[str, int] | None = None,
         on_up: Callable[[NodeProcess], None] | None = None,
         on_exit: Callable[[NodeExit], None] | None = None,
+        fleet: bool = False,
     ) -> None:
         if broker_url and backend:
             raise ConfigError("--backend chooses the broker to start; with --broker none is started")
@@ -184,6 +190,12 @@ class Launcher:
         self.metrics_port = metrics_port  # the trust-server's; the payment-server's is the next one
         self.clock_offsets = dict(clock_offsets or {})  # device -> ms its chip and trust module are off
         self.on_up, self.on_exit = on_up, on_exit
+        # fleet mode: every chip in one process and every trust module in another (ops.fleet), each
+        # node still its own MQTT client and identity; a device node's process is then its fleet's
+        self.fleet = fleet
+        self._fleets: dict[Role, NodeProcess] = {}  # the incarnation that started each fleet process
+        self._device_count = 0
+        self._online_ms: dict[str, int] = {}  # each node's latest verified "online" stamp
         self.broker: Broker | None = None  # set only when this launcher started it
         self.broker_url = broker_url or ""
         self.processes: dict[str, NodeProcess] = {}  # current incarnation of each node, in start order
@@ -242,9 +254,12 @@ class Launcher:
         if not 0 <= count <= len(manifest.devices):
             raise ConfigError(f"--devices {count}: this deployment has {len(manifest.devices)} devices")
         devices = manifest.devices[:count]
+        self._device_count = count
         unknown = sorted(set(self.clock_offsets) - {d.device for d in devices})
         if unknown:
             raise ConfigError(f"--clock-offset names devices this run does not start: {', '.join(unknown)}")
+        if self.fleet and self.clock_offsets:
+            raise ConfigError("--clock-offset sets one device's nodes apart: it needs --fleet off")
         phases: list[list[tuple[Role, str | None, str]]] = [
             [(r, None, manifest.servers[r.value]) for r in SERVER_ROLES],
             [(Role.CHIP, d.device, d.node(Role.CHIP)) for d in devices],
@@ -354,6 +369,21 @@ class Launcher:
 
     async def _spawn(self, node: NodeProcess) -> None:
         assert self._tg is not None
+        if self.fleet and node.device is not None:
+            host = self._fleets.get(node.role)
+            if host is not None and host.running:  # its fleet runs (it restarts its own nodes): join it
+                node.proc, node.started_ms, node.started_at = host.proc, host.started_ms, host.started_at
+                node.offsets = host.offsets
+                self._tg.create_task(self._watch(node), name=f"launcher:watch:{node.node_id}")
+                if self._online_ms.get(node.node_id, 0) >= node.started_ms:  # said so before we asked
+                    self._came_up(node)
+                return
+            self._fleets[node.role] = node
+            argv = [sys.executable, "-m", "ops.cli", "fleet", "--deploy", str(self.dep.root)]
+            argv += ["--roles", node.role.value, "--devices", str(self._device_count)]
+            argv += ["--broker", self.broker_url, "--log-level", self.log_level]
+            await self._exec(node, argv, f"fleet-{node.role.value}")
+            return
         argv = [sys.executable, "-m", "ops.cli", "node", node.role.value, "--deploy", str(self.dep.root)]
         argv += ["--broker", self.broker_url, "--log-level", self.log_level]
         if node.device is not None:
@@ -364,7 +394,11 @@ class Launcher:
         skew = self.clock_offsets.get(node.device, 0) if node.device is not None else 0
         if skew:
             argv += ["--clock-offset-ms", str(skew)]
-        node.offsets, out = await asyncio.to_thread(self._open_console, node)
+        await self._exec(node, argv, node.node_id, skew)
+
+    async def _exec(self, node: NodeProcess, argv: list[str], console: str, skew: int = 0) -> None:
+        assert self._tg is not None
+        node.offsets, out = await asyncio.to_thread(self._open_console, node, console)
         # by the node's own clock, which stamps its statuses
         node.started_ms, node.started_at = now_ms() + skew, asyncio.get_running_loop().time()
         try:
@@ -380,8 +414,8 @@ class Launcher:
             out.close()  # the child holds its own descriptor
         self._tg.create_task(self._watch(node), name=f"launcher:watch:{node.node_id}")
 
-    def _open_console(self, node: NodeProcess) -> tuple[tuple[int, int], IO[bytes]]:
-        path = console_path(self.dep, node.node_id)
+    def _open_console(self, node: NodeProcess, console: str) -> tuple[tuple[int, int], IO[bytes]]:
+        path = console_path(self.dep, console)
         path.parent.mkdir(parents=True, exist_ok=True)
         log = self.dep.log_path(node.node_id)
         log_size = log.stat().st_size if log.exists() else 0
@@ -454,6 +488,8 @@ class Launcher:
         if env.type != "status" or not isinstance(status, Status) or status.node != env.sender:
             self.rejected["not_status"] += 1
             return
+        if status.state == "online":
+            self._online_ms[status.node] = max(self._online_ms.get(status.node, 0), status.at_ms)
         node = self.processes.get(status.node)
         if node is None or node.proc is None:
             return  # a client, or a node we did not start
@@ -461,11 +497,14 @@ class Launcher:
             self.stale += 1  # retained from an earlier run or incarnation (or its last will)
             return
         if status.state == "online" and not node.online.is_set():
-            node.up_at = asyncio.get_running_loop().time()
-            node.online.set()
-            self._changed.set()
-            if self.on_up is not None:
-                self.on_up(node)
+            self._came_up(node)
+
+    def _came_up(self, node: NodeProcess) -> None:
+        node.up_at = asyncio.get_running_loop().time()
+        node.online.set()
+        self._changed.set()
+        if self.on_up is not None:
+            self.on_up(node)
 
     # -- deliberate kills and restarts ----------------------------------------
     async def kill(self, node_id: str, sig: int = signal.SIGKILL) -> NodeExit:
@@ -549,13 +588,16 @@ class Launcher:
     def _tails(self, nodes: Sequence[NodeProcess]) -> list[str]:
         return [self._tail(n) for n in nodes]
 
+    def _console_of(self, node: NodeProcess) -> str:
+        return f"fleet-{node.role.value}" if self.fleet and node.device is not None else node.node_id
+
     def _tail(self, node: NodeProcess) -> str:
         """The end of what this incarnation wrote to its JSON log and its console (blocking I/O)."""
         log_off, out_off = node.offsets
         parts = []
         for label, path, offset, pretty in (
             ("log", self.dep.log_path(node.node_id), log_off, True),
-            ("stderr", console_path(self.dep, node.node_id), out_off, False),
+            ("stderr", console_path(self.dep, self._console_of(node)), out_off, False),
         ):
             lines = _read_tail(path, offset)
             shown = [_pretty(line) if pretty else line for line in lines] or ["(nothing)"]

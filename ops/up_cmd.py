@@ -1,7 +1,9 @@
 """``trustpay up --deploy DIR``: run a whole deployment as processes until Ctrl-C or SIGTERM.
 
 Broker (unless ``--broker``), the two servers, then each device's chip and
-trust module, every node its own process (:class:`ops.launcher.Launcher`);
+trust module, every node its own process (:class:`ops.launcher.Launcher`), or
+with more than ``FLEET_FROM`` devices (``--fleet``) every chip in one process and
+every trust module in another (:mod:`ops.fleet`);
 clients are started by users with ``trustpay client``. A node counts as up when
 its signed "online" status arrives.
 
@@ -38,6 +40,7 @@ from .supervise import Restart, Supervisor
 
 HELP = "run the broker, the servers and each device's chip and trust module as processes"
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+FLEET_FROM = 8  # more devices than this run as fleets unless --fleet off
 T = TypeVar("T")
 # --json for this run, read by say() from the launcher's callbacks too
 AS_JSON: contextvars.ContextVar[bool] = contextvars.ContextVar("up_as_json", default=False)
@@ -65,6 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Restart.ALWAYS,
         help="when a node dies after start-up: always start it again (default; a node is never meant "
         "to exit), on-failure (not after a clean exit), never (stop everything)",
+    )
+    parser.add_argument(
+        "--fleet",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run the device nodes as two fleets (every chip in one process, every trust module in another; "
+        "each node still its own MQTT client and identity): auto (default) when more than "
+        f"{FLEET_FROM} devices run, on, off (a process per node)",
     )
     parser.add_argument(
         "--metrics-port",
@@ -120,8 +131,13 @@ async def _up(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str]) -> int:
     all_up = asyncio.Event()  # before it, a failure report with the log tails follows anyway
+    dep = Deployment(args.deploy.resolve())
+    fleet = args.fleet == "on"
+    if args.fleet == "auto":
+        count = args.devices if args.devices is not None else len(dep.load_manifest().devices)
+        fleet = count > FLEET_FROM and not args.clock_offset  # an offset is one device's nodes' own
     launcher = Launcher(
-        Deployment(args.deploy.resolve()),
+        dep,
         args.devices,
         args.broker,
         args.backend,
@@ -130,6 +146,7 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
         clock_offsets=dict(args.clock_offset),
         on_up=_print_up,
         on_exit=lambda ex: _print_exit(ex, all_up),
+        fleet=fleet,
     )
     code = 0
     async with launcher as up:

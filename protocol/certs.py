@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 from .codec import pack, unpack
 from .errors import (
@@ -88,6 +89,10 @@ class Certificate:
         return self.body.role
 
     def to_bytes(self) -> bytes:
+        return self._encoded
+
+    @cached_property
+    def _encoded(self) -> bytes:  # frozen, so encoded once (a node re-sends its chain in every frame)
         return pack(to_map(self))
 
     @classmethod
@@ -97,7 +102,7 @@ class Certificate:
             raise Malformed("certificate keys must be 32 bytes")
         return cert
 
-    @property
+    @cached_property
     def fingerprint(self) -> bytes:
         return hashlib.blake2b(self.to_bytes(), digest_size=16).digest()
 

@@ -37,6 +37,27 @@ MIN_INT = -(2**63)
 def _canonical(value: Value, depth: int) -> Value:
     if depth > DEFAULT_LIMITS.max_depth:
         raise Malformed("value nested too deeply to encode")
+    # exact types first (what our records hold): the same checks as below, without the isinstance chain
+    kind = type(value)
+    if kind is str or kind is bytes or kind is bool or value is None:
+        return value
+    if kind is int:
+        if not MIN_INT <= value <= MAX_INT:
+            raise Malformed("integer outside the signed 64-bit range")
+        return value
+    if kind is list or kind is tuple:
+        return [v if type(v) in _LEAVES and depth < DEFAULT_LIMITS.max_depth else _canonical(v, depth + 1)
+                for v in value]  # fmt: skip
+    if kind is dict and all(type(k) is str for k in value):
+        return {k: _canonical(value[k], depth + 1) for k in sorted(value)}
+    return _canonical_any(value, depth)
+
+
+_LEAVES = frozenset({str, bytes, bool, type(None)})  # returned as they are, at any allowed depth
+
+
+def _canonical_any(value: Value, depth: int) -> Value:
+    """Subclasses of the encodable types, and the refusals."""
     if value is None or isinstance(value, (bool, str, bytes)):
         return value
     if isinstance(value, int):
@@ -65,17 +86,25 @@ def _check_tree(value: Value, depth: int, limit: int) -> None:
     """Refuse floats anywhere and nesting deeper than ``limit``."""
     if depth > limit:
         raise Malformed(f"nested deeper than {limit} levels")
-    if isinstance(value, float):
+    kind = type(value)
+    if kind is float:
         raise Malformed("floats are not allowed")
-    if isinstance(value, int) and not isinstance(value, bool) and not MIN_INT <= value <= MAX_INT:
-        raise Malformed("integer outside the signed 64-bit range")
-    if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
-        raise Malformed("map keys must be strings")
-    if isinstance(value, list):
-        for v in value:
-            _check_tree(v, depth + 1, limit)
-    elif isinstance(value, dict):
-        for v in value.values():
+    if kind is int:
+        if not MIN_INT <= value <= MAX_INT:
+            raise Malformed("integer outside the signed 64-bit range")
+        return
+    if kind is dict:
+        if not all(isinstance(k, str) for k in value):
+            raise Malformed("map keys must be strings")
+        children = value.values()
+    elif kind is list:
+        children = value
+    else:
+        return  # None, bool, str, bytes: all msgpack decodes to besides the above
+    if depth >= limit and children:
+        raise Malformed(f"nested deeper than {limit} levels")  # a child of this one would be too deep
+    for v in children:
+        if type(v) not in _LEAVES:  # a leaf needs no call: it holds nothing to refuse
             _check_tree(v, depth + 1, limit)
 
 

@@ -30,14 +30,26 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
+_NAMES: dict[type, tuple[str, ...]] = {}
+_NAME_SETS: dict[type, frozenset[str]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+        _NAME_SETS[cls] = frozenset(names)
+    return names
+
+
 def to_map(record: object) -> dict[str, Value]:
-    out: dict[str, Value] = {}
-    for f in dataclasses.fields(record):  # type: ignore[arg-type]
-        out[f.name] = _out(getattr(record, f.name))
-    return out
+    return {name: _out(getattr(record, name)) for name in _names(type(record))}
 
 
 def _out(value: Any) -> Value:
+    kind = type(value)
+    if kind is str or kind is bytes or kind is int or kind is bool or value is None:
+        return value  # the common case, decided without the checks below
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_map(value)
     if isinstance(value, tuple):
@@ -50,10 +62,12 @@ def from_map(cls: type[R], data: Value, where: str = "") -> R:
     if not isinstance(data, dict):
         raise Malformed(f"{where}: expected a map")
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    extra = set(data) - names
-    if extra:
-        raise Malformed(f"{where}: unknown field(s) {sorted(extra)}")
+    names = _names(cls)
+    known = _NAME_SETS[cls]
+    if len(data) != len(names) or not all(k in known for k in data):  # an exact match builds no set
+        extra = set(data) - known
+        if extra:
+            raise Malformed(f"{where}: unknown field(s) {sorted(extra)}")
     kwargs = {}
     for name in names:
         if name not in data:
@@ -62,16 +76,35 @@ def from_map(cls: type[R], data: Value, where: str = "") -> R:
     return cls(**kwargs)
 
 
+_ORIGINS: dict[Any, tuple[Any, tuple[Any, ...]]] = {}
+
+
+def _origin(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``typing.get_origin`` and ``get_args`` of ``hint``, worked out once per hint."""
+    known = _ORIGINS.get(hint)
+    if known is None:
+        known = _ORIGINS[hint] = (typing.get_origin(hint), typing.get_args(hint))
+    return known
+
+
 def _in(hint: Any, value: Value, where: str) -> Any:
-    origin = typing.get_origin(hint)
+    kind = type(value)
+    if hint is int:  # the common scalar cases first, with the same checks as below
+        if kind is int:
+            return value
+    elif hint is str or hint is bytes:
+        if kind is hint:
+            return value
+    elif hint is bool and kind is bool:
+        return value
+    origin, args = _origin(hint)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         return _in(inner[0], value, where)
     if origin is tuple:
-        item = typing.get_args(hint)[0]
+        item = args[0]
         if not isinstance(value, list):
             raise Malformed(f"{where}: expected a list")
         return tuple(_in(item, v, f"{where}[{i}]") for i, v in enumerate(value))

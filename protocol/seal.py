@@ -5,7 +5,10 @@ payment app in the chip and the payment-server, the client and the chip, the
 trust module and the trust-server for evidence), so a subscriber to every topic
 learns no account, amount or payee. The box key of each end is in its
 certificate. Building a ``Box`` costs about ten times sealing with one, so
-boxes are cached per key pair.
+boxes are cached: per own key, then per peer. One shared least-recently-used
+table of pairs would thrash in a fleet (thousands of nodes in one process, each
+with a few peers, cycled through in turn: every lookup a miss); per own key,
+each node keeps its few boxes, and a server its devices' (up to ``MAX_PEERS``).
 
 A box hides the bytes but not their number, and an amount of 5 packs shorter
 than one of 50,000. So each plaintext is length-prefixed and padded with zeros
@@ -17,7 +20,6 @@ A body over the largest size is padded to a whole number of ``PAD_STEP``.
 from __future__ import annotations
 
 import struct
-from functools import lru_cache
 
 import nacl.exceptions
 import nacl.public
@@ -52,9 +54,25 @@ def unpad(padded: bytes) -> bytes:
     return padded[_PREFIX.size : _PREFIX.size + length]
 
 
-@lru_cache(maxsize=4096)
+MAX_KEYS = 65_536  # own keys with boxes cached (one per node of the process)
+MAX_PEERS = 16_384  # peers per own key (a server's devices); past it, the oldest goes first
+_boxes: dict[bytes, dict[bytes, nacl.public.Box]] = {}
+
+
 def _box(secret: bytes, peer_public: bytes) -> nacl.public.Box:
-    return nacl.public.Box(nacl.public.PrivateKey(secret), nacl.public.PublicKey(peer_public))
+    mine = _boxes.get(secret)
+    if mine is None:
+        if len(_boxes) >= MAX_KEYS:
+            del _boxes[next(iter(_boxes))]
+        mine = _boxes[secret] = {}
+    box = mine.get(peer_public)
+    if box is None:
+        if len(mine) >= MAX_PEERS:
+            del mine[next(iter(mine))]
+        box = mine[peer_public] = nacl.public.Box(
+            nacl.public.PrivateKey(secret), nacl.public.PublicKey(peer_public)
+        )
+    return box
 
 
 def seal(plaintext: bytes, mine: KeyPair, peer_box_public: bytes) -> bytes:

@@ -1,5 +1,8 @@
 """``trustpay bench``: what our protocol costs, measured side by side with raw MQTT.
 
+* (no word, or ``load``): attested payments end to end from many devices with
+  many in flight, per-role CPU, messages per payment, and in the same run the
+  raw-MQTT baseline with the same hops (:mod:`ops.bench.load`).
 * ``micro``: per-message CPU cost of encode, decode, sign, verify, seal, open
   (median of several batches, microseconds per message).
 * ``rt``: request/response round trips on one broker, in one run: raw aiomqtt
@@ -16,6 +19,7 @@ import contextlib
 import json
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -36,12 +40,13 @@ from protocol.messages import Evidence, Ping, StepEvent
 from protocol.replay import ReplayGuard
 from protocol.topics import Role, link_topic
 
-from .cli_common import add_examples, add_json_argument, print_json
+from ..cli_common import add_examples, add_json_argument, print_json
+from .baseline import STOP
 
 if TYPE_CHECKING:
     from ops.watch import Seen
 
-HELP = "measure per-message costs (micro) and round trips against raw MQTT (rt)"
+HELP = "attested payments per second against a same-run raw-MQTT baseline; per-message costs; round trips"
 
 
 def _median_us(fn: Callable[[], Any], n: int, batches: int = 7) -> float:
@@ -137,7 +142,11 @@ async def _raw_rt(
         await b.subscribe(req, qos=1)
 
         async def echo() -> None:
+            # ends on the stop message, never by cancelling it while it waits in b.messages
+            # (a cancelled reader stayed "cancelling" there for good in two runs of three)
             async for message in b.messages:
+                if message.payload == STOP:
+                    return
                 await b.publish(rsp, message.payload, qos=1)
 
         echo_task = asyncio.create_task(echo())
@@ -147,9 +156,13 @@ async def _raw_rt(
                 await a.publish(req, str(i).encode(), qos=1)
                 await anext(aiter(a.messages))
         elapsed = time.perf_counter() - start
-        echo_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await echo_task
+        await a.publish(req, STOP, qos=1)
+        try:
+            async with asyncio.timeout(10):
+                await echo_task
+        finally:
+            if not echo_task.done():
+                echo_task.cancel()
     return rounds / elapsed
 
 
@@ -261,18 +274,59 @@ async def payments(dep: Deployment, count: int) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "what",
-        choices=["micro", "rt", "pay"],
-        help="micro: per-message costs; rt: round trips vs raw MQTT; pay: attested payments",
+        nargs="?",
+        default="load",
+        choices=["load", "micro", "rt", "pay"],
+        help="load (default): attested payments from many devices against the raw-MQTT baseline; "
+        "micro: per-message costs; rt: round trips vs raw MQTT; pay: one device's payments, frame by frame",
+    )
+    parser.add_argument("--devices", type=int, default=100, metavar="N", help="devices paying (load)")
+    parser.add_argument(
+        "--concurrency", type=int, default=50, metavar="C", help="payments in flight (load; at most N)"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, metavar="S", help="measured window (load)")
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="load: use this running broker (it must know the deployment's logins: give --reuse too)",
+    )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        metavar="DIR",
+        help="load: run on this existing deployment instead of a fresh one (its first N devices pay)",
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="load: skip the raw-MQTT baseline")
+    parser.add_argument(
+        "--mqtt", choices=["5", "3.1.1"], help="load: the MQTT version of the nodes and the baseline"
+    )
+    parser.add_argument(
+        "--save", type=Path, metavar="FILE", help="load: also write the result to FILE (JSON)"
+    )
+    parser.add_argument(
+        "--compare", type=Path, metavar="FILE", help="load: show the result beside an earlier --save"
     )
     parser.add_argument("--payments", type=int, default=20, help="payments for `pay`")
     parser.add_argument("--backend", choices=BACKENDS, default=None)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--n", type=int, default=2000, help="messages per micro batch")
     add_json_argument(parser, "the result as one JSON line (default: indented JSON)")
-    add_examples(parser, "trustpay bench micro", "trustpay bench pay --payments 50 --backend amqtt --json")
+    add_examples(
+        parser,
+        "trustpay bench --devices 100 --concurrency 50 --seconds 10",
+        "trustpay bench --json --save before.json && trustpay bench --compare before.json",
+        "trustpay bench micro",
+        "trustpay bench pay --payments 50 --backend amqtt --json",
+    )
+
+
+def needs_deploy(args: argparse.Namespace) -> bool:
+    return False  # a fresh deployment unless --deploy is given
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "load":
+        return _run_load(args)
     from broker import default_backend
     from ops.provision import provision
 
@@ -291,3 +345,68 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(result, indent=2))
     return 0
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    from broker import default_backend
+    from ops.provision import provision
+    from protocol.errors import ConfigError
+
+    from .load import compare, load, save, table
+
+    if args.broker and not args.reuse:
+        raise ConfigError("--broker needs --reuse: a fresh deployment's logins are unknown to that broker")
+    earlier = json.loads(args.compare.read_text()) if args.compare else None
+    with tempfile.TemporaryDirectory(prefix="trustpay-bench-") as tmp:
+        if args.reuse:
+            dep = Deployment(args.reuse.resolve())
+        else:
+            backend = args.backend or default_backend()
+            provision(Path(tmp) / "d", args.devices, backend=backend)
+            dep = Deployment(Path(tmp) / "d")
+        costs = micro(dep, 500)
+        result = asyncio.run(
+            load(
+                dep,
+                devices=args.devices,
+                concurrency=args.concurrency,
+                seconds=args.seconds,
+                broker_url=args.broker,
+                backend=args.backend if not args.broker else None,
+                crypto_us=(costs["ping.sign_us"], costs["ping.verify_us"]),
+                run_baseline=not args.no_baseline,
+                mqtt=args.mqtt,
+            )
+        )
+    result["machine"] = _machine()
+    result["command"] = "trustpay bench " + " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in (("devices", args.devices), ("concurrency", args.concurrency), ("seconds", args.seconds))
+    )
+    if args.save:
+        save(result, args.save)
+    if args.json:
+        print_json(result)
+    else:
+        print(table(result))
+    if earlier is not None:
+        print(compare(result, earlier), file=sys.stderr if args.json else sys.stdout)
+    return 0 if result["failed"] == 0 else 1
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
