@@ -136,7 +136,11 @@ async def test_the_page_draws_a_payment_and_a_tampered_app_refusal(e2e: E2E) -> 
         order = run.result["order_id"]
         payment = flows(page, DEV1).filter(has_text=f"order {order}")
         await expect(payment.locator("figcaption")).to_contain_text("(ended)", timeout=WAIT_MS)
-        arrows = [a for a in await drawn(payment, ARROWS_JS) if a["type"] in {t for t, _, _ in PAYMENT}]
+        drawn_arrows = [a for a in await drawn(payment, ARROWS_JS) if a["type"] in {t for t, _, _ in PAYMENT}]
+        # a loaded machine may answer late and a request go again: the copy is drawn as a duplicate
+        retries = [a for a in drawn_arrows if a["verdict"] != "ok"]
+        assert all(a["verdict"] == "duplicate" for a in retries), retries
+        arrows = [a for a in drawn_arrows if a["verdict"] == "ok"]
         assert sorted((a["type"], a["src"], a["dst"]) for a in arrows) == sorted(PAYMENT), arrows
         kinds = [a["type"] for a in arrows]
         assert (
