@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import struct
@@ -30,7 +29,7 @@ from typing import Any
 
 from protocol.errors import Refused
 
-from .sandbox import MAX_OUTPUT, WALL_S, WORKER_NICE, AppAnswer, _answer
+from .sandbox import MAX_OUTPUT, WALL_S, WORKER_NICE, AppAnswer, _answer, app_request
 
 SERVER = Path(__file__).with_name("app_zygote.py")
 MAX_SERVERS = 4
@@ -82,16 +81,7 @@ class ForkSandbox:
 
     async def make_order(self, code: bytes, static: bytes, dynamic: bytes, call: dict[str, Any]) -> AppAnswer:
         """Run ``make_order`` of ``code`` in a fresh child; refuse, typed, whatever goes wrong."""
-        import base64
-
-        request = json.dumps(
-            {
-                "code": base64.b64encode(code).decode(),
-                "static": base64.b64encode(static).decode(),
-                "dynamic": base64.b64encode(dynamic).decode(),
-                "call": call,
-            }
-        ).encode()
+        request = app_request(code, static, dynamic, call)
         server = await self._take()
         healthy = False
         try:

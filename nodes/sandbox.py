@@ -55,6 +55,18 @@ class _Worker:
     workdir: Path
 
 
+def app_request(code: bytes, static: bytes, dynamic: bytes, call: dict[str, Any]) -> bytes:
+    """What a worker reads: the app's three files and the call, as ``nodes/app_runner.py`` expects."""
+    return json.dumps(
+        {
+            "code": base64.b64encode(code).decode(),
+            "static": base64.b64encode(static).decode(),
+            "dynamic": base64.b64encode(dynamic).decode(),
+            "call": call,
+        }
+    ).encode()
+
+
 class Sandbox:
     def __init__(self, *, wall_s: float = WALL_S) -> None:
         self.wall_s = wall_s
@@ -80,14 +92,7 @@ class Sandbox:
 
     async def make_order(self, code: bytes, static: bytes, dynamic: bytes, call: dict[str, Any]) -> AppAnswer:
         """Run ``make_order`` of ``code`` in a fresh worker; refuse, typed, whatever goes wrong."""
-        request = json.dumps(
-            {
-                "code": base64.b64encode(code).decode(),
-                "static": base64.b64encode(static).decode(),
-                "dynamic": base64.b64encode(dynamic).decode(),
-                "call": call,
-            }
-        ).encode()
+        request = app_request(code, static, dynamic, call)
         worker = await self._take()
         try:
             async with asyncio.timeout(self.wall_s):
