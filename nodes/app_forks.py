@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import struct
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from protocol.errors import Refused
 
-from .sandbox import MAX_OUTPUT, WALL_S, WORKER_NICE, AppAnswer, _answer, app_request
+from .sandbox import MAX_OUTPUT, WALL_S, AppAnswer, _answer, app_request, spawn_isolated
 
 SERVER = Path(__file__).with_name("app_zygote.py")
 MAX_SERVERS = 4
@@ -138,28 +135,8 @@ class ForkSandbox:
 
 
 async def _spawn(wall_s: float) -> _Server:
-    workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="trustpay-app-"))
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            "-S",
-            str(SERVER),
-            repr(wall_s),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            env={},
-            cwd=workdir,
-            start_new_session=True,  # a Ctrl-C meant for the chip's terminal is not the server's
-            limit=MAX_OUTPUT + 64,
-        )
-    except OSError:
-        await asyncio.to_thread(shutil.rmtree, workdir, True)
-        raise
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, proc.pid, WORKER_NICE)
-    return _Server(proc, workdir)
+    worker = await spawn_isolated(SERVER, repr(wall_s), limit=MAX_OUTPUT + 64)
+    return _Server(worker.proc, worker.workdir)
 
 
 async def _exchange(proc: asyncio.subprocess.Process, request: bytes) -> tuple[bytes, bytes]:

@@ -122,21 +122,25 @@ class Sandbox:
         return worker
 
 
-async def _spawn() -> _Worker:
+async def spawn_isolated(script: Path, *args: str, limit: int) -> _Worker:
+    """``script`` in a fresh ``python -I -S`` by exec: empty environment, an empty working
+    directory of its own, its own session, lowered priority. The app workers and the fork
+    server both start this way, so neither holds anything of the chip's."""
     workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="trustpay-app-"))
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-I",
             "-S",
-            str(RUNNER),
+            str(script),
+            *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             env={},
             cwd=workdir,
             start_new_session=True,  # a Ctrl-C meant for the chip's terminal is not the worker's
-            limit=MAX_OUTPUT,  # the most one answer line may hold
+            limit=limit,  # the most one answer may hold
         )
     except OSError:
         await asyncio.to_thread(shutil.rmtree, workdir, True)
@@ -146,6 +150,10 @@ async def _spawn() -> _Worker:
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, proc.pid, WORKER_NICE)
     return _Worker(proc, workdir)
+
+
+async def _spawn() -> _Worker:
+    return await spawn_isolated(RUNNER, limit=MAX_OUTPUT)
 
 
 async def _exchange(proc: asyncio.subprocess.Process, request: bytes) -> bytes:
