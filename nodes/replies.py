@@ -28,15 +28,18 @@ for one process and for tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
-NEW, ANSWERED, BUSY = "new", "answered", "busy"
+ClaimState = Literal["new", "answered", "busy"]
+NEW: Final = "new"
+ANSWERED: Final = "answered"
+BUSY: Final = "busy"
 LEASE_MS = 10_000  # longer than any handler takes (the sandbox's wall clock is 3 s)
 
 
 @dataclass(frozen=True)
 class Claim:
-    state: Literal["new", "answered", "busy"]
+    state: ClaimState
     topic: str = ""
     frame: bytes = b""
 
