@@ -15,6 +15,7 @@ import itertools
 import random
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -247,20 +248,38 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(f_parts) == len(t_parts)
 
 
+def split_shared(topic_filter: str) -> tuple[str | None, str]:
+    """``$share/{group}/{filter}`` -> (group, filter); a plain filter -> (None, filter)."""
+    if not topic_filter.startswith("$share/"):
+        return None, topic_filter
+    _, group, rest = topic_filter.split("/", 2)
+    return group, rest
+
+
 class FakeBroker:
     """A tiny in-memory broker for fast node tests: QoS 1 semantics, retained messages.
 
     ``tap`` sees every publish (topic, payload) before delivery and returns the
     list of payloads to deliver, so a test can drop, duplicate or alter frames.
+    Shared subscriptions (``$share/{group}/{filter}``) deliver each message to one
+    member of the group, in turn, as Mosquitto does, and no retained messages;
+    ``pick``, if set, chooses the member instead (a test steering a retry).
     """
 
     def __init__(self) -> None:
         self._subs: list[tuple[str, asyncio.Queue[tuple[str, bytes]]]] = []
+        self._shared: dict[str, list[tuple[str, asyncio.Queue[tuple[str, bytes]]]]] = {}
+        self._turn: Counter[str] = Counter()
         self.retained: dict[str, bytes] = {}
         self.published: list[tuple[str, bytes]] = []
         self.tap: Callable[[str, bytes], list[bytes]] | None = None
+        self.pick: Callable[[str, int], int] | None = None  # (topic, members) -> index of the member
 
     def subscribe(self, topic_filter: str, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+        group, plain = split_shared(topic_filter)
+        if group is not None:
+            self._shared.setdefault(group, []).append((plain, queue))
+            return
         self._subs.append((topic_filter, queue))
         for topic, payload in self.retained.items():
             if topic_matches(topic_filter, topic):
@@ -268,6 +287,8 @@ class FakeBroker:
 
     def unsubscribe_all(self, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
         self._subs = [(f, q) for f, q in self._subs if q is not queue]
+        for group, members in self._shared.items():
+            self._shared[group] = [(f, q) for f, q in members if q is not queue]
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.published.append((topic, payload))
@@ -280,11 +301,18 @@ class FakeBroker:
                 if id(queue) not in delivered and topic_matches(topic_filter, topic):
                     delivered.add(id(queue))
                     queue.put_nowait((topic, data))
+            for group, members in self._shared.items():
+                matching = [q for f, q in members if topic_matches(f, topic)]
+                if matching:
+                    turn = self.pick(topic, len(matching)) if self.pick else self._turn[group]
+                    self._turn[group] += 1
+                    matching[turn % len(matching)].put_nowait((topic, data))
 
     async def drained(self, max_turns: int = 100_000) -> None:
         """Return once every subscriber has taken every message delivered so far."""
         for _ in range(max_turns):  # each turn lets the readers run; bounded
-            if all(queue.empty() for _, queue in self._subs):
+            shared = [q for members in self._shared.values() for _, q in members]
+            if all(queue.empty() for _, queue in self._subs) and all(q.empty() for q in shared):
                 return
             await asyncio.sleep(0)
         raise TimeoutError("subscribers did not drain their queues")

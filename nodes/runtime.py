@@ -65,7 +65,17 @@ from protocol.errors import (
     TrustpayError,
 )
 from protocol.keys import KeyPair
-from protocol.messages import MESSAGE_TYPES, Body, Metrics, Ping, Pong, Refusal, Status, StepEvent
+from protocol.messages import (
+    MESSAGE_TYPES,
+    Body,
+    Metrics,
+    Ping,
+    Pong,
+    Refusal,
+    Status,
+    StepEvent,
+    shared_senders,
+)
 from protocol.replay import CLOCK_SKEW, ReplayGuard
 from protocol.topics import (
     CHANNEL_EVENTS,
@@ -73,6 +83,8 @@ from protocol.topics import (
     CHANNEL_OPS,
     CHANNEL_STATUS,
     CRL_TOPIC,
+    LINKS,
+    SERVER_ROLES,
     Role,
     channel_topic,
     inbound_filters,
@@ -83,6 +95,7 @@ from protocol.topics import (
 from .bus import Bus
 from .metrics import VERSION, StepClock, metrics_body
 from .rate_limit import RateLimiter
+from .replies import ANSWERED, BUSY, Replies
 from .retry import RetryTimer
 from .store import write_atomic
 
@@ -124,6 +137,7 @@ class Settings:
     connect_timeout_s: float = 60.0  # a node gives up (with a clear error) if no broker answers by then
     metrics_interval_s: float = 10.0  # how often the node publishes its counters
     clock_offset_ms: int = 0  # added to the system clock for every stamp and check (a wrong device clock)
+    replicas: int = 1  # servers: how many replicas of this role run at once (shared subscriptions)
 
 
 @dataclass(frozen=True)
@@ -134,14 +148,28 @@ class NodeConfig:
     settings: Settings = field(default_factory=Settings)
 
 
+SERVER_ROLE_NAMES = frozenset(r.value for r in SERVER_ROLES)
+
+
 @dataclass
 class _Pending:
-    """A request waiting for its answer; only a verified frame from ``peer`` ends it."""
+    """A request waiting for its answer; only a verified frame from ``peer`` ends it.
+
+    ``peer`` is a node id, or a server role's name (``payment-server``): then any
+    replica of that role may answer, i.e. any certificate of that role, which only
+    the platform key issues (the verifier checked the chain before).
+    """
 
     answer: asyncio.Future[Received]
     peer: str
     # why frames that named this request were refused: said at the timeout, never acted on
     refused: Counter[str] = field(default_factory=Counter)
+
+    def asked(self, sender: str, role: str | None) -> bool:
+        """Whether ``sender`` (certified for ``role``; None: not verified) may answer."""
+        if sender == self.peer:
+            return True
+        return self.peer in SERVER_ROLE_NAMES and role == self.peer
 
 
 @dataclass(frozen=True)
@@ -205,7 +233,14 @@ class Node:
 
     role: Role
 
-    def __init__(self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        bus: Bus,
+        log: structlog.typing.FilteringBoundLogger,
+        *,
+        replies: Replies | None = None,
+    ) -> None:
         ident = config.identity
         self.config = config
         self.id = ident.node_id
@@ -236,6 +271,11 @@ class Node:
         self._pending: dict[bytes, _Pending] = {}  # by request message id
         self.retry_timer = RetryTimer()  # how long answers take, per peer and request type
         self._responses: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+        # Replicas of a server share who answers what (nodes.replies); one process keeps its own cache.
+        self.replies = replies
+        # Plain topics every replica reads although the frames on them are for one (answers):
+        # a frame addressed to another replica is dropped from its header, before any crypto.
+        self._replica_topics: frozenset[str] = frozenset()
         self._lanes: dict[str, asyncio.Queue[Received]] = {}
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
         self._tg: asyncio.TaskGroup | None = None
@@ -259,7 +299,18 @@ class Node:
         self._routes[msg_type] = _Route(handler, ordered)
 
     def subscriptions(self) -> tuple[str, ...]:
-        return inbound_filters(self.role, self.device)
+        if not self.replicated:
+            return inbound_filters(self.role, self.device)
+        return inbound_filters(self.role, None, shared_senders(self.role))
+
+    @property
+    def replicated(self) -> bool:
+        """A server running beside other replicas of its role."""
+        return self.role in SERVER_ROLES and self.settings.replicas > 1
+
+    def _my_ids(self) -> frozenset[str]:
+        """Recipients this node answers to: its id, and a server also its role's name (any replica)."""
+        return frozenset({self.id, self.role.value} if self.role in SERVER_ROLES else {self.id})
 
     async def prepare(self) -> None:
         """Load state and open databases; runs before any frame is received."""
@@ -285,7 +336,14 @@ class Node:
         self.epoch = await asyncio.to_thread(_next_epoch, self.config.state_dir)
         self.started_ms = self.now_ms()
         guard = ReplayGuard(floor_ms=self.started_ms, skew_ms=self.settings.skew_ms)
-        self._verifier = Verifier(frozenset({self.id}), self.certs, guard, keys=self.keys)
+        self._verifier = Verifier(self._my_ids(), self.certs, guard, keys=self.keys)
+        if self.replicated:
+            shared = shared_senders(self.role)
+            self._replica_topics = frozenset(
+                link_topic(link.src, self.role)
+                for link in LINKS
+                if link.dst is self.role and not link.src.on_device and link.src not in shared
+            )
         self.log.info("node.starting", role=self.role.value, epoch=self.epoch)
         # after every (re)connection: the broker may have published our last will meanwhile
         self.bus.on_connect = self._announce
@@ -501,7 +559,8 @@ class Node:
             if not future.done():
                 future.cancel()
 
-    async def reply(self, request: Received, msg_type: str, body: Body) -> None:
+    async def reply(self, request: Received, msg_type: str, body: Body, *, record: bool = False) -> None:
+        """Answer ``request``; ``record``: also write the answer to the replicas' reply log."""
         src = request.topic.src
         if src is Role.OPERATOR:
             topic = channel_topic(self.role, CHANNEL_OPS, self.device)
@@ -514,6 +573,9 @@ class Node:
         self._responses[env.message_id] = (topic, frame)
         while len(self._responses) > self.settings.response_cache:
             self._responses.popitem(last=False)
+        if record and self.replies is not None:
+            # before publishing: once the sender has the answer, a retry elsewhere must find it
+            await self.replies.answer(env.sender, env.message_id, topic, frame, self.now_ms())
         await self.bus.publish(topic, frame)
 
     def _status(self, state: str, will: bool = False) -> Status:
@@ -579,6 +641,11 @@ class Node:
         if topic == CRL_TOPIC:
             self._on_revocations(topic, frame)
             return
+        if topic in self._replica_topics:
+            header = peek(frame)  # unverified: it only decides to drop, never to accept
+            if header is not None and header.recipient != self.id:
+                self.counters["not_for_me"] += 1
+                return
         try:
             received = self._verifier.open(frame, topic, self.now_ms())
         except SenderRevoked as exc:
@@ -604,11 +671,14 @@ class Node:
         env = received.envelope
         self.counters[f"in.{env.type}"] += 1
         self.peers[env.sender] = received.sender_cert
+        if received.sender_cert.role in SERVER_ROLE_NAMES:
+            # any replica's certificate seals to its role: replicas share the role's box key
+            self.peers[received.sender_cert.role] = received.sender_cert
         if env.reply_to:
             pending = self._pending.get(env.reply_to)
             if pending is None or pending.answer.done():
                 self.counters["late_answer"] += 1
-            elif env.sender != pending.peer:  # only the node we asked may answer
+            elif not pending.asked(env.sender, received.sender_cert.role):  # only the node (role) we asked
                 self.counters["foreign_answer"] += 1
                 self.log.warning("frame.foreign_answer", sender=env.sender, expected=pending.peer)
             else:
@@ -665,7 +735,11 @@ class Node:
         self.log.warning("frame.rejected", code=exc.code, reason=exc.reason, topic=topic, sender=env.sender)
         if env.reply_to:
             pending = self._pending.get(env.reply_to)
-            if pending is not None and not pending.answer.done() and env.sender == pending.peer:
+            if (
+                pending is not None
+                and not pending.answer.done()
+                and pending.asked(env.sender, received.sender_cert.role)
+            ):
                 pending.answer.set_exception(exc)
             return
         if env.type in self._routes:
@@ -690,7 +764,7 @@ class Node:
                 env.type in ("refusal", "error")
                 and pending is not None
                 and not pending.answer.done()
-                and env.sender == pending.peer
+                and pending.asked(env.sender, exc.received.sender_cert.role)
             ):
                 try:
                     received: Received | None = self._verifier.decode(exc.received)
@@ -734,7 +808,7 @@ class Node:
         if header is None or not header.reply_to:
             return
         pending = self._pending.get(header.reply_to)
-        if pending is not None and header.sender == pending.peer and len(pending.refused) < 8:
+        if pending is not None and pending.asked(header.sender, None) and len(pending.refused) < 8:
             pending.refused[f"{exc.code}: {exc.reason}"] += 1
 
     async def _drain_lane(self, lane: asyncio.Queue[Received]) -> None:
@@ -744,28 +818,55 @@ class Node:
 
     async def _handle(self, route: _Route, received: Received) -> None:
         async with self._slots:
+            record = self.replies is not None and received.topic.src is not Role.OPERATOR
+            if record and not await self._claim(received):
+                return
             try:
                 answer = await route.handler(received)
             except Refused as exc:
-                await self._refuse(received, exc.refusal_code, exc.refusal_reason)
+                await self._refuse(received, exc.refusal_code, exc.refusal_reason, record=record)
                 return
             except TrustpayError as exc:
-                await self._refuse(received, exc.code, exc.reason)
+                await self._refuse(received, exc.code, exc.reason, record=record)
                 return
             except Exception as exc:  # a bug: say so to the requester instead of leaving it waiting
                 self.counters["handler_crash"] += 1
                 self.log.exception("handler.crashed", type=received.envelope.type, error=repr(exc))
                 await self._refuse(
-                    received, "internal", f"{self.id} failed to handle {received.envelope.type}"
+                    received,
+                    "internal",
+                    f"{self.id} failed to handle {received.envelope.type}",
+                    record=record,
                 )
                 return
             if answer is not None:
-                await self.reply(received, *answer)
+                await self.reply(received, *answer, record=record)
 
-    async def _refuse(self, received: Received, code: str, reason: str) -> None:
+    async def _claim(self, received: Received) -> bool:
+        """Claim a request in the replicas' reply log: True to handle it here, now.
+
+        Another replica's answer is published again as it is (its signature and stamp
+        are the first replica's, so the sender's replay guard decides, as for any copy);
+        a request another replica is handling is dropped: the sender's retry finds the
+        answer. Operator commands are not claimed: every replica carries them out.
+        """
+        assert self.replies is not None
+        env = received.envelope
+        claim = await self.replies.claim(env.sender, env.message_id, self.id, self.now_ms())
+        if claim.state == ANSWERED:
+            self.counters["reanswered_from_log"] += 1
+            await self.bus.publish(claim.topic, claim.frame)
+            return False
+        if claim.state == BUSY:
+            self.counters["claimed_elsewhere"] += 1
+            self.log.info("request.claimed_elsewhere", type=env.type, sender=env.sender)
+            return False
+        return True
+
+    async def _refuse(self, received: Received, code: str, reason: str, *, record: bool = False) -> None:
         self.counters[f"refused.{code}"] += 1
         sealed = MESSAGE_TYPES[received.envelope.type].sealed and received.topic.src is not Role.OPERATOR
-        await self.reply(received, "refusal" if sealed else "error", Refusal(code, reason))
+        await self.reply(received, "refusal" if sealed else "error", Refusal(code, reason), record=record)
 
     async def _on_ping(self, received: Received) -> tuple[str, Body]:
         ping: Ping = received.envelope.body
