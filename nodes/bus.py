@@ -268,17 +268,20 @@ class FakeBroker:
 
     def __init__(self) -> None:
         self._subs: list[tuple[str, asyncio.Queue[tuple[str, bytes]]]] = []
-        self._shared: dict[str, list[tuple[str, asyncio.Queue[tuple[str, bytes]]]]] = {}
+        self._shared: dict[str, list[tuple[str, asyncio.Queue[tuple[str, bytes]], str]]] = {}
         self._turn: Counter[str] = Counter()
         self.retained: dict[str, bytes] = {}
         self.published: list[tuple[str, bytes]] = []
         self.tap: Callable[[str, bytes], list[bytes]] | None = None
-        self.pick: Callable[[str, int], int] | None = None  # (topic, members) -> index of the member
+        # (topic, the members' client ids) -> index of the member to get it
+        self.pick: Callable[[str, list[str]], int] | None = None
 
-    def subscribe(self, topic_filter: str, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+    def subscribe(
+        self, topic_filter: str, queue: asyncio.Queue[tuple[str, bytes]], client_id: str = ""
+    ) -> None:
         group, plain = split_shared(topic_filter)
         if group is not None:
-            self._shared.setdefault(group, []).append((plain, queue))
+            self._shared.setdefault(group, []).append((plain, queue, client_id))
             return
         self._subs.append((topic_filter, queue))
         for topic, payload in self.retained.items():
@@ -288,7 +291,7 @@ class FakeBroker:
     def unsubscribe_all(self, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
         self._subs = [(f, q) for f, q in self._subs if q is not queue]
         for group, members in self._shared.items():
-            self._shared[group] = [(f, q) for f, q in members if q is not queue]
+            self._shared[group] = [(f, q, c) for f, q, c in members if q is not queue]
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.published.append((topic, payload))
@@ -302,16 +305,17 @@ class FakeBroker:
                     delivered.add(id(queue))
                     queue.put_nowait((topic, data))
             for group, members in self._shared.items():
-                matching = [q for f, q in members if topic_matches(f, topic)]
+                matching = [(q, c) for f, q, c in members if topic_matches(f, topic)]
                 if matching:
-                    turn = self.pick(topic, len(matching)) if self.pick else self._turn[group]
+                    names = [c for _, c in matching]
+                    turn = self.pick(topic, names) if self.pick else self._turn[group]
                     self._turn[group] += 1
-                    matching[turn % len(matching)].put_nowait((topic, data))
+                    matching[turn % len(matching)][0].put_nowait((topic, data))
 
     async def drained(self, max_turns: int = 100_000) -> None:
         """Return once every subscriber has taken every message delivered so far."""
         for _ in range(max_turns):  # each turn lets the readers run; bounded
-            shared = [q for members in self._shared.values() for _, q in members]
+            shared = [q for members in self._shared.values() for _, q, _ in members]
             if all(queue.empty() for _, queue in self._subs) and all(q.empty() for q in shared):
                 return
             await asyncio.sleep(0)
@@ -333,7 +337,7 @@ class FakeBus:
         self, subscriptions: tuple[str, ...], on_message: OnMessage, connected: asyncio.Event
     ) -> None:
         for topic_filter in subscriptions:
-            self.broker.subscribe(topic_filter, self._queue)
+            self.broker.subscribe(topic_filter, self._queue, self.client_id)
         connected.set()
         if self.on_connect is not None:
             self.on_connect()

@@ -58,6 +58,7 @@ from .assemble import reloaded_identity
 from .bus import Bus
 from .deployment import Deployment
 from .ledger import CONFIRMED, MERCHANT, REFUSED, Ledger, LedgerConflict, LedgerTx, PaymentRecord
+from .replies import Replies
 from .runtime import Node, NodeConfig, now_ms
 
 DEFAULT_PAYMENT_LIMIT = 50_000  # minor units per payment, enforced here whatever the chip allows
@@ -86,8 +87,9 @@ class PaymentServer(Node):
         *,
         payment_limit: int = DEFAULT_PAYMENT_LIMIT,
         clock: Callable[[], int] = now_ms,
+        replies: Replies | None = None,
     ) -> None:
-        super().__init__(config, bus, log)
+        super().__init__(config, bus, log, replies=replies)
         self.dep = deployment
         self.payment_limit = payment_limit
         self.clock = clock  # wall-clock ms for grant expiry; injectable so tests need no sleeps

@@ -90,6 +90,7 @@ from protocol.topics import (
     inbound_filters,
     link_topic,
     operator_topic,
+    share_group,
 )
 
 from .bus import Bus
@@ -301,7 +302,8 @@ class Node:
     def subscriptions(self) -> tuple[str, ...]:
         if not self.replicated:
             return inbound_filters(self.role, self.device)
-        return inbound_filters(self.role, None, shared_senders(self.role))
+        group = share_group(self.role, self.config.identity.keys.box_secret)
+        return inbound_filters(self.role, None, shared_senders(self.role), group)
 
     @property
     def replicated(self) -> bool:

@@ -77,6 +77,7 @@ from .assemble import reloaded_identity
 from .bus import Bus
 from .deployment import Deployment, Manifest
 from .rate_limit import RateLimiter
+from .replies import Replies
 from .runtime import Node, NodeConfig, now_ms
 from .trust_db import ACTIVE, REVOKED, DeviceRow, DeviceUnknown, NonceRow, TrustDb
 
@@ -151,8 +152,9 @@ class TrustServer(Node):
         db: TrustDb | None = None,
         clock: Callable[[], int] = now_ms,
         nonce_limit: RateLimiter | None = None,
+        replies: Replies | None = None,
     ) -> None:
-        super().__init__(config, bus, log)
+        super().__init__(config, bus, log, replies=replies)
         self.dep = deployment
         self.db = db or TrustDb(deployment.trust_db)
         self.clock = clock  # for nonce and verdict lifetimes; tests move it instead of sleeping

@@ -17,6 +17,7 @@ of a frame is who the topic says sent it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -192,22 +193,38 @@ def parse_topic(topic: str) -> ParsedTopic:
 
 
 SHARE_PREFIX = "$share"
+SHARE_DOMAIN = b"trustpay-share-group-v1"
 
 
-def shared_filter(role: Role, topic_filter: str) -> str:
-    """``topic_filter`` as a shared subscription of ``role``'s replicas: each frame reaches one of them."""
-    return f"{SHARE_PREFIX}/{role.value}/{topic_filter}"
+def share_group(role: Role, box_secret: bytes) -> str:
+    """The name of ``role``'s replica group, which only holders of the role's box key know.
+
+    Mosquitto 2.0.11 grants any login a ``$share/{group}/...`` subscription and only
+    then refuses it the messages (read ACL at delivery): a device joining a group named
+    after the role would silently swallow its share of the servers' requests. A
+    group named from the role's secret (the replicas share it) is one it cannot join.
+    """
+    digest = hashlib.blake2b(role.value.encode(), key=box_secret, digest_size=12, person=SHARE_DOMAIN[:16])
+    return f"{role.short}-{digest.hexdigest()}"
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """``topic_filter`` as a shared subscription of ``group``: each frame reaches one member."""
+    return f"{SHARE_PREFIX}/{group}/{topic_filter}"
 
 
 def inbound_filters(
-    role: Role, device: str | None = None, shared_from: frozenset[Role] | None = None
+    role: Role,
+    device: str | None = None,
+    shared_from: frozenset[Role] | None = None,
+    group: str = "",
 ) -> tuple[str, ...]:
     """Topic filters a node of ``role`` subscribes to.
 
     Servers take every device with ``+``. Replicas of a server (``shared_from``
     given: the senders whose links carry requests to the role and nothing it
     waits for, ``protocol.messages.shared_senders``) take those links through a
-    ``$share/{role}/`` subscription, so each request reaches one replica, and
+    ``$share/{group}/`` subscription (``share_group``), so each request reaches one replica, and
     every other link, the operator's and the revocation list plainly: answers
     must reach the replica that asked, and every replica needs the operator's
     commands and the list.
@@ -215,6 +232,8 @@ def inbound_filters(
     if role.on_device:
         base = f"{PREFIX}/dev/{check_device_id(device or '')}"
         return (f"{base}/+/{role.short}", CRL_TOPIC)
+    if shared_from is not None and not group:
+        raise WrongTopic(f"shared subscriptions of {role.value} need its group name")
     if shared_from is None:
         return (f"{PREFIX}/dev/+/+/{role.short}", f"{PREFIX}/plat/+/{role.short}", CRL_TOPIC)
     filters = []
@@ -223,7 +242,7 @@ def inbound_filters(
             continue
         on_device = link.src.on_device
         plain = f"{PREFIX}/dev/+/{link.src.short}/{role.short}" if on_device else link_topic(link.src, role)
-        filters.append(shared_filter(role, plain) if link.src in shared_from else plain)
+        filters.append(shared_filter(group, plain) if link.src in shared_from else plain)
     filters += [operator_topic(role), CRL_TOPIC]
     return tuple(filters)
 
