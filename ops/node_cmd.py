@@ -49,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="servers: also serve the node's counters to Prometheus on 127.0.0.1:P/metrics",
     )
+    parser.add_argument(
+        "--replica", type=int, default=1, metavar="K", help="servers: run replica K (K=1: the role's name)"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="servers: N replicas of this role run at once (they share its requests through $share)",
+    )
     add_clock_offset_argument(parser, "the node stamps and checks every frame with it")
 
 
@@ -60,9 +70,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.metrics_port is not None and role not in SERVER_ROLES:
         raise ConfigError(f"--metrics-port is for the servers; a {role.value} reports on its metrics channel")
+    if (args.replica, args.replicas) != (1, 1) and role not in SERVER_ROLES:
+        raise ConfigError(f"--replica and --replicas are for the servers; a {role.value} runs once")
+    if not 1 <= args.replica <= args.replicas:
+        raise ConfigError(f"--replica {args.replica} must be between 1 and --replicas {args.replicas}")
     dep = Deployment(args.deploy)
-    nid = resolve_node_id(dep, role, args.device)
-    settings = Settings(clock_offset_ms=args.clock_offset_ms)
+    nid = resolve_node_id(dep, role, args.device, args.replica)
+    settings = Settings(clock_offset_ms=args.clock_offset_ms, replicas=args.replicas)
     asyncio.run(
         run_node(
             dep,
