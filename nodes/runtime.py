@@ -96,7 +96,7 @@ from protocol.topics import (
 from .bus import Bus
 from .metrics import VERSION, StepClock, metrics_body
 from .rate_limit import RateLimiter
-from .replies import ANSWERED, BUSY, Replies
+from .replies import ANSWERED, BUSY, LEASE_MS, Replies
 from .retry import RetryTimer
 from .store import write_atomic
 
@@ -104,6 +104,7 @@ Handler = Callable[[Received], Awaitable[tuple[str, Body] | None]]
 Job = Callable[[], Coroutine[Any, Any, object]]
 CLOCK_SKEW_BURST, CLOCK_SKEW_PER_S = 4, 1.0  # clock_skew refusals per sender: a flood draws no more
 MAX_ATTEMPTS = 1000  # a request's attempts in all; its deadline ends it long before
+REPLIES_PRUNE_EVERY_S, REPLIES_PRUNE_BATCH = 10.0, 1_000  # the shared reply log, in short rounds
 
 
 def now_ms() -> int:
@@ -391,7 +392,15 @@ class Node:
             self.stop()
             return
         self.every(self.settings.metrics_interval_s, self.publish_metrics, "metrics")
+        if self.replies is not None:
+            self.every(REPLIES_PRUNE_EVERY_S, self.prune_replies, "prune_replies")
         await self.main()
+
+    async def prune_replies(self) -> int:
+        """One bounded round: log entries older than any request the verifier still takes, and a lease."""
+        assert self.replies is not None
+        keep_ms = 2 * self.settings.skew_ms + LEASE_MS
+        return await self.replies.prune(self.now_ms() - keep_ms, REPLIES_PRUNE_BATCH)
 
     async def _say_goodbye(self) -> None:
         try:
