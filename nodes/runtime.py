@@ -90,6 +90,8 @@ from protocol.topics import (
     inbound_filters,
     link_topic,
     operator_topic,
+    partition_of,
+    server_replica,
     share_group,
 )
 
@@ -139,7 +141,10 @@ class Settings:
     connect_timeout_s: float = 60.0  # a node gives up (with a clear error) if no broker answers by then
     metrics_interval_s: float = 10.0  # how often the node publishes its counters
     clock_offset_ms: int = 0  # added to the system clock for every stamp and check (a wrong device clock)
-    replicas: int = 1  # servers: how many replicas of this role run at once (shared subscriptions)
+    replicas: int = 1  # servers: how many replicas of this role run at once
+    # how replicas share requests: the broker's $share subscriptions, or (False: amqtt, NATS) a
+    # static partition by device, replica k of N taking the devices with partition_of == k - 1
+    shared: bool = True
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,8 @@ class Node:
         # Plain topics every replica reads although the frames on them are for one (answers):
         # a frame addressed to another replica is dropped from its header, before any crypto.
         self._replica_topics: frozenset[str] = frozenset()
+        # A partitioned replica: (its index, replicas, short names of the senders whose requests split)
+        self._partition: tuple[int, int, frozenset[str]] | None = None
         self._lanes: dict[str, asyncio.Queue[Received]] = {}
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
         self._tg: asyncio.TaskGroup | None = None
@@ -301,7 +308,7 @@ class Node:
         self._routes[msg_type] = _Route(handler, ordered)
 
     def subscriptions(self) -> tuple[str, ...]:
-        if not self.replicated:
+        if not self.replicated or not self.settings.shared:
             return inbound_filters(self.role, self.device)
         group = share_group(self.role, self.config.identity.keys.box_secret)
         return inbound_filters(self.role, None, shared_senders(self.role), group)
@@ -347,6 +354,9 @@ class Node:
                 for link in LINKS
                 if link.dst is self.role and not link.src.on_device and link.src not in shared
             )
+            replica = server_replica(self.id)
+            if not self.settings.shared and replica is not None:
+                self._partition = (replica[1] - 1, self.settings.replicas, frozenset(r.short for r in shared))
         self.log.info("node.starting", role=self.role.value, epoch=self.epoch)
         # after every (re)connection: the broker may have published our last will meanwhile
         self.bus.on_connect = self._announce
@@ -657,6 +667,9 @@ class Node:
             if header is not None and header.recipient != self.id:
                 self.counters["not_for_me"] += 1
                 return
+        if self._partition is not None and not self._in_partition(topic, frame):
+            self.counters["not_for_me"] += 1
+            return
         try:
             received = self._verifier.open(frame, topic, self.now_ms())
         except SenderRevoked as exc:
@@ -712,6 +725,27 @@ class Node:
             lane.put_nowait(received)
         else:
             self.spawn(self._handle(route, received), name=f"handle:{env.type}")
+
+    def _in_partition(self, topic: str, frame: bytes) -> bool:
+        """Whether a partitioned replica takes this frame; decided before any cryptography.
+
+        A device's requests go by the device id in the topic, the other role's by the
+        (unverified) sender in the header: a forged header only moves a frame to a replica
+        that refuses it. Everything else (answers, the operator, the list) is every replica's.
+        """
+        assert self._partition is not None
+        index, count, senders = self._partition
+        parts = topic.split("/")
+        if len(parts) == 6 and parts[2] == "dev" and parts[4] in senders:
+            key = parts[3]
+        elif len(parts) == 5 and parts[2] == "plat" and parts[3] in senders:
+            header = peek(frame)
+            if header is None:
+                return True  # let the verifier say why it is malformed
+            key = header.sender
+        else:
+            return True
+        return partition_of(key, count) == index
 
     def _on_revocations(self, topic: str, frame: bytes) -> None:
         """Install a newer revocation list at once, before the next frame is verified."""

@@ -345,6 +345,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replicas", type=int, default=1, metavar="N", help="servers: N replicas of each role run at once"
     )
+    parser.add_argument(
+        "--partition", action="store_true", help="servers: split the devices between replicas, not $share"
+    )
     add_json_argument(parser, "one JSON object per line for each event (up, failed, counters, stopped)")
     add_examples(
         parser,
@@ -401,7 +404,7 @@ async def _run(dep: Deployment, manifest: Manifest, ids: list[str], args: argpar
         console=sys.stderr,
         console_level=args.log_level,
         report=emit,
-        settings=Settings(replicas=args.replicas) if args.replicas > 1 else None,
+        settings=Settings(replicas=args.replicas, shared=not args.partition) if args.replicas > 1 else None,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # one handler for the whole process, stopping every node

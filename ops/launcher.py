@@ -196,6 +196,7 @@ class Launcher:
         self.fleet = fleet
         self.replicas = replicas  # of each server role, each its own process and identity
         self._servers: list[str] = []  # server node ids in start order (metrics ports follow it)
+        self._partition = False  # replicas split by device: the broker has no shared subscriptions
         self._fleets: dict[Role, NodeProcess] = {}  # the incarnation that started each fleet process
         self._device_count = 0
         self._online_ms: dict[str, int] = {}  # each node's latest verified "online" stamp
@@ -284,13 +285,9 @@ class Launcher:
                 f"--replicas {self.replicas}: this deployment has {manifest.replicas} identities per "
                 f"server; provision it with `trustpay provision --replicas {max(self.replicas, 1)}`"
             )
-        backend = self.backend or manifest.broker.backend
-        if self.replicas > 1 and not self.broker_url and backend != "mosquitto":
-            # amqtt 0.12.1 and NATS 2.9 accept a $share subscription and deliver nothing on it
-            raise ConfigError(
-                f"--replicas {self.replicas} needs shared subscriptions, which only the mosquitto "
-                f"backend has here ({backend} accepts them and delivers nothing): use --backend mosquitto"
-            )
+        # amqtt 0.12.1 and NATS 2.9 accept a $share subscription and deliver nothing on it: there
+        # the replicas split the devices between them (Settings.shared)
+        self._partition = (self.backend or manifest.broker.backend) != "mosquitto"
 
     @property
     def servers(self) -> tuple[str, ...]:
@@ -424,6 +421,8 @@ class Launcher:
         replica = server_replica(node.node_id) if node.device is None else None
         if replica is not None and self.replicas > 1:
             argv += ["--replica", str(replica[1]), "--replicas", str(self.replicas)]
+            if self._partition:
+                argv.append("--partition")
         skew = self.clock_offsets.get(node.device, 0) if node.device is not None else 0
         if skew:
             argv += ["--clock-offset-ms", str(skew)]

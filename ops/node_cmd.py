@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="servers: N replicas of this role run at once (they share its requests through $share)",
     )
+    parser.add_argument(
+        "--partition",
+        action="store_true",
+        help="servers with --replicas: split the devices between the replicas instead of $share "
+        "(brokers without shared subscriptions: amqtt, NATS)",
+    )
     add_clock_offset_argument(parser, "the node stamps and checks every frame with it")
 
 
@@ -76,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--replica {args.replica} must be between 1 and --replicas {args.replicas}")
     dep = Deployment(args.deploy)
     nid = resolve_node_id(dep, role, args.device, args.replica)
-    settings = Settings(clock_offset_ms=args.clock_offset_ms, replicas=args.replicas)
+    settings = Settings(
+        clock_offset_ms=args.clock_offset_ms, replicas=args.replicas, shared=not args.partition
+    )
     asyncio.run(
         run_node(
             dep,

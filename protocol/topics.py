@@ -208,6 +208,16 @@ def share_group(role: Role, box_secret: bytes) -> str:
     return f"{role.short}-{digest.hexdigest()}"
 
 
+def partition_of(key: str, count: int) -> int:
+    """Which of ``count`` replicas (0-based) takes the frames keyed by ``key`` (a device id).
+
+    For brokers without shared subscriptions (amqtt 0.12.1, NATS 2.9): a static,
+    stable partition, the same in every process and every run.
+    """
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"tp-partition-v1").digest()
+    return int.from_bytes(digest, "big") % count
+
+
 def shared_filter(group: str, topic_filter: str) -> str:
     """``topic_filter`` as a shared subscription of ``group``: each frame reaches one member."""
     return f"{SHARE_PREFIX}/{group}/{topic_filter}"

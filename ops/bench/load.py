@@ -285,11 +285,12 @@ async def load(
             url = f"mqtt://{broker.host}:{broker.port}?v={mqtt or broker.mqtt_version}"
         else:
             url = broker_url
+        running = broker.backend if broker is not None else manifest.broker.backend
         tg = await stack.enter_async_context(asyncio.TaskGroup())
         fleets: list[FleetProcess] = []
         try:
             plan: list[tuple[str, str, int | None, tuple[str, ...]]] = [
-                (nid, role.value, None, _replica_args(k, replicas))
+                (nid, role.value, None, _replica_args(k, replicas, running))
                 for role in (Role.TRUST_SERVER, Role.PAYMENT_SERVER)
                 for k, nid in enumerate(manifest.server_ids(role)[:replicas], start=1)
             ]
@@ -317,8 +318,11 @@ async def load(
     return result
 
 
-def _replica_args(replica: int, replicas: int) -> tuple[str, ...]:
-    return ("--replica", str(replica), "--replicas", str(replicas)) if replicas > 1 else ()
+def _replica_args(replica: int, replicas: int, backend: str) -> tuple[str, ...]:
+    if replicas == 1:
+        return ()
+    split = ("--partition",) if backend != "mosquitto" else ()  # no $share there (ops.launcher)
+    return ("--replica", str(replica), "--replicas", str(replicas), *split)
 
 
 async def _baseline(

@@ -25,13 +25,13 @@ from nodes.client import EXIT_OK, Client
 from nodes.deployment import Deployment
 from nodes.payment_server import PaymentServer
 from nodes.replies import MemoryReplies
-from nodes.runtime import Node, ping
+from nodes.runtime import Node, Settings, ping
 from nodes.trust_module import TrustModule
 from nodes.trust_server import TrustServer
 from protocol.envelope import Received, peek
 from protocol.errors import RequestTimeout
 from protocol.messages import Ping, Pong
-from protocol.topics import Role, link_topic
+from protocol.topics import Role, link_topic, partition_of
 
 from .harness import FAST, make_node, provisioned, running
 
@@ -75,19 +75,24 @@ class Platform:
 
 
 @asynccontextmanager
-async def platform(dep: Deployment, broker: FakeBroker | None = None) -> AsyncIterator[Platform]:
+async def platform(
+    dep: Deployment,
+    broker: FakeBroker | None = None,
+    settings: Settings = REPLICATED,
+    devices: tuple[str, ...] = DEVICES,
+) -> AsyncIterator[Platform]:
     broker = broker or FakeBroker()
     ts_log, ps_log = MemoryReplies(), MemoryReplies()  # each role's shared log (its database in production)
     ts = tuple(
-        make_node(TrustServer, dep, nid, broker, REPLICATED, deployment=dep, replies=ts_log)
+        make_node(TrustServer, dep, nid, broker, settings, deployment=dep, replies=ts_log)
         for nid in ("trust-server", "trust-server.2")
     )
     ps = tuple(
-        make_node(PaymentServer, dep, nid, broker, REPLICATED, deployment=dep, replies=ps_log)
+        make_node(PaymentServer, dep, nid, broker, settings, deployment=dep, replies=ps_log)
         for nid in ("payment-server", "payment-server.2")
     )
-    chips = {d: make_node(Chip, dep, f"{d}.chip", broker, REPLICATED, deployment=dep) for d in DEVICES}
-    tms = [make_node(TrustModule, dep, f"{d}.tm", broker, REPLICATED, deployment=dep) for d in DEVICES]
+    chips = {d: make_node(Chip, dep, f"{d}.chip", broker, REPLICATED, deployment=dep) for d in devices}
+    tms = [make_node(TrustModule, dep, f"{d}.tm", broker, REPLICATED, deployment=dep) for d in devices]
     async with running(*ts, *ps, *chips.values(), *tms, timeout_s=30):
         async with asyncio.timeout(20):
             for tm in tms:
@@ -273,3 +278,29 @@ def _empty() -> object:
     from protocol.messages import Empty
 
     return Empty()
+
+
+async def test_without_shared_subscriptions_each_replica_takes_its_devices_and_drops_the_rest_unread(
+    tmp_path: Path,
+) -> None:
+    # amqtt and NATS deliver nothing on $share: every replica subscribes plainly, keeps its partition
+    dep = provisioned(tmp_path, devices=4, replicas=2)
+    devices = ("dev-0001", "dev-0004")
+    assert [partition_of(d, 2) for d in devices] == [0, 1]  # one device for each replica
+    partitioned = dataclasses.replace(REPLICATED, shared=False)
+    async with platform(dep, settings=partitioned, devices=devices) as p:
+        before = await p.balances()
+        results = [await p.pay(device, "1.00") for device in devices]
+        after = await p.balances()
+    assert all(code == EXIT_OK for code, _ in results), results
+    assert all(after[f"{d}:wallet"] == before[f"{d}:wallet"] - 100 for d in devices)
+    for k, ps in enumerate(p.ps):
+        mine = [d for d in devices if partition_of(d, 2) == k]
+        assert handled(ps, "pay.order") == len(mine)  # exactly its own devices' orders
+        assert ps.counters["rejected.bad_signature"] == ps.counters["rejected.not_for_me"] == 0
+    for k, ts in enumerate(p.ts):
+        mine = [d for d in devices if partition_of(d, 2) == k]
+        assert handled(ts, "c2.evidence") == len(mine)
+        # the others' requests were dropped before verification, never reached a handler
+        others = len(devices) - len(mine)
+        assert ts.counters["not_for_me"] >= 3 * others  # c1.check, c2.nonce, c2.evidence at least

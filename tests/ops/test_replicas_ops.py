@@ -55,14 +55,9 @@ def test_a_manifest_without_replicas_has_one_and_a_bad_count_is_refused(dep: Dep
         provision(dep.root.with_name("other"), 1, broker_port=1, backend="mosquitto", replicas=0)
 
 
-async def test_the_launcher_refuses_more_replicas_than_provisioned_or_a_broker_without_share(
-    dep: Deployment,
-) -> None:
+async def test_the_launcher_refuses_more_replicas_than_provisioned(dep: Deployment) -> None:
     with pytest.raises(ConfigError, match="identities per server"):
         async with Launcher(dep, replicas=3):
-            pass
-    with pytest.raises(ConfigError, match="shared subscriptions"):
-        async with Launcher(dep, backend="amqtt", replicas=2):
             pass
 
 
