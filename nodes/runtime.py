@@ -27,6 +27,12 @@ a second). A requester takes such a refusal although its own stamp is outside
 asked: the reply_to names a random id just sent, so an old or foreign refusal
 ends nothing. Every time a node reads goes through ``Node.now_ms``, which adds
 ``Settings.clock_offset_ms``: a node can run with its clock off, as a device's can.
+
+A server may run as one of several replicas of its role (``Settings.replicas``,
+docs/PROTOCOL.md 2.1): it answers to its id and its role's name, takes requests
+through a ``$share`` subscription (or its partition of the devices), drops answers
+meant for another replica from the header alone, and claims each request in the
+role's shared reply log (``replies``) so that exactly one replica handles it.
 """
 
 from __future__ import annotations
