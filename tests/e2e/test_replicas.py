@@ -54,6 +54,8 @@ async def test_a_payment_server_replica_killed_mid_stream_loses_nothing_and_doub
 
         async def kill_in_flight() -> None:
             await three_done.wait()
+            # the replica to kill is serving: it settled a payment (the broker shares them out)
+            await e2e.wait_event(0, step="C5", node=PS2, outcome="ok")
             mark = e2e.watcher.mark()
             # a grant just went out: its order is on its way to one of the payment-servers
             await e2e.wait_event(mark, step="C4", outcome="trusted")
