@@ -24,7 +24,7 @@ from nodes.chip import Chip
 from nodes.client import EXIT_OK, Client
 from nodes.deployment import Deployment
 from nodes.payment_server import PaymentServer
-from nodes.replies import MemoryReplies
+from nodes.replies import BUSY, LEASE_MS, MemoryReplies
 from nodes.runtime import Node, Settings, ping
 from nodes.trust_module import TrustModule
 from nodes.trust_server import TrustServer
@@ -304,3 +304,17 @@ async def test_without_shared_subscriptions_each_replica_takes_its_devices_and_d
         # the others' requests were dropped before verification, never reached a handler
         others = len(devices) - len(mine)
         assert ts.counters["not_for_me"] >= 3 * others  # c1.check, c2.nonce, c2.evidence at least
+
+
+async def test_the_reply_log_is_pruned_past_any_frame_the_verifier_still_takes(dep: Deployment) -> None:
+    log = MemoryReplies()
+    ps = make_node(
+        PaymentServer, dep, "payment-server", FakeBroker(), REPLICATED, deployment=dep, replies=log
+    )
+    now = ps.now_ms()
+    old = now - 2 * REPLICATED.skew_ms - LEASE_MS - 1_000
+    for i in range(2_500):  # more than one batch: a busy platform's ten seconds
+        await log.claim("dev-0001.chip", i.to_bytes(16, "big"), "payment-server", old)
+    await log.claim("dev-0001.chip", b"\xff" * 16, "payment-server", now)
+    assert await ps.prune_replies() == 2_500
+    assert (await log.claim("dev-0001.chip", b"\xff" * 16, "payment-server.2", now)).state == BUSY
