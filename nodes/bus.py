@@ -79,6 +79,8 @@ class MqttBus:
     ack_timeout_s: float = 3.0
     handshake_timeout_s: float = 4.0
     log: structlog.typing.FilteringBoundLogger = field(default_factory=structlog.get_logger)
+    # filters a kept session may still hold from an earlier run in another mode: dropped at connect
+    stale_filters: tuple[str, ...] = ()
     _client: aiomqtt.Client | None = field(default=None, init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _version: str = field(default="", init=False)
@@ -138,6 +140,8 @@ class MqttBus:
             self.endpoint = endpoints[attempt % len(endpoints)]
             try:
                 async with self._make_client(version) as client:
+                    for topic_filter in self.stale_filters:
+                        await client.unsubscribe(topic_filter)
                     for topic_filter in subscriptions:
                         await client.subscribe(topic_filter, qos=1)
                     self._client, self._version = client, version

@@ -197,6 +197,21 @@ class IdentityInUse(TrustpayError):
     code = "identity_in_use"
 
 
+def server_filters(
+    role: Role, settings: Settings, box_secret: bytes
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A server's topic filters now, and those of its other mode to drop from a kept session.
+
+    A persistent session keeps its subscriptions across runs: a server that ran alone
+    (plain filters) and now runs as a replica ($share) would otherwise still get every
+    request through the old plain filter, and the other way round.
+    """
+    plain = inbound_filters(role)
+    shared = inbound_filters(role, None, shared_senders(role), share_group(role, box_secret))
+    current = shared if settings.replicas > 1 and settings.shared else plain
+    return current, tuple(f for f in dict.fromkeys(plain + shared) if f not in current)
+
+
 def _claim(state_dir: Path, node_id: str) -> int:
     """Hold an exclusive lock on the node's state dir for as long as the node runs.
 
@@ -314,10 +329,9 @@ class Node:
         self._routes[msg_type] = _Route(handler, ordered)
 
     def subscriptions(self) -> tuple[str, ...]:
-        if not self.replicated or not self.settings.shared:
+        if self.role not in SERVER_ROLES:
             return inbound_filters(self.role, self.device)
-        group = share_group(self.role, self.config.identity.keys.box_secret)
-        return inbound_filters(self.role, None, shared_senders(self.role), group)
+        return server_filters(self.role, self.settings, self.config.identity.keys.box_secret)[0]
 
     @property
     def replicated(self) -> bool:
