@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.identities import BrokerIdentity
 from nodes.deployment import Deployment, Manifest
 from ops.launcher import Launcher
 from ops.provision import provision
@@ -14,6 +15,7 @@ from ops.revoke_cmd import make_revocations
 from ops.rotate_cmd import rotate
 from protocol.certs import CertStore
 from protocol.errors import ConfigError
+from protocol.topics import Role, acl_for
 
 SERVERS = ("trust-server", "trust-server.2", "payment-server", "payment-server.2")
 
@@ -80,3 +82,12 @@ def test_a_rotation_gives_every_replica_a_new_key_and_the_replicas_one_new_box_k
 def test_one_replica_is_revoked_alone(dep: Deployment) -> None:
     crl = make_revocations(dep, ["payment-server.2"])
     assert set(crl.body.serials) == {dep.load_public_cert("payment-server.2").serial}
+
+
+def test_a_replica_login_has_exactly_its_roles_rules() -> None:
+    first, second = (
+        BrokerIdentity.for_node(Role.PAYMENT_SERVER),
+        BrokerIdentity.for_node(Role.PAYMENT_SERVER, replica=2),
+    )
+    assert (first.username, second.username) == ("payment-server", "payment-server.2")
+    assert second.acl == first.acl == acl_for(Role.PAYMENT_SERVER)
