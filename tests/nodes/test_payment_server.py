@@ -13,7 +13,7 @@ import pytest
 
 from nodes.bus import FakeBroker
 from nodes.deployment import Deployment
-from nodes.ledger import Ledger, LedgerConflict, PaymentRecord, read_snapshot
+from nodes.ledger import LedgerConflict, PaymentRecord, ledger_at, read_snapshot
 from nodes.payment_server import PaymentServer
 from nodes.runtime import Node, Settings, now_ms, ping
 from ops.rotate_cmd import rotate
@@ -556,7 +556,7 @@ async def test_account_query_shows_the_balance_and_latest_payments(dep: Deployme
 
 
 async def test_a_failed_transaction_leaves_nothing_behind(dep: Deployment) -> None:
-    ledger = Ledger(dep.ledger_db)
+    ledger = ledger_at(dep.ledger_db)
     await ledger.open()
     try:
         await ledger.seed(dep.load_manifest())
@@ -583,7 +583,7 @@ async def test_a_failed_transaction_leaves_nothing_behind(dep: Deployment) -> No
 
 
 async def test_a_payer_balance_can_never_go_negative(dep: Deployment) -> None:
-    ledger = Ledger(dep.ledger_db)
+    ledger = ledger_at(dep.ledger_db)
     await ledger.open()
     try:
         await ledger.seed(dep.load_manifest())

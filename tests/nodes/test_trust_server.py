@@ -20,7 +20,7 @@ import pytest
 from nodes.bus import FakeBroker
 from nodes.deployment import Deployment, OfflineKeys, write_file
 from nodes.runtime import Node, Settings, now_ms
-from nodes.trust_db import REVOKED, TrustDb
+from nodes.trust_db import REVOKED, trust_db_at
 from nodes.trust_server import NONCE_TTL_MS, VERDICT_TTL_MS, TrustServer
 from ops.rotate_cmd import rotate
 from protocol.appraisal import POLICY
@@ -390,7 +390,7 @@ async def test_a_withdrawn_client_release_makes_the_terminal_contraindicated(dep
     ]
     assert [g.intent_hash for g in p.grants] == [order_hash(1)]
     # the withdrawal is durable: a fresh look at the database still has it
-    db = TrustDb(dep.trust_db)
+    db = trust_db_at(dep.trust_db)
     await db.open()
     try:
         assert any(r.withdrawn for r in await db.releases())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nodes.deployment import Deployment
-from nodes.ledger import Ledger, PaymentRecord
+from nodes.ledger import Ledger, PaymentRecord, ledger_at
 from ops import cli, ledger_cmd
 from ops.provision import provision
 
@@ -32,7 +32,7 @@ def parse(dep: Deployment, *extra: str) -> argparse.Namespace:
 
 async def open_with_payments(dep: Deployment) -> Ledger:
     """A ledger as the payment-server leaves it: one confirmed and one refused payment, still open."""
-    ledger = Ledger(dep.ledger_db)
+    ledger = ledger_at(dep.ledger_db)
     await ledger.open()
     await ledger.seed(dep.load_manifest())
     payer = f"{DEV}:wallet"
