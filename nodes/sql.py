@@ -146,9 +146,10 @@ class SqliteConn:
         if self.readonly:
             target: str | Path = self.path.absolute().as_uri() + "?mode=ro"
         else:
-            await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
             target = self.path
         try:
+            if not self.readonly:
+                await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN ourselves, so Python never opens one behind our back
             db = await aiosqlite.connect(
                 target, isolation_level=None, timeout=self.busy_timeout_s, uri=self.readonly
