@@ -257,3 +257,16 @@ def test_database_urls_choose_the_implementation_and_a_safe_schema_prefix(tmp_pa
     for bad in ("mysql://db/tp", "postgresql://db/tp?trustpay_schema=x;drop", "sqlite://"):
         with pytest.raises(ConfigError):
             parse_db_url(bad)
+
+
+async def test_replicas_starting_together_create_the_schema_once(tmp_path: Path, db_url: str | None) -> None:
+    dep = provisioned_on(tmp_path, db_url)
+    stores = [ledger_at(dep.database("ledger")) for _ in range(3)]
+    trusts = [trust_db_at(dep.database("trust")) for _ in range(3)]
+    try:
+        await asyncio.gather(*(s.open() for s in (*stores, *trusts)))
+        await asyncio.gather(*(s.seed(dep.load_manifest()) for s in stores))
+        accounts = (await stores[2].snapshot()).accounts
+    finally:
+        await asyncio.gather(*(s.close() for s in (*stores, *trusts)))
+    assert len(accounts) == len({a.account for a in accounts}) == 2 + 3  # two payers, three merchants
