@@ -206,12 +206,18 @@ class SqliteConn:
                 raise
 
     async def one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        async with self.tx("DEFERRED") as db, db.execute(sql, params) as cur:
-            return await cur.fetchone()
+        """One read statement on its own (SQLite runs it as its own transaction)."""
+        return next(iter(await self.all(sql, params)), None)
 
     async def all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        async with self.tx("DEFERRED") as db:
-            return list(await db.execute_fetchall(sql, params))
+        db = self._db
+        if db is None:
+            raise self.errors.failed(f"{self.errors.what} {self.path} is not open")
+        async with self._lock:
+            try:
+                return list(await db.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise sqlite_error(exc, self.path, self.errors) from exc
 
 
 # The reply log of a role's replicas (nodes.replies): a row per (sender, message id); a NULL frame is a
