@@ -60,7 +60,8 @@ class DbUrl:
         host = parts.netloc.rsplit("@", 1)[-1]
         user = parts.netloc.rsplit("@", 1)[0].split(":", 1)[0] if "@" in parts.netloc else ""
         netloc = f"{user}@{host}" if user else host
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        query = "" if self.prefix == DEFAULT_PREFIX else f"{SCHEMA_PARAM}={self.prefix}"
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def parse_db_url(url: str | Path | DbUrl, base: Path | None = None) -> DbUrl:
