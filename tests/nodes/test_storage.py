@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from nodes.ledger import Ledger, LedgerConflict, LedgerUnavailable, PaymentRecord, ledger_at
+from nodes.ledger import Ledger, LedgerConflict, LedgerError, LedgerUnavailable, PaymentRecord, ledger_at
 from nodes.replies import ANSWERED, BUSY, LEASE_MS, NEW, MemoryReplies, Replies
 from nodes.sql import parse_db_url
 from nodes.trust_db import NonceUsed, TrustDbUnavailable, trust_db_at
@@ -270,3 +270,21 @@ async def test_replicas_starting_together_create_the_schema_once(tmp_path: Path,
     finally:
         await asyncio.gather(*(s.close() for s in (*stores, *trusts)))
     assert len(accounts) == len({a.account for a in accounts}) == 2 + 3  # two payers, three merchants
+
+
+async def test_a_reader_cannot_write(tmp_path: Path, db_url: str | None) -> None:
+    # what `trustpay ledger` opens: a slip in a reader must not move money beside the servers
+    dep = provisioned_on(tmp_path, db_url)
+    writer = ledger_at(dep.database("ledger"))
+    await writer.open()
+    await writer.seed(dep.load_manifest())
+    await writer.close()
+    reader = ledger_at(dep.database("ledger"), readonly=True)
+    await reader.open()
+    try:
+        with pytest.raises(LedgerError):
+            async with reader.transaction() as tx:
+                await tx.credit(SHOP, 1)
+        assert {a.account: a.balance for a in (await reader.snapshot()).accounts}[SHOP] == 0
+    finally:
+        await reader.close()
