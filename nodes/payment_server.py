@@ -57,7 +57,7 @@ from protocol.topics import Role
 from .assemble import reloaded_identity
 from .bus import Bus
 from .deployment import Deployment
-from .ledger import CONFIRMED, MERCHANT, REFUSED, Ledger, LedgerConflict, LedgerTx, PaymentRecord
+from .ledger import CONFIRMED, MERCHANT, REFUSED, LedgerConflict, LedgerTx, PaymentRecord, ledger_at
 from .runtime import Node, NodeConfig, now_ms
 
 DEFAULT_PAYMENT_LIMIT = 50_000  # minor units per payment, enforced here whatever the chip allows
@@ -86,12 +86,13 @@ class PaymentServer(Node):
         *,
         payment_limit: int = DEFAULT_PAYMENT_LIMIT,
         clock: Callable[[], int] = now_ms,
+        db_url: str | None = None,
     ) -> None:
         super().__init__(config, bus, log)
         self.dep = deployment
         self.payment_limit = payment_limit
         self.clock = clock  # wall-clock ms for grant expiry; injectable so tests need no sleeps
-        self.ledger = Ledger(deployment.ledger_db)
+        self.ledger = ledger_at(deployment.database("ledger", db_url))  # db_url: `trustpay node --db`
         self.route("trust.grant", self.trust_grant)
         self.route("pay.order", self.pay_order)
         self.route("account.query", self.account_query)
