@@ -32,7 +32,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from protocol.certs import ISSUER, Certificate, CertStore, RevocationList
 from protocol.codec import pack, unpack
@@ -50,6 +50,9 @@ from protocol.topics import (
 )
 
 from .store import write_atomic
+
+if TYPE_CHECKING:
+    from .sql import DbUrl
 
 MANIFEST_FORMAT = 1
 SECRET_FILE_MODE = 0o600
@@ -402,6 +405,21 @@ class Deployment:
     @property
     def ledger_db(self) -> Path:
         return self.platform_dir / "ledger.sqlite"
+
+    def database(self, name: str, override: str | None = None) -> DbUrl:
+        """Where role database ``name`` ("trust" | "ledger") lives: ``override`` (a node's ``--db``),
+        else the manifest's entry. A path is relative to the deployment; a ``postgresql://`` URL is
+        used as it is. Reads the manifest: call it while starting, not per request."""
+        from .sql import parse_db_url  # the database drivers load only for the roles that use them
+
+        if override is None:
+            databases = self.load_manifest().databases
+            if name not in databases:
+                raise ConfigError(
+                    f"the manifest of {self.root} names no {name!r} database: provision it again"
+                )
+            override = databases[name]
+        return parse_db_url(override, base=self.root)
 
     # per name
     def public_cert_path(self, name: PublicName) -> Path:

@@ -57,7 +57,7 @@ from protocol.topics import Role
 from .assemble import reloaded_identity
 from .bus import Bus
 from .deployment import Deployment
-from .ledger import CONFIRMED, MERCHANT, REFUSED, Ledger, LedgerConflict, LedgerTx, PaymentRecord
+from .ledger import CONFIRMED, MERCHANT, REFUSED, LedgerConflict, LedgerTx, PaymentRecord, ledger_at
 from .replies import Replies
 from .runtime import Node, NodeConfig, now_ms
 
@@ -87,13 +87,14 @@ class PaymentServer(Node):
         *,
         payment_limit: int = DEFAULT_PAYMENT_LIMIT,
         clock: Callable[[], int] = now_ms,
+        db_url: str | None = None,
         replies: Replies | None = None,
     ) -> None:
         super().__init__(config, bus, log, replies=replies)
         self.dep = deployment
         self.payment_limit = payment_limit
         self.clock = clock  # wall-clock ms for grant expiry; injectable so tests need no sleeps
-        self.ledger = Ledger(deployment.ledger_db)
+        self.ledger = ledger_at(deployment.database("ledger", db_url))  # db_url: `trustpay node --db`
         self.route("trust.grant", self.trust_grant)
         self.route("pay.order", self.pay_order)
         self.route("account.query", self.account_query)
@@ -103,6 +104,8 @@ class PaymentServer(Node):
         manifest = await asyncio.to_thread(self.dep.load_manifest)
         await self.ledger.open()
         try:
+            if self.replies is None and self.replicated:  # the replicas' reply log: in their ledger
+                self.replies = self.ledger.replies
             await self.ledger.seed(manifest)
             await super().run()
         finally:

@@ -1,88 +1,58 @@
 """The trust-server's database: devices, reference values, nonces, attestations, revocations.
 
 Everything the verifier must remember lives here and nowhere else, so several
-trust-server replicas (sharing load through ``$share`` subscriptions) can later
-run on one PostgreSQL database with a sibling of this class: a nonce issued by
-one replica is consumed by whichever replica gets the evidence, and
-consumption is a single conditional ``UPDATE``, so exactly one consumer wins.
+trust-server replicas (sharing load through ``$share`` subscriptions) run on
+one PostgreSQL database: a nonce issued by one replica is consumed by
+whichever replica gets the evidence, and consumption is a single conditional
+``UPDATE ... RETURNING``, so exactly one consumer wins.
 
-This implementation is SQLite through aiosqlite (no blocking call on the event
-loop): WAL journal, ``synchronous=FULL`` so a commit survives a power cut,
-foreign keys on. One connection serialises statements but not transactions, so
-every unit of work takes ``_lock`` and runs as ``BEGIN IMMEDIATE ... COMMIT``.
-The SQL sticks to what PostgreSQL also accepts (``RETURNING``, ``ON CONFLICT``).
+Two implementations, chosen by the database URL (``nodes.sql.parse_db_url``):
+SQLite (``nodes.trust_db_sqlite``, the embedded default for one process) and
+PostgreSQL (``nodes.trust_db_pg``). Callers see this interface, typed rows and
+typed errors; a driver's own error never gets past the store.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+import abc
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
-from protocol.errors import ConfigError, Rejected
+from protocol.errors import Rejected, TrustpayError
 from protocol.records import Release, record_hash
+
+from .replies import Replies
+from .sql import POSTGRESQL, DbUrl, Failures, parse_db_url
 
 SCHEMA_VERSION = 2  # 2: nonces and attestations bind the payment's intent hash
 ACTIVE, REVOKED = "active", "revoked"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY,
-    tm_node TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-    registered_ms INTEGER NOT NULL,
-    last_attested_ms INTEGER,
-    last_status TEXT NOT NULL DEFAULT '',
-    consecutive_failures INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS releases (
-    digest BLOB PRIMARY KEY,  -- of the signed record: the same record is stored once
-    kind TEXT NOT NULL,
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    code BLOB NOT NULL,
-    static BLOB NOT NULL,
-    withdrawn INTEGER NOT NULL,
-    issued_ms INTEGER NOT NULL,
-    signed BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS nonces (
-    nonce BLOB PRIMARY KEY,
-    device TEXT NOT NULL REFERENCES devices (device),
-    intent_hash BLOB NOT NULL,
-    issued_ms INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    used_ms INTEGER
-);
-CREATE TABLE IF NOT EXISTS attestations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device TEXT NOT NULL REFERENCES devices (device),
-    intent_hash BLOB NOT NULL,
-    nonce BLOB NOT NULL UNIQUE REFERENCES nonces (nonce),
-    status TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    verdict BLOB NOT NULL,
-    at_ms INTEGER NOT NULL,
-    granted_ms INTEGER
-);
-CREATE INDEX IF NOT EXISTS attestations_by_device ON attestations (device, at_ms);
-CREATE TABLE IF NOT EXISTS revocations (
-    number INTEGER PRIMARY KEY,
-    crl BLOB NOT NULL,
-    installed_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS platform_certs (
-    fingerprint BLOB PRIMARY KEY,
-    serial INTEGER NOT NULL,
-    cert BLOB NOT NULL,
-    first_seen_ms INTEGER NOT NULL
-);
-"""
+
+class TrustDbError(TrustpayError):
+    """The trust database failed; whatever was being done was rolled back."""
+
+    code = "trust_db"
+
+
+class TrustDbBusy(TrustDbError):
+    code = "trust_db_busy"
+
+
+class TrustDbConflict(TrustDbError):
+    """A key or constraint said no: another writer (a replica) got there first."""
+
+    code = "trust_db_conflict"
+
+
+class TrustDbUnavailable(TrustDbError):
+    """The database cannot be reached or opened."""
+
+    code = "trust_db_unavailable"
+
+
+FAILURES = Failures("the trust database", TrustDbError, TrustDbBusy, TrustDbConflict, TrustDbUnavailable)
 
 
 class NonceRejected(Rejected):
@@ -146,237 +116,110 @@ class AttestationRow:
     granted_ms: int | None
 
 
-class TrustDb:
-    """The trust-server's SQL, behind async methods; ``open`` before use, ``close`` after."""
+class TrustDb(abc.ABC):
+    """The trust-server's store; ``open`` before use, ``close`` after. ``replies`` is the role's reply log."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+    replies: Replies
 
-    # -- life cycle ------------------------------------------------------------
+    @abc.abstractmethod
     async def open(self) -> None:
         """Connect and create the schema if needed (idempotent)."""
-        await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
-        try:
-            db = await aiosqlite.connect(self.path, isolation_level=None)  # we write BEGIN/COMMIT ourselves
-        except Exception as exc:  # sqlite3.Error, OSError: a path or permission problem
-            raise ConfigError(f"cannot open the trust database {self.path}: {exc}") from exc
-        self._db = db
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=5000")  # another process (a replica, an ops tool) may hold it
-        version = (await self._one("PRAGMA user_version"))[0]
-        if version > SCHEMA_VERSION:
-            await self.close()
-            raise ConfigError(
-                f"trust database {self.path} has schema {version}, newer than this server's "
-                f"{SCHEMA_VERSION}: upgrade trustpay"
-            )
-        if 0 < version < SCHEMA_VERSION:
-            await self.close()
-            raise ConfigError(
-                f"trust database {self.path} has the older schema {version}; its nonces bind orders, "
-                "not intents: provision the deployment again"
-            )
-        async with self._tx() as tx:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    await tx.execute(statement)
-            await tx.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    async def close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            await db.close()
+    @abc.abstractmethod
+    async def close(self) -> None: ...
 
-    def _conn(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise ConfigError(f"trust database {self.path} is not open")
-        return self._db
-
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            db = self._conn()
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
-
-    async def _one(self, sql: str, *args: Any) -> Any:
-        async with self._lock, self._conn().execute(sql, args) as cur:
-            return await cur.fetchone()
-
-    async def _all(self, sql: str, *args: Any) -> list[Any]:
-        async with self._lock, self._conn().execute(sql, args) as cur:
-            return list(await cur.fetchall())
-
-    # -- devices -----------------------------------------------------------------
+    @abc.abstractmethod
     async def seed(
         self, devices: Iterable[tuple[str, str]], releases: Iterable[tuple[Release, bytes]], now_ms: int
     ) -> None:
-        """Register devices (device, trust-module node id) and releases; what is held stays as it is."""
-        async with self._tx() as tx:
-            for device, tm_node in devices:
-                await tx.execute(
-                    "INSERT INTO devices (device, tm_node, status, registered_ms) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (device) DO NOTHING",  # a revoked device stays revoked
-                    (device, tm_node, ACTIVE, now_ms),
-                )
-            for release, blob in releases:
-                await tx.execute(_INSERT_RELEASE, _release_args(release, blob))
+        """Register devices (device, trust-module node id) and releases; what is held stays as it is
+        (a revoked device stays revoked)."""
 
-    async def device(self, device: str) -> DeviceRow | None:
-        row = await self._one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device = ?", device)
-        return DeviceRow(*row) if row else None
+    @abc.abstractmethod
+    async def device(self, device: str) -> DeviceRow | None: ...
 
+    @abc.abstractmethod
     async def set_device_status(self, device: str, status: str) -> None:
-        if status not in (ACTIVE, REVOKED):
-            raise ConfigError(f"device status must be {ACTIVE!r} or {REVOKED!r}, not {status!r}")
-        async with self._tx() as tx:
-            cur = await tx.execute("UPDATE devices SET status = ? WHERE device = ?", (status, device))
-            if cur.rowcount != 1:
-                raise DeviceUnknown(f"device {device} is not registered with the trust-server")
+        """Raises DeviceUnknown for a device never registered."""
 
-    # -- releases ----------------------------------------------------------------
+    @abc.abstractmethod
     async def add_release(self, release: Release, blob: bytes) -> bool:
         """Store a verified release record; False when this exact record was already held."""
-        async with self._tx() as tx:
-            cur = await tx.execute(_INSERT_RELEASE, _release_args(release, blob))
-            return cur.rowcount == 1
 
+    @abc.abstractmethod
     async def releases(self) -> list[Release]:
         """Every release record, oldest first; on equal times a withdrawal comes last, so it wins."""
-        rows = await self._all(
-            "SELECT kind, name, version, code, static, withdrawn, issued_ms FROM releases"
-            " ORDER BY issued_ms, withdrawn"
-        )
-        return [Release(k, n, v, c, s, bool(w), t) for k, n, v, c, s, w, t in rows]
 
-    # -- nonces ------------------------------------------------------------------
+    @abc.abstractmethod
     async def issue_nonce(
         self, nonce: bytes, device: str, intent_hash: bytes, issued_ms: int, expires_ms: int
-    ) -> None:
-        async with self._tx() as tx:
-            await tx.execute(
-                "INSERT INTO nonces (nonce, device, intent_hash, issued_ms, expires_ms)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (nonce, device, intent_hash, issued_ms, expires_ms),
-            )
+    ) -> None: ...
 
+    @abc.abstractmethod
     async def consume_nonce(self, nonce: bytes, device: str, now_ms: int) -> NonceRow:
         """Mark ``nonce`` used by ``device`` now, or raise why it cannot be (single use, atomic)."""
-        async with self._tx() as tx:
-            async with tx.execute(
-                "UPDATE nonces SET used_ms = ? WHERE nonce = ? AND device = ? AND used_ms IS NULL"
-                " AND expires_ms >= ? RETURNING intent_hash, issued_ms, expires_ms",
-                (now_ms, nonce, device, now_ms),
-            ) as cur:
-                won = await cur.fetchone()
-            if won is not None:
-                return NonceRow(nonce, device, *won)
-            async with tx.execute(
-                "SELECT device, expires_ms, used_ms FROM nonces WHERE nonce = ?", (nonce,)
-            ) as cur:
-                held = await cur.fetchone()
-        if held is None:
-            raise NonceUnknown("this nonce was never issued (or was pruned): request a new challenge (C2)")
-        owner, expires_ms, used_ms = held
-        if owner != device:
-            raise NonceWrongDevice(f"this nonce was issued to device {owner}, not to {device}")
-        if used_ms is not None:
-            raise NonceUsed(f"this nonce was already used at {used_ms} ms: request a new challenge (C2)")
-        raise NonceExpired(
-            f"this nonce expired at {expires_ms} ms, {now_ms - expires_ms} ms before the evidence arrived: "
-            "request a new challenge and answer it within its lifetime"
-        )
 
+    @abc.abstractmethod
     async def prune_nonces(self, now_ms: int, limit: int = -1) -> int:
         """Forget up to ``limit`` (-1: all) challenges that expired unanswered; answered ones
         stay with their attestation. A limit keeps each run of the periodic prune short."""
-        async with self._tx() as tx:
-            cur = await tx.execute(
-                "DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces "
-                "WHERE used_ms IS NULL AND expires_ms < ? LIMIT ?)",
-                (now_ms, limit),
-            )
-            return cur.rowcount
 
-    # -- attestations ---------------------------------------------------------------
+    @abc.abstractmethod
     async def record_attestation(
         self, nonce: NonceRow, status: str, reason: str, verdict: bytes, at_ms: int, passed: bool
     ) -> int:
-        """Store one attestation and update the device's summary in the same transaction."""
-        async with self._tx() as tx:
-            cur = await tx.execute(
-                "INSERT INTO attestations (device, intent_hash, nonce, status, reason, verdict, at_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (nonce.device, nonce.intent_hash, nonce.nonce, status, reason, verdict, at_ms),
-            )
-            attestation_id = cur.lastrowid
-            await tx.execute(
-                "UPDATE devices SET last_attested_ms = ?, last_status = ?, consecutive_failures ="
-                " CASE WHEN ? THEN 0 ELSE consecutive_failures + 1 END WHERE device = ?",
-                (at_ms, status, passed, nonce.device),
-            )
-        assert attestation_id is not None
-        return attestation_id
+        """Store one attestation and update the device's summary in the same transaction; its id."""
 
-    async def mark_granted(self, attestation_id: int, at_ms: int) -> None:
-        async with self._tx() as tx:
-            await tx.execute("UPDATE attestations SET granted_ms = ? WHERE id = ?", (at_ms, attestation_id))
+    @abc.abstractmethod
+    async def mark_granted(self, attestation_id: int, at_ms: int) -> None: ...
 
-    async def attestations(self, device: str) -> list[AttestationRow]:
-        rows = await self._all(
-            "SELECT id, device, intent_hash, nonce, status, reason, verdict, at_ms, granted_ms"
-            " FROM attestations WHERE device = ? ORDER BY id",
-            device,
-        )
-        return [AttestationRow(*row) for row in rows]
+    @abc.abstractmethod
+    async def attestations(self, device: str) -> list[AttestationRow]: ...
 
-    # -- platform certificates and revocations -----------------------------------------
+    @abc.abstractmethod
     async def note_platform(self, fingerprint: bytes, serial: int, cert: bytes, now_ms: int) -> None:
         """Remember a platform certificate we have held, so C1 can tell 'superseded' from 'unknown'."""
-        async with self._tx() as tx:
-            await tx.execute(
-                "INSERT INTO platform_certs (fingerprint, serial, cert, first_seen_ms) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (fingerprint) DO NOTHING",
-                (fingerprint, serial, cert, now_ms),
-            )
 
-    async def platform_serial(self, fingerprint: bytes) -> int | None:
-        row = await self._one("SELECT serial FROM platform_certs WHERE fingerprint = ?", fingerprint)
-        return int(row[0]) if row else None
+    @abc.abstractmethod
+    async def platform_serial(self, fingerprint: bytes) -> int | None: ...
 
+    @abc.abstractmethod
     async def crl(self) -> tuple[int, bytes] | None:
         """The newest revocation list held: (number, signed bytes)."""
-        row = await self._one("SELECT number, crl FROM revocations ORDER BY number DESC LIMIT 1")
-        return (int(row[0]), bytes(row[1])) if row else None
 
-    async def store_crl(self, number: int, crl: bytes, now_ms: int) -> None:
-        async with self._tx() as tx:
-            await tx.execute(
-                "INSERT INTO revocations (number, crl, installed_ms) VALUES (?, ?, ?)"
-                " ON CONFLICT (number) DO NOTHING",
-                (number, crl, now_ms),
-            )
+    @abc.abstractmethod
+    async def store_crl(self, number: int, crl: bytes, now_ms: int) -> None: ...
 
 
-_DEVICE_COLUMNS = (
-    "device, tm_node, status, registered_ms, last_attested_ms, last_status, consecutive_failures"
-)
-_INSERT_RELEASE = (
-    "INSERT INTO releases (digest, kind, name, version, code, static, withdrawn, issued_ms, signed)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING"
-)
+def trust_db_at(url: str | Path | DbUrl) -> TrustDb:
+    """The trust database at ``url`` (see ``nodes.sql.parse_db_url``), not yet open."""
+    where = parse_db_url(url)
+    if where.kind == POSTGRESQL:
+        from .trust_db_pg import PgTrustDb  # asyncpg loads only when a deployment asks for PostgreSQL
+
+        return PgTrustDb(where)
+    from .trust_db_sqlite import SqliteTrustDb
+
+    assert where.path is not None
+    return SqliteTrustDb(where.path)
 
 
-def _release_args(release: Release, blob: bytes) -> tuple[Any, ...]:
+def nonce_refusal(held: Any, device: str, now_ms: int) -> NonceRejected:
+    """Why a nonce could not be consumed, from its row (owner, expires_ms, used_ms) or None."""
+    if held is None:
+        return NonceUnknown("this nonce was never issued (or was pruned): request a new challenge (C2)")
+    owner, expires_ms, used_ms = held
+    if owner != device:
+        return NonceWrongDevice(f"this nonce was issued to device {owner}, not to {device}")
+    if used_ms is not None:
+        return NonceUsed(f"this nonce was already used at {used_ms} ms: request a new challenge (C2)")
+    return NonceExpired(
+        f"this nonce expired at {expires_ms} ms, {now_ms - expires_ms} ms before the evidence arrived: "
+        "request a new challenge and answer it within its lifetime"
+    )
+
+
+def release_args(release: Release, blob: bytes) -> tuple[Any, ...]:
     return (
         record_hash(blob),
         release.kind,
@@ -384,7 +227,7 @@ def _release_args(release: Release, blob: bytes) -> tuple[Any, ...]:
         release.version,
         release.code,
         release.static,
-        release.withdrawn,
+        int(release.withdrawn),
         release.issued_ms,
         blob,
     )

@@ -122,7 +122,7 @@ async def scene_ledger(d: Demo) -> None:
     d.say("\n== 5. The ledger, as the payment-server's database holds it")
     snapshot = await d.ledger()
     exponent = (await asyncio.to_thread(d.dep.load_manifest)).exponent
-    for line in to_text(snapshot, exponent, d.dep.ledger_db).splitlines():
+    for line in to_text(snapshot, exponent, d.dep.database("ledger")).splitlines():
         d.say(f"    {line}")
     ledger = to_json(snapshot)
     balances = {a["account"]: a["balance"] for a in ledger["accounts"]}

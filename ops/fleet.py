@@ -135,7 +135,7 @@ class Fleet:
         return total
 
     def _make(self, member: Member) -> Node:
-        from .roles import replies_for, role_class
+        from .roles import role_class
 
         parts = assemble(
             self.dep,
@@ -149,22 +149,11 @@ class Fleet:
         kwargs = dict(self.node_kwargs)
         if member.role is Role.CHIP:
             kwargs["sandbox"] = self.sandbox
-        replies = replies_for(self.dep, member.role, parts.config.settings)
-        if replies is not None:  # a server replica: the reply log its role's replicas share
-            kwargs["replies"] = replies
         node = role_class(member.role)(
             parts.config, parts.bus, parts.logging.logger, deployment=self.dep, **kwargs
         )
         parts.bus.will = node.will
         self._closers[member.node_id] = parts.logging.close
-        if replies is not None:
-            close_log, close_replies = parts.logging.close, replies.close
-
-            def close_both() -> None:
-                close_replies()
-                close_log()
-
-            self._closers[member.node_id] = close_both
         return node
 
     async def run(self) -> Counter[str]:

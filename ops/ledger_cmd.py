@@ -1,7 +1,9 @@
 """``trustpay ledger``: balances and payments, read from the payment-server's ledger.
 
-The database is opened read-only; thanks to WAL this works while the
-payment-server runs and never blocks it. Amounts are stored in integer minor
+The database is opened read-only (SQLite through WAL, PostgreSQL in
+read-only transactions), so this works while payment-servers run and never
+blocks them; ``--db URL`` reads another database than the manifest's (the one
+``trustpay node payment-server --db URL`` writes). Amounts are stored in integer minor
 units; the text view formats them with the manifest's currency exponent, the
 JSON view keeps the integers. A deployment whose payment-server never started
 has no ledger yet: that is an error (exit 1) naming what to do, not a guess
@@ -16,11 +18,11 @@ import json
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from nodes.deployment import Deployment
 from nodes.ledger import Snapshot, read_snapshot
+from nodes.sql import from_command_line
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument
 
@@ -30,21 +32,29 @@ HELP = "show the ledger: every account's balance and every payment"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_deploy_argument(parser)
     add_json_argument(parser, "print JSON, amounts in integer minor units")
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="the ledger's database, e.g. postgresql://postgres@127.0.0.1:5432/trustpay "
+        "(default: the manifest's); read only, never created",
+    )
     add_examples(
         parser,
         "trustpay ledger --deploy deploy",
         "trustpay ledger --json | jq .total   # deploy from $TRUSTPAY_DEPLOY, else ./deploy",
+        "trustpay ledger --deploy deploy --db postgresql://postgres@127.0.0.1:5432/trustpay",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     dep = Deployment(args.deploy)
     manifest = dep.load_manifest()
-    snapshot = asyncio.run(read_snapshot(dep.ledger_db))
+    where = dep.database("ledger", None if args.db is None else from_command_line(args.db))
+    snapshot = asyncio.run(read_snapshot(where))
     if args.json:
         print(json.dumps(to_json(snapshot), indent=2))
     else:
-        print(to_text(snapshot, manifest.exponent, dep.ledger_db), end="")
+        print(to_text(snapshot, manifest.exponent, where), end="")
     return 0
 
 
@@ -98,7 +108,7 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], right: froz
     return [line(row) for row in (header, *rows)]
 
 
-def to_text(snapshot: Snapshot, exponent: int, path: Path) -> str:
+def to_text(snapshot: Snapshot, exponent: int, path: object) -> str:
     def fmt(minor: int, currency: str) -> str:
         return money(minor, exponent, currency)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Any
 
 from nodes.deployment import Deployment
 from nodes.runtime import Settings
+from nodes.sql import from_command_line
 from protocol.errors import ConfigError
 from protocol.topics import NODE_ROLES, SERVER_ROLES, Role, role_from_name
 
@@ -66,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(brokers without shared subscriptions: amqtt, NATS)",
     )
     add_clock_offset_argument(parser, "the node stamps and checks every frame with it")
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="servers: the role's database, e.g. postgresql://postgres@127.0.0.1:5432/trustpay "
+        "(default: the manifest's, see `trustpay provision --db`)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--replica and --replicas are for the servers; a {role.value} runs once")
     if not 1 <= args.replica <= args.replicas:
         raise ConfigError(f"--replica {args.replica} must be between 1 and --replicas {args.replicas}")
+    extra: dict[str, Any] = {}  # to the role class: PaymentServer and TrustServer take db_url
+    if args.db is not None:
+        if role not in SERVER_ROLES:
+            raise ConfigError(f"--db is for the servers; a {role.value} keeps no database")
+        extra["db_url"] = from_command_line(args.db)
     dep = Deployment(args.deploy)
     nid = resolve_node_id(dep, role, args.device, args.replica)
     settings = Settings(
@@ -93,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             console_level=args.log_level,
             settings=settings,
             metrics_port=args.metrics_port,
+            **extra,
         )
     )
     if args.json:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from broker import (
     BACKENDS,
@@ -55,6 +56,7 @@ from nodes.deployment import (
     write_file,
     write_secret,
 )
+from nodes.sql import POSTGRESQL, parse_db_url
 from protocol.certs import ISSUER_ROLE, PLATFORM, ROOT, UPDATE, CertBody, Certificate, issue, sign_revocations
 from protocol.errors import ConfigError
 from protocol.keys import KeyPair
@@ -94,10 +96,13 @@ def provision(
     now_ms: int | None = None,
     offline: Path | None = None,
     tls: bool = False,
+    db: str | None = None,
     replicas: int = 1,
 ) -> Manifest:
     """Create the deployment ``out`` and its offline keys directory; return the manifest.
 
+    ``db``: the servers' database (``--db``), a ``postgresql://`` URL both roles share (each in its
+    own schema); default: a SQLite file per role inside the deployment.
     ``replicas``: identities per server role (``trust-server``, ``trust-server.2`` ...),
     each with its own signing key, certificate and broker login; the replicas of a
     role share its box (sealing) key, so a device seals once to the role.
@@ -119,6 +124,8 @@ def provision(
         raise ConfigError(f"--replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
     manifest = _manifest(now_ms, devices, apps, backend, broker_port, opening_balance)
     manifest = dataclasses.replace(manifest, replicas=replicas)
+    if db is not None:
+        manifest = dataclasses.replace(manifest, databases=_databases(db))
     if tls:  # mqtts with client certificates (nodes.tls); the embedded broker stays plain
         if backend != "mosquitto":
             raise ConfigError("--tls needs the mosquitto backend: the embedded amqtt broker has no TLS here")
@@ -139,6 +146,16 @@ def provision(
         shutil.rmtree(keys_staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _databases(url: str) -> dict[str, str]:
+    """Both roles on the database at ``url``; a password is refused, as the manifest is no secret."""
+    if parse_db_url(url).kind == POSTGRESQL and urlsplit(url).password is not None:
+        raise ConfigError(
+            "--db: leave the password out of the URL (the manifest is not a secret); "
+            "give it to each server in PGPASSWORD or ~/.pgpass"
+        )
+    return {"trust": url, "ledger": url}
 
 
 def _replace(target: Path, built: Path) -> None:
@@ -404,6 +421,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out or --offline")
     parser.add_argument(
+        "--db",
+        metavar="URL",
+        default=None,
+        help="the servers' database: postgresql://user@host:port/db, shared by replicas "
+        "(default: a SQLite file per server in the deployment)",
+    )
+    parser.add_argument(
         "--replicas",
         type=int,
         default=1,
@@ -428,6 +452,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         offline=args.offline,
         tls=args.tls,
+        db=args.db,
         replicas=args.replicas,
     )
     if args.json:

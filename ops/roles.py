@@ -7,16 +7,13 @@ import contextlib
 import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from nodes.assemble import assemble
 from nodes.deployment import Deployment
 from nodes.runtime import Node, Settings
 from protocol.errors import ConfigError
-from protocol.topics import SERVER_ROLES, Role, node_id
-
-if TYPE_CHECKING:
-    from nodes.reply_file import FileReplies
+from protocol.topics import Role, node_id
 
 
 def role_class(role: Role) -> Callable[..., Node]:
@@ -60,19 +57,6 @@ def resolve_node_id(dep: Deployment, role: Role, device: str | None, replica: in
     return ids[replica - 1]
 
 
-def replies_for(dep: Deployment, role: Role, settings: Settings) -> FileReplies | None:
-    """The reply log a server's replicas share; None for one replica (its own cache is enough).
-
-    The seam where the roles' own databases take over (``nodes.replies``): until then an
-    SQLite file per role in the deployment's platform directory, for replicas on one machine.
-    """
-    if role not in SERVER_ROLES or settings.replicas <= 1:
-        return None
-    from nodes.reply_file import FileReplies
-
-    return FileReplies(dep.platform_dir / f"replies-{role.short}.sqlite")
-
-
 async def run_node(
     dep: Deployment,
     nid: str,
@@ -89,18 +73,12 @@ async def run_node(
     (``ops.prometheus``; imported only then, so a plain node never loads it).
     """
     parts = assemble(dep, nid, broker_url, console=console, console_level=console_level, settings=settings)
-    role = parts.config.identity.role
-    cls = role_class(role)
-    replies = replies_for(dep, role, parts.config.settings)
-    if replies is not None:
-        extra = {**extra, "replies": replies}
+    cls = role_class(parts.config.identity.role)
     node = cls(parts.config, parts.bus, parts.logging.logger, deployment=dep, **extra)
     parts.bus.will = node.will
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(parts.logging.close)
-        if replies is not None:
-            stack.callback(replies.close)
         if metrics_port is not None:
             from .prometheus import MetricsCollector, node_source, serve
 

@@ -92,7 +92,7 @@ class Scenario:
         return await self.wait_started(device, since=mark)
 
     async def ledger(self) -> Snapshot:
-        return await read_snapshot(self.dep.ledger_db)
+        return await read_snapshot(self.dep.database("ledger"))  # SQLite file or PostgreSQL, as provisioned
 
     async def balances(self) -> dict[str, int]:
         return {a.account: a.balance for a in (await self.ledger()).accounts}

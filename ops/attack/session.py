@@ -257,7 +257,7 @@ async def target_alive(op: Node, observer: Observer, target: str, since: int) ->
 
 
 async def ledger_summary(dep: Deployment) -> dict[str, Any]:
-    snap = await read_snapshot(dep.ledger_db)
+    snap = await read_snapshot(dep.database("ledger"))
     return {
         "payments": len(snap.payments),
         "confirmed": sum(1 for p in snap.payments if p.status == "confirmed"),

@@ -190,7 +190,7 @@ async def run_scenario(opts: RunOptions, actions: dict[str, Action]) -> Report:
         stack.push_async_callback(_close_ups, run)
         await run.start_up()
         await _wait_started(run)
-        before = await read_snapshot(dep.ledger_db)
+        before = await read_snapshot(dep.database("ledger"))
         proxy.set_profile(profile_from(sc.rules, opts.seed))
         storm_started = time.monotonic()
         async with asyncio.TaskGroup() as tg:
@@ -201,7 +201,7 @@ async def run_scenario(opts: RunOptions, actions: dict[str, Action]) -> Report:
         storm_s = time.monotonic() - storm_started
         proxy.set_profile(Profile())  # the faults stop here
         resolutions = await _resolve(run)
-        after = await read_snapshot(dep.ledger_db)
+        after = await read_snapshot(dep.database("ledger"))
         pings = await _ping_all(run)
         assert run.up is not None
         await run.up.stop()

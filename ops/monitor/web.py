@@ -36,6 +36,7 @@ from aiohttp import web
 
 from nodes.deployment import Deployment
 from nodes.ledger import LedgerError, Snapshot, read_snapshot
+from nodes.sql import DbUrl
 from ops.monitor.model import Dropped, Json, Monitor, Observation
 from ops.monitor.view import DisplayFilter, JsonLines, Output, PlainLines, all_of
 from protocol.errors import ConfigError
@@ -125,7 +126,7 @@ def ledger_summary(snapshot: Snapshot) -> dict[str, Any]:
     }
 
 
-async def follow_ledger(feed: WebFeed, path: Path, every_s: float = LEDGER_EVERY_S) -> None:
+async def follow_ledger(feed: WebFeed, path: Path | DbUrl, every_s: float = LEDGER_EVERY_S) -> None:
     """Read the ledger read-only at an interval; an unreadable ledger is shown, not fatal."""
     while True:  # until cancelled with the server
         try:
@@ -178,7 +179,7 @@ def _read_pages() -> dict[str, tuple[bytes, str]]:
 
 async def serve(
     feed: WebFeed,
-    ledger_db: Path,
+    ledger_db: Path | DbUrl,
     port: int,
     on_ready: Callable[[str], None],
     host: str = HOST,
@@ -246,7 +247,7 @@ def announce(url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(ledger_db: Path, port: int) -> AsyncIterator[WebFeed]:
+async def serving(ledger_db: Path | DbUrl, port: int) -> AsyncIterator[WebFeed]:
     """Serve the page while the block runs; the block publishes to the feed it gets."""
     feed = WebFeed()
     ready = asyncio.Event()
@@ -274,7 +275,7 @@ LiveRun = Callable[[argparse.Namespace, Callable[[Monitor], Output]], Awaitable[
 
 async def run(args: argparse.Namespace, live: LiveRun) -> None:
     """``trustpay monitor --web``: the monitor's ``live`` run, shown on the page instead of the terminal."""
-    ledger_db = Deployment(args.deploy).ledger_db
+    ledger_db = Deployment(args.deploy).database("ledger")  # a SQLite file or PostgreSQL, as provisioned
     only = DisplayFilter(all_of(args.device), all_of(args.link), all_of(args.type))
     summary = JsonLines(sys.stdout, only) if args.json else PlainLines(sys.stdout, only)
     async with serving(ledger_db, args.port) as feed:

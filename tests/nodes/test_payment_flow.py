@@ -19,6 +19,7 @@ from nodes.deployment import Deployment
 from nodes.payment_server import PaymentServer
 from nodes.trust_module import TrustModule
 from nodes.trust_server import TrustServer
+from tests.storage import provisioned_on
 
 from .harness import make_node, provisioned, running, step_events
 
@@ -76,7 +77,9 @@ async def world(dep: Deployment) -> AsyncIterator[World]:
         yield World(dep, broker, tm, chip, ps)
 
 
-async def test_an_attested_payment_moves_exactly_its_amount(dep: Deployment) -> None:
+async def test_an_attested_payment_moves_exactly_its_amount(tmp_path: Path, db_url: str | None) -> None:
+    # on PostgreSQL, both servers keep their state in one database, each in its own schema
+    dep = provisioned_on(tmp_path, db_url)
     async with world(dep) as w:
         before = await w.balances()
         code, result = await w.client("pay", "12.50", SHOP)

@@ -1,4 +1,5 @@
-"""The payment-server on the in-memory bus, over a real provisioned deployment and a real SQLite ledger."""
+"""The payment-server on the in-memory bus, over a real provisioned deployment and a real ledger:
+every test runs on SQLite and on PostgreSQL (``tests.storage.db_url``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from nodes.bus import FakeBroker
 from nodes.deployment import Deployment
-from nodes.ledger import Ledger, LedgerConflict, PaymentRecord, read_snapshot
+from nodes.ledger import LedgerConflict, PaymentRecord, ledger_at, read_snapshot
 from nodes.payment_server import PaymentServer
 from nodes.runtime import Node, Settings, now_ms, ping
 from ops.rotate_cmd import rotate
@@ -40,8 +41,9 @@ from protocol.records import (
     sign_record,
 )
 from protocol.topics import Role, parse_topic
+from tests.storage import provisioned_on
 
-from .harness import make_node, provisioned, running, step_events
+from .harness import make_node, running, step_events
 
 DEV, SHOP, PS = "dev-0001", "shop-1", "payment-server"
 OPENING = 100_000
@@ -50,8 +52,8 @@ SETTINGS = Settings(request_timeout_s=5.0, request_attempts=2)
 
 
 @pytest.fixture
-def dep(tmp_path: Path) -> Deployment:
-    return provisioned(tmp_path)
+def dep(tmp_path: Path, db_url: str | None) -> Deployment:
+    return provisioned_on(tmp_path, db_url)
 
 
 def make_order(
@@ -260,8 +262,8 @@ async def test_a_grant_for_another_order_does_not_count(dep: Deployment) -> None
     assert receipt.code == "not_attested"
 
 
-async def test_a_grant_for_another_device_does_not_count(tmp_path: Path) -> None:
-    dep = provisioned(tmp_path, devices=2)
+async def test_a_grant_for_another_device_does_not_count(tmp_path: Path, db_url: str | None) -> None:
+    dep = provisioned_on(tmp_path, db_url, devices=2)
     async with platform(dep, devices=2) as p:
         blob = make_order(dep, "o-1")
         await p.grant(blob, device="dev-0002")  # the verdict names dev-0002 too, so it is stored
@@ -367,8 +369,8 @@ async def test_the_server_limit_applies_whatever_the_chip_signs(dep: Deployment)
     assert moved(before, after) == {f"{DEV}:wallet": -2_000, SHOP: 2_000}
 
 
-async def test_an_order_signed_for_another_device_is_refused(tmp_path: Path) -> None:
-    dep = provisioned(tmp_path, devices=2)
+async def test_an_order_signed_for_another_device_is_refused(tmp_path: Path, db_url: str | None) -> None:
+    dep = provisioned_on(tmp_path, db_url, devices=2)
     async with platform(dep, devices=2) as p:
         order = Order("o-1", "dev-0002", "wallet", SHOP, 100, "EUR", 1, now_ms())
         blob = sign_record(order, ORDER_DOMAIN, dep.load_keys(f"{DEV}.chip")).to_bytes()
@@ -377,9 +379,9 @@ async def test_an_order_signed_for_another_device_is_refused(tmp_path: Path) -> 
     assert info.value.refusal_code == "wrong_device"
 
 
-async def test_order_ids_are_each_devices_own(tmp_path: Path) -> None:
+async def test_order_ids_are_each_devices_own(tmp_path: Path, db_url: str | None) -> None:
     """Another device taking an order id first neither blocks this device's order nor reads it."""
-    dep = provisioned(tmp_path, devices=2)
+    dep = provisioned_on(tmp_path, db_url, devices=2)
     async with platform(dep, devices=2) as p:
         theirs = make_order(dep, "o-1", amount=300, device="dev-0002")
         await p.grant(theirs, device="dev-0002")
@@ -446,8 +448,8 @@ async def test_a_retried_order_after_a_rotation_gets_its_receipt_under_the_new_k
     assert balance == OPENING - 4_000
 
 
-async def test_twenty_concurrent_payments_add_up_exactly(tmp_path: Path) -> None:
-    dep = provisioned(tmp_path, devices=10)
+async def test_twenty_concurrent_payments_add_up_exactly(tmp_path: Path, db_url: str | None) -> None:
+    dep = provisioned_on(tmp_path, db_url, devices=10)
     orders = [
         (
             f"dev-{d:04d}",
@@ -504,14 +506,17 @@ async def test_two_replicas_on_one_database_execute_each_order_once(dep: Deploym
         for blob in blobs:
             verdict = make_verdict(dep, DEV, intent_of_blob(blob))
             await a.ledger.store_grant(DEV, intent_of_blob(blob), verdict, now_ms() + 60_000)
-        # every order reaches both replicas at once, as if a shared subscription delivered it twice
-        answers = await asyncio.gather(*(s.settle(blob, chip) for blob in blobs for s in (a, b)))
+        # every order reaches both replicas at once, as if a shared subscription delivered it twice;
+        # one order after the other, as one chip's counter moves (out of order, later ones make it stale)
+        answers = []
+        for blob in blobs:
+            answers += await asyncio.gather(a.settle(blob, chip), b.settle(blob, chip))
         after = {x.account: x.balance for x in (await a.ledger.snapshot()).accounts}
     for i in range(0, len(answers), 2):
         assert answers[i] == answers[i + 1]
     key = dep.load_cert(PS).body.sign_key
     statuses = [open_record(Receipt, raw, RECEIPT_DOMAIN, key, "receipt").body for raw in answers]
-    # each replica takes its orders in turn, so o-k always finds o-(k-1) executed: all go through, once
+    # o-k always finds o-(k-1) executed: all go through, each once
     assert all(r.status == "confirmed" for r in statuses)
     assert after[f"{DEV}:wallet"] == OPENING - 5_000 and after[SHOP] == 5_000
 
@@ -556,7 +561,7 @@ async def test_account_query_shows_the_balance_and_latest_payments(dep: Deployme
 
 
 async def test_a_failed_transaction_leaves_nothing_behind(dep: Deployment) -> None:
-    ledger = Ledger(dep.ledger_db)
+    ledger = ledger_at(dep.database("ledger"))
     await ledger.open()
     try:
         await ledger.seed(dep.load_manifest())
@@ -574,7 +579,7 @@ async def test_a_failed_transaction_leaves_nothing_behind(dep: Deployment) -> No
                 await tx.insert_payment(record, b"h2", b"order", b"receipt")
         assert await ledger.account_view(DEV, "wallet", 5) is not None  # the connection is usable again
         await ledger.close()
-        snapshot = await read_snapshot(dep.ledger_db)
+        snapshot = await read_snapshot(dep.database("ledger"))
     finally:
         await ledger.close()
     balances = {a.account: a.balance for a in snapshot.accounts}
@@ -583,7 +588,7 @@ async def test_a_failed_transaction_leaves_nothing_behind(dep: Deployment) -> No
 
 
 async def test_a_payer_balance_can_never_go_negative(dep: Deployment) -> None:
-    ledger = Ledger(dep.ledger_db)
+    ledger = ledger_at(dep.database("ledger"))
     await ledger.open()
     try:
         await ledger.seed(dep.load_manifest())

@@ -15,7 +15,7 @@ from nodes.chip import Chip
 from nodes.deployment import Deployment
 from nodes.payment_server import PaymentServer
 from nodes.runtime import Node
-from nodes.trust_db import REVOKED, TrustDb
+from nodes.trust_db import REVOKED, trust_db_at
 from nodes.trust_module import TrustModule
 from nodes.trust_server import TrustServer
 from ops.revoke_cmd import make_revocations, target_nodes
@@ -111,7 +111,7 @@ async def split_world(dep: Deployment, knows: str, revoked: str = CHIP_ID) -> As
 
 
 async def device_status(dep: Deployment) -> str:
-    db = TrustDb(dep.trust_db)
+    db = trust_db_at(dep.trust_db)
     await db.open()
     try:
         row = await db.device(DEV)

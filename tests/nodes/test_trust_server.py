@@ -20,7 +20,7 @@ import pytest
 from nodes.bus import FakeBroker
 from nodes.deployment import Deployment, OfflineKeys, write_file
 from nodes.runtime import Node, Settings, now_ms
-from nodes.trust_db import REVOKED, TrustDb
+from nodes.trust_db import REVOKED, trust_db_at
 from nodes.trust_server import NONCE_TTL_MS, VERDICT_TTL_MS, TrustServer
 from ops.rotate_cmd import rotate
 from protocol.appraisal import POLICY
@@ -53,8 +53,9 @@ from protocol.records import (
     sign_record,
 )
 from protocol.topics import Role, operator_topic
+from tests.storage import provisioned_on
 
-from .harness import make_node, provisioned, running, step_events
+from .harness import make_node, running, step_events
 
 DEV = "dev-0001"
 TS = "trust-server"
@@ -62,8 +63,8 @@ PS = "payment-server"
 
 
 @pytest.fixture
-def dep(tmp_path: Path) -> Deployment:
-    return provisioned(tmp_path)
+def dep(tmp_path: Path, db_url: str | None) -> Deployment:
+    return provisioned_on(tmp_path, db_url)  # every test on SQLite and on PostgreSQL
 
 
 @dataclass
@@ -390,7 +391,7 @@ async def test_a_withdrawn_client_release_makes_the_terminal_contraindicated(dep
     ]
     assert [g.intent_hash for g in p.grants] == [order_hash(1)]
     # the withdrawal is durable: a fresh look at the database still has it
-    db = TrustDb(dep.trust_db)
+    db = trust_db_at(dep.database("trust"))
     await db.open()
     try:
         assert any(r.withdrawn for r in await db.releases())

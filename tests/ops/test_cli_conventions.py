@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nodes.deployment import Deployment
-from nodes.ledger import Ledger
+from nodes.ledger import ledger_at
 from ops import cli
 from ops.cli_common import DEPLOY_ENV, resolve_deploy
 from ops.provision import provision
@@ -191,7 +191,7 @@ def test_ledger_json_is_one_json_object(tmp_path: Path) -> None:
     dep = Deployment(tmp_path / "deploy")
 
     async def seed() -> None:  # the ledger as a payment-server leaves it at start
-        ledger = Ledger(dep.ledger_db)
+        ledger = ledger_at(dep.ledger_db)
         await ledger.open()
         try:
             await ledger.seed(dep.load_manifest())

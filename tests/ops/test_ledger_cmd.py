@@ -1,4 +1,5 @@
-"""``trustpay ledger``: balances and payments read from a live ledger, as JSON and as text."""
+"""``trustpay ledger``: balances and payments read from a live ledger, as JSON and as text,
+on SQLite and on PostgreSQL (``tests.storage.db_url``)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,21 @@ import asyncio
 import json
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from nodes.deployment import Deployment
-from nodes.ledger import Ledger, PaymentRecord
+from nodes.ledger import Ledger, PaymentRecord, ledger_at
 from ops import cli, ledger_cmd
-from ops.provision import provision
+from tests.storage import PG_TEST, provisioned_on
 
 DEV, SHOP = "dev-0001", "shop-2"
 T0 = 1_700_000_000_000
 
 
 @pytest.fixture
-def dep(tmp_path: Path) -> Deployment:
-    provision(tmp_path / "deploy", 1, broker_port=1, backend="amqtt")
-    return Deployment(tmp_path / "deploy")
+def dep(tmp_path: Path, db_url: str | None) -> Deployment:
+    return provisioned_on(tmp_path, db_url)
 
 
 def parse(dep: Deployment, *extra: str) -> argparse.Namespace:
@@ -30,9 +31,9 @@ def parse(dep: Deployment, *extra: str) -> argparse.Namespace:
     return parser.parse_args(["--deploy", str(dep.root), *extra])
 
 
-async def open_with_payments(dep: Deployment) -> Ledger:
+async def open_with_payments(dep: Deployment, url: str | None = None) -> Ledger:
     """A ledger as the payment-server leaves it: one confirmed and one refused payment, still open."""
-    ledger = Ledger(dep.ledger_db)
+    ledger = ledger_at(dep.database("ledger", url))
     await ledger.open()
     await ledger.seed(dep.load_manifest())
     payer = f"{DEV}:wallet"
@@ -98,14 +99,44 @@ async def test_text_formats_amounts_with_the_currency_exponent(
     assert "refused (insufficient_funds)" in out
 
 
-def test_a_deployment_without_a_ledger_says_so(
-    dep: Deployment, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+async def test_a_deployment_without_a_ledger_says_so(
+    dep: Deployment,
+    db_url: str | None,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setitem(cli.COMMANDS, "ledger", "ops.ledger_cmd")  # the wiring cli.py will get
-    assert cli.main(["ledger", "--deploy", str(dep.root), "--json"]) == 1
+    assert await asyncio.to_thread(cli.main, ["ledger", "--deploy", str(dep.root), "--json"]) == 1
     err = capsys.readouterr().err
-    assert "no ledger at" in err and "payment-server has not started" in err
-    assert not dep.ledger_db.exists()  # reading never creates it
+    assert "no ledger" in err and "payment-server has" in err and "started" in err
+    # reading never creates it
+    assert not dep.ledger_db.exists()
+    if db_url is not None:
+        schema = f"{dep.database('ledger').prefix}_ledger"
+        conn = await asyncpg.connect(PG_TEST)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema) == 0
+        finally:
+            await conn.close()
+
+
+async def test_db_reads_another_database_than_the_manifests(
+    tmp_path: Path,
+    db_url: str | None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dep = provisioned_on(tmp_path, None)  # the manifest says SQLite; the payments are elsewhere
+    other = db_url or str(tmp_path / "elsewhere.sqlite")
+    await (await open_with_payments(dep, other)).close()
+    args = parse(dep, "--json", "--db", other)
+    assert await asyncio.to_thread(ledger_cmd.run, args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["order_id"] for p in out["payments"]] == ["o-1", "o-2"]
+    assert not dep.ledger_db.exists()
+
+
+async def test_db_refuses_what_is_not_a_database_url(dep: Deployment) -> None:
+    assert await asyncio.to_thread(
+        cli.main, ["ledger", "--deploy", str(dep.root), "--db", "mysql://x/y"]
+    ) == (cli.EXIT_CONFIG)
 
 
 def test_not_a_deployment_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from nodes.deployment import Deployment
-from nodes.ledger import Ledger, PaymentRecord
+from nodes.ledger import PaymentRecord, ledger_at
 from ops.monitor.web import CLIENT_QUEUE, WebFeed, check_host, serve
 from ops.provision import provision
 from protocol.errors import ConfigError
@@ -125,7 +125,7 @@ async def test_a_browser_that_falls_behind_is_cut_off_and_publishing_never_waits
 async def test_ledger_totals_come_from_the_real_ledger(tmp_path: Path) -> None:
     await asyncio.to_thread(provision, tmp_path / "deploy", 1, broker_port=1, backend="amqtt")
     dep = Deployment(tmp_path / "deploy")
-    ledger = Ledger(dep.ledger_db)
+    ledger = ledger_at(dep.ledger_db)
     await ledger.open()
     try:
         await ledger.seed(dep.load_manifest())
