@@ -179,6 +179,7 @@ class Launcher:
         on_exit: Callable[[NodeExit], None] | None = None,
         fleet: bool = False,
         replicas: int = 1,
+        db: str | None = None,
     ) -> None:
         if broker_url and backend:
             raise ConfigError("--backend chooses the broker to start; with --broker none is started")
@@ -195,6 +196,7 @@ class Launcher:
         # node still its own MQTT client and identity; a device node's process is then its fleet's
         self.fleet = fleet
         self.replicas = replicas  # of each server role, each its own process and identity
+        self.db = db  # the servers' database instead of the manifest's (`trustpay node --db`)
         self._servers: list[str] = []  # server node ids in start order (metrics ports follow it)
         self._partition = False  # replicas split by device: the broker has no shared subscriptions
         self._fleets: dict[Role, NodeProcess] = {}  # the incarnation that started each fleet process
@@ -418,6 +420,8 @@ class Launcher:
         port = self.metrics_port_of(node.node_id)
         if port is not None:
             argv += ["--metrics-port", str(port)]
+        if self.db is not None and node.device is None:
+            argv += ["--db", self.db]
         replica = server_replica(node.node_id) if node.device is None else None
         if replica is not None and self.replicas > 1:
             argv += ["--replica", str(replica[1]), "--replicas", str(self.replicas)]

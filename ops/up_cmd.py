@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trustpay up --restart never               # the first node that dies stops everything",
         "trustpay up --clock-offset dev-0002=-40000  # dev-0002's clock 40 s slow: it is refused clock_skew",
         "trustpay up --replicas 2                  # two trust-servers and two payment-servers",
+        "trustpay up --replicas 2 --db postgresql://postgres@127.0.0.1:5432/trustpay",
     )
     parser.add_argument("--devices", type=int, metavar="N", help="run the first N devices (default: all)")
     parser.add_argument("--broker", help="use this running broker (mqtt://host:port[?v=5|3.1.1]); start none")
@@ -90,7 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="run N replicas of the trust-server and of the payment-server (provisioned with "
-        "--replicas N or more; shared subscriptions: mosquitto only)",
+        "--replicas N or more); they share the role's database and its reply log",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="the servers' database for this run (postgresql://...; default: the manifest's, "
+        "see `trustpay provision --db`)",
     )
     parser.add_argument(
         "--clock-offset",
@@ -157,6 +164,7 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
         on_exit=lambda ex: _print_exit(ex, all_up),
         fleet=fleet,
         replicas=args.replicas,
+        db=args.db,
     )
     code = 0
     async with launcher as up:

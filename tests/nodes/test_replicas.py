@@ -45,6 +45,15 @@ def dep(tmp_path: Path) -> Deployment:
     return provisioned(tmp_path, devices=2, replicas=2)
 
 
+@pytest.fixture
+def dep_on(tmp_path: Path, db_url: str | None) -> Deployment:
+    """The same deployment with the servers' databases on SQLite files, then on PostgreSQL."""
+    from ops.provision import provision
+
+    provision(tmp_path / "deploy", 2, broker_port=1, backend="amqtt", replicas=2, db=db_url)
+    return Deployment(tmp_path / "deploy")
+
+
 @dataclass
 class Platform:
     dep: Deployment
@@ -82,13 +91,13 @@ async def platform(
     devices: tuple[str, ...] = DEVICES,
 ) -> AsyncIterator[Platform]:
     broker = broker or FakeBroker()
-    ts_log, ps_log = MemoryReplies(), MemoryReplies()  # each role's shared log (its database in production)
+    # the replicas of a role share its database, and the reply log in it (ledger.replies, db.replies)
     ts = tuple(
-        make_node(TrustServer, dep, nid, broker, settings, deployment=dep, replies=ts_log)
+        make_node(TrustServer, dep, nid, broker, settings, deployment=dep)
         for nid in ("trust-server", "trust-server.2")
     )
     ps = tuple(
-        make_node(PaymentServer, dep, nid, broker, settings, deployment=dep, replies=ps_log)
+        make_node(PaymentServer, dep, nid, broker, settings, deployment=dep)
         for nid in ("payment-server", "payment-server.2")
     )
     chips = {d: make_node(Chip, dep, f"{d}.chip", broker, REPLICATED, deployment=dep) for d in devices}
@@ -141,8 +150,9 @@ async def test_payments_from_two_devices_spread_over_both_replicas_of_each_serve
 
 
 async def test_a_retry_landing_on_the_other_replica_is_answered_from_the_log_and_executes_once(
-    dep: Deployment,
+    dep_on: Deployment,
 ) -> None:
+    dep = dep_on
     broker = FakeBroker()
     dropped: list[bytes] = []
     orders: list[int] = []
@@ -176,7 +186,8 @@ async def test_a_retry_landing_on_the_other_replica_is_answered_from_the_log_and
     assert after[f"{DEVICES[0]}:wallet"] == before[f"{DEVICES[0]}:wallet"] - 400
 
 
-async def test_a_replayed_request_to_the_other_replica_changes_nothing(dep: Deployment) -> None:
+async def test_a_replayed_request_to_the_other_replica_changes_nothing(dep_on: Deployment) -> None:
+    dep = dep_on
     broker = FakeBroker()
     order_topic = link_topic(Role.CHIP, Role.PAYMENT_SERVER, DEVICES[0])
     async with platform(dep, broker) as p:
