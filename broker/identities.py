@@ -75,10 +75,13 @@ class BrokerIdentity:
 
     @classmethod
     def for_node(
-        cls, role: Role, device: str | None = None, password: str | None = None
+        cls, role: Role, device: str | None = None, password: str | None = None, replica: int = 1
     ) -> BrokerIdentity:
-        """The identity of a node, named by :func:`protocol.topics.node_id`."""
-        return cls(node_id(role, device), password or new_password(), role, device)
+        """The identity of a node, named by :func:`protocol.topics.node_id`.
+
+        A server replica's login (``payment-server.2``) gets exactly its role's rules.
+        """
+        return cls(node_id(role, device, replica), password or new_password(), role, device)
 
     @property
     def acl(self) -> tuple[AclRule, ...]:

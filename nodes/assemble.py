@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 
 from protocol.certs import ROOT, Certificate, CertStore
 from protocol.errors import CertificateInvalid, ConfigError
-from protocol.topics import DEVICE_ROLES, MONITOR_PORT_OFFSET, Role
+from protocol.topics import DEVICE_ROLES, MONITOR_PORT_OFFSET, SERVER_ROLES, Role
 
 from .bus import BrokerAddress, MqttBus, WillFactory
 from .deployment import Deployment, Manifest, parse_node_id
 from .logs import NodeLogging
-from .runtime import Anchors, Identity, NodeConfig, Settings
+from .runtime import Anchors, Identity, NodeConfig, Settings, server_filters
 from .tls import client_context, node_tls
 
 
@@ -175,4 +175,7 @@ def assemble(
         device=config.identity.device or "",
     )
     bus = MqttBus(broker_address(dep, node_id, broker_url, manifest), node_id, will=will, log=logging.logger)
+    ident = config.identity
+    if ident.role in SERVER_ROLES:
+        bus.stale_filters = server_filters(ident.role, config.settings, ident.keys.box_secret)[1]
     return Assembled(config, bus, logging)

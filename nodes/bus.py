@@ -15,6 +15,7 @@ import itertools
 import random
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -78,6 +79,8 @@ class MqttBus:
     ack_timeout_s: float = 3.0
     handshake_timeout_s: float = 4.0
     log: structlog.typing.FilteringBoundLogger = field(default_factory=structlog.get_logger)
+    # filters a kept session may still hold from an earlier run in another mode: dropped at connect
+    stale_filters: tuple[str, ...] = ()
     _client: aiomqtt.Client | None = field(default=None, init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _version: str = field(default="", init=False)
@@ -137,6 +140,8 @@ class MqttBus:
             self.endpoint = endpoints[attempt % len(endpoints)]
             try:
                 async with self._make_client(version) as client:
+                    for topic_filter in self.stale_filters:
+                        await client.unsubscribe(topic_filter)
                     for topic_filter in subscriptions:
                         await client.subscribe(topic_filter, qos=1)
                     self._client, self._version = client, version
@@ -247,20 +252,41 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(f_parts) == len(t_parts)
 
 
+def split_shared(topic_filter: str) -> tuple[str | None, str]:
+    """``$share/{group}/{filter}`` -> (group, filter); a plain filter -> (None, filter)."""
+    if not topic_filter.startswith("$share/"):
+        return None, topic_filter
+    _, group, rest = topic_filter.split("/", 2)
+    return group, rest
+
+
 class FakeBroker:
     """A tiny in-memory broker for fast node tests: QoS 1 semantics, retained messages.
 
     ``tap`` sees every publish (topic, payload) before delivery and returns the
     list of payloads to deliver, so a test can drop, duplicate or alter frames.
+    Shared subscriptions (``$share/{group}/{filter}``) deliver each message to one
+    member of the group, in turn, as Mosquitto does, and no retained messages;
+    ``pick``, if set, chooses the member instead (a test steering a retry).
     """
 
     def __init__(self) -> None:
         self._subs: list[tuple[str, asyncio.Queue[tuple[str, bytes]]]] = []
+        self._shared: dict[str, list[tuple[str, asyncio.Queue[tuple[str, bytes]], str]]] = {}
+        self._turn: Counter[str] = Counter()
         self.retained: dict[str, bytes] = {}
         self.published: list[tuple[str, bytes]] = []
         self.tap: Callable[[str, bytes], list[bytes]] | None = None
+        # (topic, the members' client ids) -> index of the member to get it
+        self.pick: Callable[[str, list[str]], int] | None = None
 
-    def subscribe(self, topic_filter: str, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+    def subscribe(
+        self, topic_filter: str, queue: asyncio.Queue[tuple[str, bytes]], client_id: str = ""
+    ) -> None:
+        group, plain = split_shared(topic_filter)
+        if group is not None:
+            self._shared.setdefault(group, []).append((plain, queue, client_id))
+            return
         self._subs.append((topic_filter, queue))
         for topic, payload in self.retained.items():
             if topic_matches(topic_filter, topic):
@@ -268,6 +294,8 @@ class FakeBroker:
 
     def unsubscribe_all(self, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
         self._subs = [(f, q) for f, q in self._subs if q is not queue]
+        for group, members in self._shared.items():
+            self._shared[group] = [(f, q, c) for f, q, c in members if q is not queue]
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.published.append((topic, payload))
@@ -280,11 +308,19 @@ class FakeBroker:
                 if id(queue) not in delivered and topic_matches(topic_filter, topic):
                     delivered.add(id(queue))
                     queue.put_nowait((topic, data))
+            for group, members in self._shared.items():
+                matching = [(q, c) for f, q, c in members if topic_matches(f, topic)]
+                if matching:
+                    names = [c for _, c in matching]
+                    turn = self.pick(topic, names) if self.pick else self._turn[group]
+                    self._turn[group] += 1
+                    matching[turn % len(matching)][0].put_nowait((topic, data))
 
     async def drained(self, max_turns: int = 100_000) -> None:
         """Return once every subscriber has taken every message delivered so far."""
         for _ in range(max_turns):  # each turn lets the readers run; bounded
-            if all(queue.empty() for _, queue in self._subs):
+            shared = [q for members in self._shared.values() for _, q, _ in members]
+            if all(queue.empty() for _, queue in self._subs) and all(q.empty() for q in shared):
                 return
             await asyncio.sleep(0)
         raise TimeoutError("subscribers did not drain their queues")
@@ -305,7 +341,7 @@ class FakeBus:
         self, subscriptions: tuple[str, ...], on_message: OnMessage, connected: asyncio.Event
     ) -> None:
         for topic_filter in subscriptions:
-            self.broker.subscribe(topic_filter, self._queue)
+            self.broker.subscribe(topic_filter, self._queue, self.client_id)
         connected.set()
         if self.on_connect is not None:
             self.on_connect()

@@ -39,7 +39,15 @@ from protocol.codec import pack, unpack
 from protocol.errors import ConfigError, Malformed, Rejected, TrustpayError, WrongTopic
 from protocol.keys import KeyPair
 from protocol.measure import install_image
-from protocol.topics import DEVICE_ROLES, Role, check_device_id, node_id
+from protocol.topics import (
+    DEVICE_ROLES,
+    SERVER_ROLES,
+    Role,
+    check_device_id,
+    node_id,
+    replica_ids,
+    server_replica,
+)
 
 from .store import write_atomic
 
@@ -93,6 +101,9 @@ def keys_to_bytes(keys: KeyPair) -> bytes:
 
 def parse_node_id(nid: str) -> tuple[Role, str | None]:
     """Invert :func:`protocol.topics.node_id`: ``dev-0001.tm`` -> (trust-module, dev-0001)."""
+    replica = server_replica(nid)
+    if replica is not None:  # trust-server, trust-server.2, ...
+        return replica[0], None
     device, dot, short = nid.rpartition(".")
     if dot:
         role = _ROLE_BY_SHORT.get(short)
@@ -181,6 +192,11 @@ class Manifest:
     accounts: tuple[AccountEntry, ...]
     merchants: tuple[AccountEntry, ...]
     databases: Mapping[str, str]  # "trust" | "ledger" -> path relative to the deployment
+    replicas: int = 1  # identities provisioned per server role (``server_ids``)
+
+    def server_ids(self, role: Role) -> tuple[str, ...]:
+        """The node ids of ``role``'s provisioned replicas: ``servers[role]`` first, then ``{role}.2`` ..."""
+        return (self.servers[role.value], *replica_ids(role, self.replicas)[1:])
 
     def device(self, device: str) -> DeviceEntry:
         for entry in self.devices:
@@ -190,7 +206,7 @@ class Manifest:
 
     def node_ids(self) -> tuple[str, ...]:
         """Every node of the patent: the servers, then each device's three nodes."""
-        out = [self.servers[r.value] for r in (Role.TRUST_SERVER, Role.PAYMENT_SERVER)]
+        out = [nid for r in SERVER_ROLES for nid in self.server_ids(r)]
         out += [d.node(role) for d in self.devices for role in DEVICE_ROLES]
         return tuple(out)
 
@@ -223,6 +239,7 @@ class Manifest:
             "accounts": [_account_json(a) for a in self.accounts],
             "merchants": [_account_json(a) for a in self.merchants],
             "databases": dict(self.databases),
+            **({"replicas": self.replicas} if self.replicas != 1 else {}),
         }
 
     def to_text(self) -> str:
@@ -251,7 +268,18 @@ class Manifest:
             accounts=tuple(_account(a) for a in _get(top, "accounts", list)),
             merchants=tuple(_account(a) for a in _get(top, "merchants", list)),
             databases=_str_map(top, "databases"),
+            replicas=_replicas(top),
         )
+
+
+MAX_REPLICAS = 16
+
+
+def _replicas(top: dict[str, Any]) -> int:
+    count = _get(top, "replicas", int) if "replicas" in top else 1
+    if not 1 <= count <= MAX_REPLICAS:
+        raise ValueError(f"replicas {count} is not between 1 and {MAX_REPLICAS}")
+    return count
 
 
 def _account_json(a: AccountEntry) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from .assemble import reloaded_identity
 from .bus import Bus
 from .deployment import Deployment
 from .ledger import CONFIRMED, MERCHANT, REFUSED, LedgerConflict, LedgerTx, PaymentRecord, ledger_at
+from .replies import Replies
 from .runtime import Node, NodeConfig, now_ms
 
 DEFAULT_PAYMENT_LIMIT = 50_000  # minor units per payment, enforced here whatever the chip allows
@@ -87,8 +88,9 @@ class PaymentServer(Node):
         payment_limit: int = DEFAULT_PAYMENT_LIMIT,
         clock: Callable[[], int] = now_ms,
         db_url: str | None = None,
+        replies: Replies | None = None,
     ) -> None:
-        super().__init__(config, bus, log)
+        super().__init__(config, bus, log, replies=replies)
         self.dep = deployment
         self.payment_limit = payment_limit
         self.clock = clock  # wall-clock ms for grant expiry; injectable so tests need no sleeps
@@ -102,6 +104,8 @@ class PaymentServer(Node):
         manifest = await asyncio.to_thread(self.dep.load_manifest)
         await self.ledger.open()
         try:
+            if self.replies is None and self.replicated:  # the replicas' reply log: in their ledger
+                self.replies = self.ledger.replies
             await self.ledger.seed(manifest)
             await super().run()
         finally:

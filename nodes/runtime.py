@@ -27,6 +27,12 @@ a second). A requester takes such a refusal although its own stamp is outside
 asked: the reply_to names a random id just sent, so an old or foreign refusal
 ends nothing. Every time a node reads goes through ``Node.now_ms``, which adds
 ``Settings.clock_offset_ms``: a node can run with its clock off, as a device's can.
+
+A server may run as one of several replicas of its role (``Settings.replicas``,
+docs/PROTOCOL.md 2.1): it answers to its id and its role's name, takes requests
+through a ``$share`` subscription (or its partition of the devices), drops answers
+meant for another replica from the header alone, and claims each request in the
+role's shared reply log (``replies``) so that exactly one replica handles it.
 """
 
 from __future__ import annotations
@@ -65,7 +71,17 @@ from protocol.errors import (
     TrustpayError,
 )
 from protocol.keys import KeyPair
-from protocol.messages import MESSAGE_TYPES, Body, Metrics, Ping, Pong, Refusal, Status, StepEvent
+from protocol.messages import (
+    MESSAGE_TYPES,
+    Body,
+    Metrics,
+    Ping,
+    Pong,
+    Refusal,
+    Status,
+    StepEvent,
+    shared_senders,
+)
 from protocol.replay import CLOCK_SKEW, ReplayGuard
 from protocol.topics import (
     CHANNEL_EVENTS,
@@ -73,16 +89,22 @@ from protocol.topics import (
     CHANNEL_OPS,
     CHANNEL_STATUS,
     CRL_TOPIC,
+    LINKS,
+    SERVER_ROLES,
     Role,
     channel_topic,
     inbound_filters,
     link_topic,
     operator_topic,
+    partition_of,
+    server_replica,
+    share_group,
 )
 
 from .bus import Bus
 from .metrics import VERSION, StepClock, metrics_body
 from .rate_limit import RateLimiter
+from .replies import ANSWERED, BUSY, LEASE_MS, Replies
 from .retry import RetryTimer
 from .store import write_atomic
 
@@ -90,6 +112,7 @@ Handler = Callable[[Received], Awaitable[tuple[str, Body] | None]]
 Job = Callable[[], Coroutine[Any, Any, object]]
 CLOCK_SKEW_BURST, CLOCK_SKEW_PER_S = 4, 1.0  # clock_skew refusals per sender: a flood draws no more
 MAX_ATTEMPTS = 1000  # a request's attempts in all; its deadline ends it long before
+REPLIES_PRUNE_EVERY_S, REPLIES_PRUNE_BATCH, REPLIES_PRUNE_ROUNDS = 10.0, 1_000, 20  # the shared reply log
 
 
 def now_ms() -> int:
@@ -124,6 +147,10 @@ class Settings:
     connect_timeout_s: float = 60.0  # a node gives up (with a clear error) if no broker answers by then
     metrics_interval_s: float = 10.0  # how often the node publishes its counters
     clock_offset_ms: int = 0  # added to the system clock for every stamp and check (a wrong device clock)
+    replicas: int = 1  # servers: how many replicas of this role run at once
+    # how replicas share requests: the broker's $share subscriptions, or (False: amqtt, NATS) a
+    # static partition by device, replica k of N taking the devices with partition_of == k - 1
+    shared: bool = True
 
 
 @dataclass(frozen=True)
@@ -134,14 +161,28 @@ class NodeConfig:
     settings: Settings = field(default_factory=Settings)
 
 
+SERVER_ROLE_NAMES = frozenset(r.value for r in SERVER_ROLES)
+
+
 @dataclass
 class _Pending:
-    """A request waiting for its answer; only a verified frame from ``peer`` ends it."""
+    """A request waiting for its answer; only a verified frame from ``peer`` ends it.
+
+    ``peer`` is a node id, or a server role's name (``payment-server``): then any
+    replica of that role may answer, i.e. any certificate of that role, which only
+    the platform key issues (the verifier checked the chain before).
+    """
 
     answer: asyncio.Future[Received]
     peer: str
     # why frames that named this request were refused: said at the timeout, never acted on
     refused: Counter[str] = field(default_factory=Counter)
+
+    def asked(self, sender: str, role: str | None) -> bool:
+        """Whether ``sender`` (certified for ``role``; None: not verified) may answer."""
+        if sender == self.peer:
+            return True
+        return self.peer in SERVER_ROLE_NAMES and role == self.peer
 
 
 @dataclass(frozen=True)
@@ -154,6 +195,21 @@ class IdentityInUse(TrustpayError):
     """Another process runs this node's identity: two sessions of one login kick each other off."""
 
     code = "identity_in_use"
+
+
+def server_filters(
+    role: Role, settings: Settings, box_secret: bytes
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A server's topic filters now, and those of its other mode to drop from a kept session.
+
+    A persistent session keeps its subscriptions across runs: a server that ran alone
+    (plain filters) and now runs as a replica ($share) would otherwise still get every
+    request through the old plain filter, and the other way round.
+    """
+    plain = inbound_filters(role)
+    shared = inbound_filters(role, None, shared_senders(role), share_group(role, box_secret))
+    current = shared if settings.replicas > 1 and settings.shared else plain
+    return current, tuple(f for f in dict.fromkeys(plain + shared) if f not in current)
 
 
 def _claim(state_dir: Path, node_id: str) -> int:
@@ -205,7 +261,14 @@ class Node:
 
     role: Role
 
-    def __init__(self, config: NodeConfig, bus: Bus, log: structlog.typing.FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        bus: Bus,
+        log: structlog.typing.FilteringBoundLogger,
+        *,
+        replies: Replies | None = None,
+    ) -> None:
         ident = config.identity
         self.config = config
         self.id = ident.node_id
@@ -236,6 +299,13 @@ class Node:
         self._pending: dict[bytes, _Pending] = {}  # by request message id
         self.retry_timer = RetryTimer()  # how long answers take, per peer and request type
         self._responses: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+        # Replicas of a server share who answers what (nodes.replies); one process keeps its own cache.
+        self.replies = replies
+        # Plain topics every replica reads although the frames on them are for one (answers):
+        # a frame addressed to another replica is dropped from its header, before any crypto.
+        self._replica_topics: frozenset[str] = frozenset()
+        # A partitioned replica: (its index, replicas, short names of the senders whose requests split)
+        self._partition: tuple[int, int, frozenset[str]] | None = None
         self._lanes: dict[str, asyncio.Queue[Received]] = {}
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
         self._tg: asyncio.TaskGroup | None = None
@@ -259,7 +329,18 @@ class Node:
         self._routes[msg_type] = _Route(handler, ordered)
 
     def subscriptions(self) -> tuple[str, ...]:
-        return inbound_filters(self.role, self.device)
+        if self.role not in SERVER_ROLES:
+            return inbound_filters(self.role, self.device)
+        return server_filters(self.role, self.settings, self.config.identity.keys.box_secret)[0]
+
+    @property
+    def replicated(self) -> bool:
+        """A server running beside other replicas of its role."""
+        return self.role in SERVER_ROLES and self.settings.replicas > 1
+
+    def _my_ids(self) -> frozenset[str]:
+        """Recipients this node answers to: its id, and a server also its role's name (any replica)."""
+        return frozenset({self.id, self.role.value} if self.role in SERVER_ROLES else {self.id})
 
     async def prepare(self) -> None:
         """Load state and open databases; runs before any frame is received."""
@@ -285,7 +366,17 @@ class Node:
         self.epoch = await asyncio.to_thread(_next_epoch, self.config.state_dir)
         self.started_ms = self.now_ms()
         guard = ReplayGuard(floor_ms=self.started_ms, skew_ms=self.settings.skew_ms)
-        self._verifier = Verifier(frozenset({self.id}), self.certs, guard, keys=self.keys)
+        self._verifier = Verifier(self._my_ids(), self.certs, guard, keys=self.keys)
+        if self.replicated:
+            shared = shared_senders(self.role)
+            self._replica_topics = frozenset(
+                link_topic(link.src, self.role)
+                for link in LINKS
+                if link.dst is self.role and not link.src.on_device and link.src not in shared
+            )
+            replica = server_replica(self.id)
+            if not self.settings.shared and replica is not None:
+                self._partition = (replica[1] - 1, self.settings.replicas, frozenset(r.short for r in shared))
         self.log.info("node.starting", role=self.role.value, epoch=self.epoch)
         # after every (re)connection: the broker may have published our last will meanwhile
         self.bus.on_connect = self._announce
@@ -331,7 +422,25 @@ class Node:
             self.stop()
             return
         self.every(self.settings.metrics_interval_s, self.publish_metrics, "metrics")
+        if self.replies is not None:
+            self.every(REPLIES_PRUNE_EVERY_S, self.prune_replies, "prune_replies")
         await self.main()
+
+    async def prune_replies(self) -> int:
+        """Forget log entries older than any request the verifier still takes, plus a lease.
+
+        In short batches (each one transaction), as many as a busy platform needs to keep up:
+        a payment claims five requests, so 100 payments a second leave 5,000 rows a round.
+        """
+        assert self.replies is not None
+        keep_ms = 2 * self.settings.skew_ms + LEASE_MS
+        pruned = 0
+        for _ in range(REPLIES_PRUNE_ROUNDS):  # bounded; the next run goes on
+            batch = await self.replies.prune(self.now_ms() - keep_ms, REPLIES_PRUNE_BATCH)
+            pruned += batch
+            if batch < REPLIES_PRUNE_BATCH:
+                break
+        return pruned
 
     async def _say_goodbye(self) -> None:
         try:
@@ -501,7 +610,8 @@ class Node:
             if not future.done():
                 future.cancel()
 
-    async def reply(self, request: Received, msg_type: str, body: Body) -> None:
+    async def reply(self, request: Received, msg_type: str, body: Body, *, record: bool = False) -> None:
+        """Answer ``request``; ``record``: also write the answer to the replicas' reply log."""
         src = request.topic.src
         if src is Role.OPERATOR:
             topic = channel_topic(self.role, CHANNEL_OPS, self.device)
@@ -514,6 +624,9 @@ class Node:
         self._responses[env.message_id] = (topic, frame)
         while len(self._responses) > self.settings.response_cache:
             self._responses.popitem(last=False)
+        if record and self.replies is not None:
+            # before publishing: once the sender has the answer, a retry elsewhere must find it
+            await self.replies.answer(env.sender, env.message_id, topic, frame, self.now_ms())
         await self.bus.publish(topic, frame)
 
     def _status(self, state: str, will: bool = False) -> Status:
@@ -579,6 +692,14 @@ class Node:
         if topic == CRL_TOPIC:
             self._on_revocations(topic, frame)
             return
+        if topic in self._replica_topics:
+            header = peek(frame)  # unverified: it only decides to drop, never to accept
+            if header is not None and header.recipient != self.id:
+                self.counters["not_for_me"] += 1
+                return
+        if self._partition is not None and not self._in_partition(topic, frame):
+            self.counters["not_for_me"] += 1
+            return
         try:
             received = self._verifier.open(frame, topic, self.now_ms())
         except SenderRevoked as exc:
@@ -604,11 +725,14 @@ class Node:
         env = received.envelope
         self.counters[f"in.{env.type}"] += 1
         self.peers[env.sender] = received.sender_cert
+        if received.sender_cert.role in SERVER_ROLE_NAMES:
+            # any replica's certificate seals to its role: replicas share the role's box key
+            self.peers[received.sender_cert.role] = received.sender_cert
         if env.reply_to:
             pending = self._pending.get(env.reply_to)
             if pending is None or pending.answer.done():
                 self.counters["late_answer"] += 1
-            elif env.sender != pending.peer:  # only the node we asked may answer
+            elif not pending.asked(env.sender, received.sender_cert.role):  # only the node (role) we asked
                 self.counters["foreign_answer"] += 1
                 self.log.warning("frame.foreign_answer", sender=env.sender, expected=pending.peer)
             else:
@@ -631,6 +755,27 @@ class Node:
             lane.put_nowait(received)
         else:
             self.spawn(self._handle(route, received), name=f"handle:{env.type}")
+
+    def _in_partition(self, topic: str, frame: bytes) -> bool:
+        """Whether a partitioned replica takes this frame; decided before any cryptography.
+
+        A device's requests go by the device id in the topic, the other role's by the
+        (unverified) sender in the header: a forged header only moves a frame to a replica
+        that refuses it. Everything else (answers, the operator, the list) is every replica's.
+        """
+        assert self._partition is not None
+        index, count, senders = self._partition
+        parts = topic.split("/")
+        if len(parts) == 6 and parts[2] == "dev" and parts[4] in senders:
+            key = parts[3]
+        elif len(parts) == 5 and parts[2] == "plat" and parts[3] in senders:
+            header = peek(frame)
+            if header is None:
+                return True  # let the verifier say why it is malformed
+            key = header.sender
+        else:
+            return True
+        return partition_of(key, count) == index
 
     def _on_revocations(self, topic: str, frame: bytes) -> None:
         """Install a newer revocation list at once, before the next frame is verified."""
@@ -665,7 +810,11 @@ class Node:
         self.log.warning("frame.rejected", code=exc.code, reason=exc.reason, topic=topic, sender=env.sender)
         if env.reply_to:
             pending = self._pending.get(env.reply_to)
-            if pending is not None and not pending.answer.done() and env.sender == pending.peer:
+            if (
+                pending is not None
+                and not pending.answer.done()
+                and pending.asked(env.sender, received.sender_cert.role)
+            ):
                 pending.answer.set_exception(exc)
             return
         if env.type in self._routes:
@@ -690,7 +839,7 @@ class Node:
                 env.type in ("refusal", "error")
                 and pending is not None
                 and not pending.answer.done()
-                and env.sender == pending.peer
+                and pending.asked(env.sender, exc.received.sender_cert.role)
             ):
                 try:
                     received: Received | None = self._verifier.decode(exc.received)
@@ -734,7 +883,7 @@ class Node:
         if header is None or not header.reply_to:
             return
         pending = self._pending.get(header.reply_to)
-        if pending is not None and header.sender == pending.peer and len(pending.refused) < 8:
+        if pending is not None and pending.asked(header.sender, None) and len(pending.refused) < 8:
             pending.refused[f"{exc.code}: {exc.reason}"] += 1
 
     async def _drain_lane(self, lane: asyncio.Queue[Received]) -> None:
@@ -744,28 +893,55 @@ class Node:
 
     async def _handle(self, route: _Route, received: Received) -> None:
         async with self._slots:
+            record = self.replies is not None and received.topic.src is not Role.OPERATOR
+            if record and not await self._claim(received):
+                return
             try:
                 answer = await route.handler(received)
             except Refused as exc:
-                await self._refuse(received, exc.refusal_code, exc.refusal_reason)
+                await self._refuse(received, exc.refusal_code, exc.refusal_reason, record=record)
                 return
             except TrustpayError as exc:
-                await self._refuse(received, exc.code, exc.reason)
+                await self._refuse(received, exc.code, exc.reason, record=record)
                 return
             except Exception as exc:  # a bug: say so to the requester instead of leaving it waiting
                 self.counters["handler_crash"] += 1
                 self.log.exception("handler.crashed", type=received.envelope.type, error=repr(exc))
                 await self._refuse(
-                    received, "internal", f"{self.id} failed to handle {received.envelope.type}"
+                    received,
+                    "internal",
+                    f"{self.id} failed to handle {received.envelope.type}",
+                    record=record,
                 )
                 return
             if answer is not None:
-                await self.reply(received, *answer)
+                await self.reply(received, *answer, record=record)
 
-    async def _refuse(self, received: Received, code: str, reason: str) -> None:
+    async def _claim(self, received: Received) -> bool:
+        """Claim a request in the replicas' reply log: True to handle it here, now.
+
+        Another replica's answer is published again as it is (its signature and stamp
+        are the first replica's, so the sender's replay guard decides, as for any copy);
+        a request another replica is handling is dropped: the sender's retry finds the
+        answer. Operator commands are not claimed: every replica carries them out.
+        """
+        assert self.replies is not None
+        env = received.envelope
+        claim = await self.replies.claim(env.sender, env.message_id, self.id, self.now_ms())
+        if claim.state == ANSWERED:
+            self.counters["reanswered_from_log"] += 1
+            await self.bus.publish(claim.topic, claim.frame)
+            return False
+        if claim.state == BUSY:
+            self.counters["claimed_elsewhere"] += 1
+            self.log.info("request.claimed_elsewhere", type=env.type, sender=env.sender)
+            return False
+        return True
+
+    async def _refuse(self, received: Received, code: str, reason: str, *, record: bool = False) -> None:
         self.counters[f"refused.{code}"] += 1
         sealed = MESSAGE_TYPES[received.envelope.type].sealed and received.topic.src is not Role.OPERATOR
-        await self.reply(received, "refusal" if sealed else "error", Refusal(code, reason))
+        await self.reply(received, "refusal" if sealed else "error", Refusal(code, reason), record=record)
 
     async def _on_ping(self, received: Received) -> tuple[str, Body]:
         ping: Ping = received.envelope.body

@@ -77,6 +77,7 @@ from .assemble import reloaded_identity
 from .bus import Bus
 from .deployment import Deployment, Manifest
 from .rate_limit import RateLimiter
+from .replies import Replies
 from .runtime import Node, NodeConfig, now_ms
 from .trust_db import ACTIVE, REVOKED, DeviceRow, DeviceUnknown, NonceRow, TrustDb, trust_db_at
 
@@ -152,8 +153,9 @@ class TrustServer(Node):
         clock: Callable[[], int] = now_ms,
         nonce_limit: RateLimiter | None = None,
         db_url: str | None = None,
+        replies: Replies | None = None,
     ) -> None:
-        super().__init__(config, bus, log)
+        super().__init__(config, bus, log, replies=replies)
         self.dep = deployment
         self.db = db or trust_db_at(deployment.database("trust", db_url))  # db_url: `trustpay node --db`
         self.clock = clock  # for nonce and verdict lifetimes; tests move it instead of sleeping
@@ -171,6 +173,8 @@ class TrustServer(Node):
     async def run(self) -> None:
         await self.db.open()
         try:
+            if self.replies is None and self.replicated:  # the replicas' reply log: in their database
+                self.replies = self.db.replies
             await self._seed()
             await super().run()
         finally:

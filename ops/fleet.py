@@ -295,12 +295,19 @@ def _role_of(manifest: Manifest, nid: str) -> Role:
     return parse_node_id(nid)[0]
 
 
-def fleet_node_ids(manifest: Manifest, devices: int | None, roles: Sequence[Role]) -> list[str]:
-    """The node ids of ``roles`` for the first ``devices`` devices (all when None), servers first."""
+def fleet_node_ids(
+    manifest: Manifest, devices: int | None, roles: Sequence[Role], replica: int = 1
+) -> list[str]:
+    """The node ids of ``roles`` for the first ``devices`` devices (all when None), servers first.
+
+    ``replica``: which replica of each server role (1: the one named after the role).
+    """
     chosen = manifest.devices if devices is None else manifest.devices[:devices]
     if devices is not None and devices > len(manifest.devices):
         raise ConfigError(f"--devices {devices}: the deployment has {len(manifest.devices)} devices")
-    ids = [manifest.servers.get(r.value, r.value) for r in SERVER_ROLES if r in roles]
+    if not 1 <= replica <= manifest.replicas:
+        raise ConfigError(f"--replica {replica}: the deployment has {manifest.replicas} per server")
+    ids = [manifest.server_ids(r)[replica - 1] for r in SERVER_ROLES if r in roles]
     for role in (Role.CHIP, Role.TRUST_MODULE):
         if role in roles:
             ids += [d.node(role) for d in chosen]
@@ -322,6 +329,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="warning",
         choices=["debug", "info", "warning", "error"],
         help="console log level (each node's JSON log file gets everything)",
+    )
+    parser.add_argument("--replica", type=int, default=1, metavar="K", help="servers: host replica K of each")
+    parser.add_argument(
+        "--replicas", type=int, default=1, metavar="N", help="servers: N replicas of each role run at once"
+    )
+    parser.add_argument(
+        "--partition", action="store_true", help="servers: split the devices between replicas, not $share"
     )
     add_json_argument(parser, "one JSON object per line for each event (up, failed, counters, stopped)")
     add_examples(
@@ -353,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"a fleet does not run {role.value}s (the client runs from `trustpay client`)")
     dep = Deployment(args.deploy.resolve())
     manifest = dep.load_manifest()
-    ids = fleet_node_ids(manifest, args.devices, roles)
+    ids = fleet_node_ids(manifest, args.devices, roles, args.replica)
     if not ids:
         raise ConfigError("no nodes to run: check --roles and --devices")
     profile = os.environ.get(PROFILE_ENV)
@@ -379,6 +393,7 @@ async def _run(dep: Deployment, manifest: Manifest, ids: list[str], args: argpar
         console=sys.stderr,
         console_level=args.log_level,
         report=emit,
+        settings=Settings(replicas=args.replicas, shared=not args.partition) if args.replicas > 1 else None,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # one handler for the whole process, stopping every node

@@ -59,7 +59,7 @@ from nodes.deployment import Deployment, Manifest
 from protocol.envelope import Verifier
 from protocol.errors import ConfigError, TrustpayError
 from protocol.messages import Status
-from protocol.topics import CHANNEL_STATUS, PREFIX, SERVER_ROLES, Role
+from protocol.topics import CHANNEL_STATUS, PREFIX, SERVER_ROLES, Role, server_replica
 
 from .broker_cmd import broker_for
 from .parent_death import guarded
@@ -178,6 +178,8 @@ class Launcher:
         on_up: Callable[[NodeProcess], None] | None = None,
         on_exit: Callable[[NodeExit], None] | None = None,
         fleet: bool = False,
+        replicas: int = 1,
+        db: str | None = None,
     ) -> None:
         if broker_url and backend:
             raise ConfigError("--backend chooses the broker to start; with --broker none is started")
@@ -193,6 +195,10 @@ class Launcher:
         # fleet mode: every chip in one process and every trust module in another (ops.fleet), each
         # node still its own MQTT client and identity; a device node's process is then its fleet's
         self.fleet = fleet
+        self.replicas = replicas  # of each server role, each its own process and identity
+        self.db = db  # the servers' database instead of the manifest's (`trustpay node --db`)
+        self._servers: list[str] = []  # server node ids in start order (metrics ports follow it)
+        self._partition = False  # replicas split by device: the broker has no shared subscriptions
         self._fleets: dict[Role, NodeProcess] = {}  # the incarnation that started each fleet process
         self._device_count = 0
         self._online_ms: dict[str, int] = {}  # each node's latest verified "online" stamp
@@ -260,8 +266,13 @@ class Launcher:
             raise ConfigError(f"--clock-offset names devices this run does not start: {', '.join(unknown)}")
         if self.fleet and self.clock_offsets:
             raise ConfigError("--clock-offset sets one device's nodes apart: it needs --fleet off")
+        self._check_replicas(manifest)
+        servers: list[tuple[Role, str | None, str]] = [
+            (r, None, nid) for r in SERVER_ROLES for nid in manifest.server_ids(r)[: self.replicas]
+        ]
+        self._servers = [nid for _, _, nid in servers]
         phases: list[list[tuple[Role, str | None, str]]] = [
-            [(r, None, manifest.servers[r.value]) for r in SERVER_ROLES],
+            servers,
             [(Role.CHIP, d.device, d.node(Role.CHIP)) for d in devices],
             [(Role.TRUST_MODULE, d.device, d.node(Role.TRUST_MODULE)) for d in devices],
         ]
@@ -270,11 +281,29 @@ class Launcher:
                 self.processes[nid] = NodeProcess(nid, role, device)
         self._phases = [[nid for _, _, nid in phase] for phase in phases if phase]
 
-    def metrics_port_of(self, role: Role) -> int | None:
-        """Where a server serves Prometheus: ``metrics_port`` + its place in SERVER_ROLES."""
-        if self.metrics_port is None or role not in SERVER_ROLES:
+    def _check_replicas(self, manifest: Manifest) -> None:
+        if not 1 <= self.replicas <= manifest.replicas:
+            raise ConfigError(
+                f"--replicas {self.replicas}: this deployment has {manifest.replicas} identities per "
+                f"server; provision it with `trustpay provision --replicas {max(self.replicas, 1)}`"
+            )
+        # amqtt 0.12.1 and NATS 2.9 accept a $share subscription and deliver nothing on it: there
+        # the replicas split the devices between them (Settings.shared)
+        self._partition = (self.backend or manifest.broker.backend) != "mosquitto"
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The server node ids this launcher runs: each role's replicas, in start order."""
+        return tuple(self._servers)
+
+    def metrics_port_of(self, node_id: str) -> int | None:
+        """Where a server serves Prometheus: ``metrics_port`` + its place among the servers.
+
+        One replica each: the trust-server on P, the payment-server on P+1, as before.
+        """
+        if self.metrics_port is None or node_id not in self._servers:
             return None
-        return self.metrics_port + SERVER_ROLES.index(role)
+        return self.metrics_port + self._servers.index(node_id)
 
     # -- waiting -------------------------------------------------------------
     async def wait_all_up(self, timeout_s: float | None = None) -> float:
@@ -388,9 +417,16 @@ class Launcher:
         argv += ["--broker", self.broker_url, "--log-level", self.log_level]
         if node.device is not None:
             argv += ["--device", node.device]
-        port = self.metrics_port_of(node.role)
+        port = self.metrics_port_of(node.node_id)
         if port is not None:
             argv += ["--metrics-port", str(port)]
+        if self.db is not None and node.device is None:
+            argv += ["--db", self.db]
+        replica = server_replica(node.node_id) if node.device is None else None
+        if replica is not None and self.replicas > 1:
+            argv += ["--replica", str(replica[1]), "--replicas", str(self.replicas)]
+            if self._partition:
+                argv.append("--partition")
         skew = self.clock_offsets.get(node.device, 0) if node.device is not None else 0
         if skew:
             argv += ["--clock-offset-ms", str(skew)]

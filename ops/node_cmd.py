@@ -51,6 +51,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="servers: also serve the node's counters to Prometheus on 127.0.0.1:P/metrics",
     )
+    parser.add_argument(
+        "--replica", type=int, default=1, metavar="K", help="servers: run replica K (K=1: the role's name)"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="servers: N replicas of this role run at once (they share its requests through $share)",
+    )
+    parser.add_argument(
+        "--partition",
+        action="store_true",
+        help="servers with --replicas: split the devices between the replicas instead of $share "
+        "(brokers without shared subscriptions: amqtt, NATS)",
+    )
     add_clock_offset_argument(parser, "the node stamps and checks every frame with it")
     parser.add_argument(
         "--db",
@@ -68,14 +84,20 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.metrics_port is not None and role not in SERVER_ROLES:
         raise ConfigError(f"--metrics-port is for the servers; a {role.value} reports on its metrics channel")
+    if (args.replica, args.replicas) != (1, 1) and role not in SERVER_ROLES:
+        raise ConfigError(f"--replica and --replicas are for the servers; a {role.value} runs once")
+    if not 1 <= args.replica <= args.replicas:
+        raise ConfigError(f"--replica {args.replica} must be between 1 and --replicas {args.replicas}")
     extra: dict[str, Any] = {}  # to the role class: PaymentServer and TrustServer take db_url
     if args.db is not None:
         if role not in SERVER_ROLES:
             raise ConfigError(f"--db is for the servers; a {role.value} keeps no database")
         extra["db_url"] = from_command_line(args.db)
     dep = Deployment(args.deploy)
-    nid = resolve_node_id(dep, role, args.device)
-    settings = Settings(clock_offset_ms=args.clock_offset_ms)
+    nid = resolve_node_id(dep, role, args.device, args.replica)
+    settings = Settings(
+        clock_offset_ms=args.clock_offset_ms, replicas=args.replicas, shared=not args.partition
+    )
     asyncio.run(
         run_node(
             dep,

@@ -42,6 +42,7 @@ from broker.nats import write_nats_auth
 from broker.rabbitmq import write_rabbitmq_definitions
 from nodes.deployment import (
     MANIFEST_FORMAT,
+    MAX_REPLICAS,
     AccountEntry,
     BrokerSettings,
     Deployment,
@@ -61,7 +62,7 @@ from protocol.errors import ConfigError
 from protocol.keys import KeyPair
 from protocol.measure import APP, CLIENT, measure
 from protocol.records import PACKAGE_DOMAIN, RELEASE_DOMAIN, Package, Release, sign_record
-from protocol.topics import DEVICE_ROLES, SERVER_ROLES, node_id
+from protocol.topics import DEVICE_ROLES, SERVER_ROLES, node_id, server_replica
 
 from .cli_common import add_examples, add_json_argument
 from .client_install import write_client_install
@@ -96,11 +97,15 @@ def provision(
     offline: Path | None = None,
     tls: bool = False,
     db: str | None = None,
+    replicas: int = 1,
 ) -> Manifest:
     """Create the deployment ``out`` and its offline keys directory; return the manifest.
 
     ``db``: the servers' database (``--db``), a ``postgresql://`` URL both roles share (each in its
     own schema); default: a SQLite file per role inside the deployment.
+    ``replicas``: identities per server role (``trust-server``, ``trust-server.2`` ...),
+    each with its own signing key, certificate and broker login; the replicas of a
+    role share its box (sealing) key, so a device seals once to the role.
 
     ``offline`` defaults to ``{out}.offline`` beside ``out``. A non-empty
     ``out`` or ``offline`` is refused unless ``force`` (then it is replaced).
@@ -115,7 +120,10 @@ def provision(
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     if broker_port is None:  # a NATS cluster's members listen on a block of ports (broker.nats)
         broker_port = free_ports(CLUSTER_SIZE * PORTS_PER_MEMBER) if backend == "nats" else free_port()
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise ConfigError(f"--replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
     manifest = _manifest(now_ms, devices, apps, backend, broker_port, opening_balance)
+    manifest = dataclasses.replace(manifest, replicas=replicas)
     if db is not None:
         manifest = dataclasses.replace(manifest, databases=_databases(db))
     if tls:  # mqtts with client certificates (nodes.tls); the embedded broker stays plain
@@ -241,8 +249,13 @@ class _Authority:
     serial: int = 0
     issued: dict[str, tuple[Certificate, KeyPair]] = field(default_factory=dict)
 
-    def issue(self, subject: str, role: str, device: str = "") -> tuple[Certificate, KeyPair]:
+    def issue(
+        self, subject: str, role: str, device: str = "", box_of: str | None = None
+    ) -> tuple[Certificate, KeyPair]:
+        """A new key pair and its certificate; ``box_of``: share that subject's box key (replicas)."""
         keys = KeyPair.generate()
+        if box_of is not None:
+            keys = KeyPair(keys.sign_seed, self.issued[box_of][1].box_secret)
         self.serial += 1
         if role == ROOT:
             issuer_name, issuer_serial, issuer_keys = subject, self.serial, keys  # self-issued
@@ -306,13 +319,16 @@ def _build(dep: Deployment, offline: OfflineKeys, manifest: Manifest, now_ms: in
 
 def _install_node(dep: Deployment, ca: _Authority, nid: str) -> BrokerIdentity:
     role, device = parse_node_id(nid)
-    cert, keys = ca.issue(nid, role.value, device or "")
+    # a server's replicas seal with the first one's box key, sign with their own
+    first = node_id(role) if role in SERVER_ROLES else nid
+    cert, keys = ca.issue(nid, role.value, device or "", box_of=first if first != nid else None)
     make_private_dir(dep.node_dir(nid))
     make_private_dir(dep.state_dir(nid))
     write_secret(dep.node_key_path(nid), keys_to_bytes(keys))
     write_file(dep.node_cert_path(nid), cert.to_bytes())
     write_file(dep.cert_path(nid), cert.to_bytes())
-    identity = BrokerIdentity.for_node(role, device)
+    replica = server_replica(nid)
+    identity = BrokerIdentity.for_node(role, device, replica=replica[1] if replica else 1)
     creds = {"username": identity.username, "password": identity.password}
     write_secret(dep.broker_credentials_path(nid), json.dumps(creds).encode() + b"\n")
     return identity
@@ -411,11 +427,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the servers' database: postgresql://user@host:port/db, shared by replicas "
         "(default: a SQLite file per server in the deployment)",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="identities per server role (trust-server, trust-server.2, ...) for `up --replicas N`",
+    )
     add_examples(
         parser,
         "trustpay provision --out deploy --devices 2          # ./deploy: found by every command",
         "trustpay provision --out /srv/tp --devices 100 --tls --json   # then TRUSTPAY_DEPLOY=/srv/tp",
         "trustpay provision --out deploy --devices 2 --broker nats   # a clustered broker (NATS, 3 members)",
+        "trustpay provision --out deploy --devices 4 --replicas 2   # then `trustpay up --replicas 2`",
     )
 
 
@@ -430,6 +453,7 @@ def run(args: argparse.Namespace) -> int:
         offline=args.offline,
         tls=args.tls,
         db=args.db,
+        replicas=args.replicas,
     )
     if args.json:
         print(manifest.to_text(), end="")
@@ -440,6 +464,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"provisioned {args.out}")
     print(f"  devices:  {len(devices)} ({shown}), apps {', '.join(manifest.devices[0].apps)}")
     print(f"  accounts: {len(manifest.accounts)} payers, {len(manifest.merchants)} merchants ({CURRENCY})")
+    if manifest.replicas > 1:
+        first = ", ".join(manifest.node_ids()[: manifest.replicas])
+        print(f"  servers:  {manifest.replicas} replicas of each role ({first}, ...)")
     print(f"  broker:   {b.backend} on {b.host}:{b.port}{' (mqtts, client certificates)' if b.tls else ''}")
     offline = OfflineKeys.of(args.out, args.offline).root
     print(f"  offline keys (root, update, platform, issuer): {offline} (keep it off the servers)")

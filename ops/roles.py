@@ -40,7 +40,7 @@ def role_class(role: Role) -> Callable[..., Node]:
     )
 
 
-def resolve_node_id(dep: Deployment, role: Role, device: str | None) -> str:
+def resolve_node_id(dep: Deployment, role: Role, device: str | None, replica: int = 1) -> str:
     manifest = dep.load_manifest()
     if role.on_device:
         if device is None:
@@ -49,7 +49,12 @@ def resolve_node_id(dep: Deployment, role: Role, device: str | None) -> str:
             device = manifest.devices[0].device
         manifest.device(device)  # raises a ConfigError naming the known devices
         return node_id(role, device)
-    return manifest.servers.get(role.value, role.value)
+    if replica == 1:
+        return manifest.servers.get(role.value, role.value)
+    ids = manifest.server_ids(role)
+    if not 1 <= replica <= len(ids):
+        raise ConfigError(f"--replica {replica}: this deployment has {len(ids)} {role.value} identities")
+    return ids[replica - 1]
 
 
 async def run_node(

@@ -1,11 +1,12 @@
 """``trustpay rotate-platform``: a new platform key, certified by the update key (claim 3).
 
-Writes the new platform certificate and gives the two servers new keys and
-certificates under it, then tells the running servers to reload. New server
-keys, not only new certificates: a leaked server key must not outlive the
-rotation that answers the leak. Terminals hold the old platform key; they
-accept the new one at their next payment (C1) only because the update
-certificate signed it.
+Writes the new platform certificate and gives the two servers (every replica
+of each) new keys and certificates under it, then tells the running servers to
+reload. New server keys, not only new certificates: a leaked server key must
+not outlive the rotation that answers the leak. The replicas of a role get a
+new signing key each and one new box key between them, as at provisioning.
+Terminals hold the old platform key; they accept the new one at their next
+payment (C1) only because the update certificate signed it.
 """
 
 from __future__ import annotations
@@ -70,10 +71,12 @@ def rotate(dep: Deployment, offline: OfflineKeys | None = None, now_s: int | Non
         ),
         update_keys,
     )
-    for offset, role in enumerate(SERVERS, start=1):
-        nid = role.value
+    manifest = dep.load_manifest()
+    servers = [(role, nid) for role in SERVERS for nid in manifest.server_ids(role)]
+    boxes = {role: KeyPair.generate().box_secret for role in SERVERS}  # one per role: replicas share it
+    for offset, (role, nid) in enumerate(servers, start=1):
         held = dep.load_cert(nid)
-        keys = KeyPair.generate()
+        keys = KeyPair(KeyPair.generate().sign_seed, boxes[role])
         body = CertBody(
             serial + offset,
             nid,
@@ -96,11 +99,14 @@ def rotate(dep: Deployment, offline: OfflineKeys | None = None, now_s: int | Non
 
 
 async def reload_servers(dep: Deployment, broker_url: str | None) -> dict[str, str]:
+    """Tell every server replica to reload; its answer ("ok" or why not) by node id."""
+    manifest = await asyncio.to_thread(dep.load_manifest)
+    servers = [(role, nid) for role in SERVERS for nid in manifest.server_ids(role)]
     async with operator_node(dep, broker_url) as op:
         answers = await asyncio.gather(
-            *(command(op, role, role.value, "keys.reload", Empty(), "keys.reloaded") for role in SERVERS)
+            *(command(op, role, nid, "keys.reload", Empty(), "keys.reloaded") for role, nid in servers)
         )
-    return {role.value: answer for role, answer in zip(SERVERS, answers, strict=True)}
+    return {nid: answer for (_, nid), answer in zip(servers, answers, strict=True)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 
 from broker import BACKENDS
 from nodes.deployment import Deployment
-from protocol.topics import SERVER_ROLES
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument, print_json
 from .launcher import Launcher, LaunchError, NodeExit, NodeProcess
@@ -56,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trustpay up --broker mqtt://127.0.0.1:1883  # nodes only, on a broker already running",
         "trustpay up --restart never               # the first node that dies stops everything",
         "trustpay up --clock-offset dev-0002=-40000  # dev-0002's clock 40 s slow: it is refused clock_skew",
+        "trustpay up --replicas 2                  # two trust-servers and two payment-servers",
+        "trustpay up --replicas 2 --db postgresql://postgres@127.0.0.1:5432/trustpay",
     )
     parser.add_argument("--devices", type=int, metavar="N", help="run the first N devices (default: all)")
     parser.add_argument("--broker", help="use this running broker (mqtt://host:port[?v=5|3.1.1]); start none")
@@ -81,7 +82,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         metavar="P",
-        help="serve Prometheus metrics on 127.0.0.1: the trust-server on P, the payment-server on P+1",
+        help="serve Prometheus metrics on 127.0.0.1: the trust-server on P, the payment-server on P+1 "
+        "(with replicas: each server on the next port, trust-servers first)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N replicas of the trust-server and of the payment-server (provisioned with "
+        "--replicas N or more); they share the role's database and its reply log",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="the servers' database for this run (postgresql://...; default: the manifest's, "
+        "see `trustpay provision --db`)",
     )
     parser.add_argument(
         "--clock-offset",
@@ -147,6 +163,8 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
         on_up=_print_up,
         on_exit=lambda ex: _print_exit(ex, all_up),
         fleet=fleet,
+        replicas=args.replicas,
+        db=args.db,
     )
     code = 0
     async with launcher as up:
@@ -164,13 +182,14 @@ async def _run(args: argparse.Namespace, stop: asyncio.Event, received: list[str
             event="starting",
             nodes=len(up.processes),
         )
-        for role in SERVER_ROLES:
-            port = up.metrics_port_of(role)
+        for nid in up.servers:
+            port = up.metrics_port_of(nid)
             if port is not None:
                 say(
-                    f"metrics {role.value} at http://127.0.0.1:{port}/metrics",
+                    f"metrics {nid} at http://127.0.0.1:{port}/metrics",
                     event="metrics",
-                    role=role.value,
+                    role=up.processes[nid].role.value,
+                    node=nid,
                     url=f"http://127.0.0.1:{port}/metrics",
                 )
         outcome = await _unless(stop, _outcome(up.wait_all_up()))

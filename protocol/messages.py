@@ -421,3 +421,39 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         _spec("crl", RevocationUpdate, channels=(CHANNEL_CRL,)),
     )
 }
+
+# The answer each request across a server's links gets (any request may get an error or a
+# refusal instead). Every type on a link to or from a server is one side of a pair here
+# (tests/protocol/test_replica_topics.py checks it), so which links a server's replicas
+# share follows from this table, not from a list kept by hand (``shared_senders``).
+SERVER_ANSWERS: dict[str, str] = {
+    "c1.check": "c1.result",
+    "c2.nonce": "c2.challenge",
+    "c2.evidence": "c4.verdict",
+    "trust.grant": "trust.granted",
+    "pay.order": "pay.receipt",
+    "account.query": "account.info",
+}
+GENERIC_TYPES = frozenset({"ping", "pong", "error", "refusal"})  # on every link; not a request of one
+
+
+def shared_senders(role: Role) -> frozenset[Role]:
+    """The senders whose links to ``role`` carry its requests and none of the answers it waits for.
+
+    Replicas of ``role`` share those links (a ``$share`` subscription: each request
+    reaches one replica); a link that also carries answers to ``role`` is taken by
+    every replica, since an answer must reach the replica that asked.
+    """
+    answers = frozenset(SERVER_ANSWERS.values())
+    carried: dict[Role, set[str]] = {}
+    for spec in MESSAGE_TYPES.values():
+        if spec.name in GENERIC_TYPES:
+            continue
+        for src, dst in spec.links:
+            if dst is role:
+                carried.setdefault(src, set()).add(spec.name)
+    return frozenset(
+        src
+        for src, types in carried.items()
+        if src is not OPS and types & SERVER_ANSWERS.keys() and not types & answers
+    )

@@ -17,6 +17,7 @@ of a frame is who the topic says sent it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -191,17 +192,68 @@ def parse_topic(topic: str) -> ParsedTopic:
     return ParsedTopic(device, src, dst, None)
 
 
-def inbound_filters(role: Role, device: str | None = None) -> tuple[str, ...]:
+SHARE_PREFIX = "$share"
+SHARE_DOMAIN = b"trustpay-share-group-v1"
+
+
+def share_group(role: Role, box_secret: bytes) -> str:
+    """The name of ``role``'s replica group, which only holders of the role's box key know.
+
+    Mosquitto 2.0.11 grants any login a ``$share/{group}/...`` subscription and only
+    then refuses it the messages (read ACL at delivery): a device joining a group named
+    after the role would silently swallow its share of the servers' requests. A
+    group named from the role's secret (the replicas share it) is one it cannot join.
+    """
+    digest = hashlib.blake2b(role.value.encode(), key=box_secret, digest_size=12, person=SHARE_DOMAIN[:16])
+    return f"{role.short}-{digest.hexdigest()}"
+
+
+def partition_of(key: str, count: int) -> int:
+    """Which of ``count`` replicas (0-based) takes the frames keyed by ``key`` (a device id).
+
+    For brokers without shared subscriptions (amqtt 0.12.1, NATS 2.9): a static,
+    stable partition, the same in every process and every run.
+    """
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"tp-partition-v1").digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """``topic_filter`` as a shared subscription of ``group``: each frame reaches one member."""
+    return f"{SHARE_PREFIX}/{group}/{topic_filter}"
+
+
+def inbound_filters(
+    role: Role,
+    device: str | None = None,
+    shared_from: frozenset[Role] | None = None,
+    group: str = "",
+) -> tuple[str, ...]:
     """Topic filters a node of ``role`` subscribes to.
 
-    Servers take every device with ``+``; a later replicated deployment puts a
-    ``$share/{group}/`` in front of the same filters (never of the revocation
-    list's: every replica needs it).
+    Servers take every device with ``+``. Replicas of a server (``shared_from``
+    given: the senders whose links carry requests to the role and nothing it
+    waits for, ``protocol.messages.shared_senders``) take those links through a
+    ``$share/{group}/`` subscription (``share_group``), so each request reaches one replica, and
+    every other link, the operator's and the revocation list plainly: answers
+    must reach the replica that asked, and every replica needs the operator's
+    commands and the list.
     """
     if role.on_device:
         base = f"{PREFIX}/dev/{check_device_id(device or '')}"
         return (f"{base}/+/{role.short}", CRL_TOPIC)
-    filters = [f"{PREFIX}/dev/+/+/{role.short}", f"{PREFIX}/plat/+/{role.short}", CRL_TOPIC]
+    if shared_from is not None and not group:
+        raise WrongTopic(f"shared subscriptions of {role.value} need its group name")
+    if shared_from is None:
+        return (f"{PREFIX}/dev/+/+/{role.short}", f"{PREFIX}/plat/+/{role.short}", CRL_TOPIC)
+    filters = []
+    for link in LINKS:
+        if link.dst is not role:
+            continue
+        on_device = link.src.on_device
+        plain = f"{PREFIX}/dev/+/{link.src.short}/{role.short}" if on_device else link_topic(link.src, role)
+        filters.append(shared_filter(group, plain) if link.src in shared_from else plain)
+    filters += [operator_topic(role), CRL_TOPIC]
     return tuple(filters)
 
 
@@ -263,8 +315,37 @@ def role_from_name(name: str) -> Role:
         raise WrongTopic(f"unknown role {name!r}; choose one of {choices}") from None
 
 
-def node_id(role: Role, device: str | None = None) -> str:
-    """A node's identity: ``{device}.{short}`` on a device, the role name on the platform."""
+REPLICA_SEPARATOR = "."  # trust-server.2: a server replica's id; never in a role name
+
+
+def node_id(role: Role, device: str | None = None, replica: int = 1) -> str:
+    """A node's identity: ``{device}.{short}`` on a device; on the platform the role name for the
+    first replica (as with one server), then ``{role}.{k}`` for replica ``k``."""
     if role.on_device:
         return f"{check_device_id(device or '')}.{role.short}"
-    return role.value
+    if replica < 1:
+        raise WrongTopic(f"replica numbers start at 1, not {replica}")
+    if replica > 1 and role not in SERVER_ROLES:
+        raise WrongTopic(f"only the servers run replicas, not the {role.value}")
+    return role.value if replica == 1 else f"{role.value}{REPLICA_SEPARATOR}{replica}"
+
+
+def replica_ids(role: Role, count: int) -> tuple[str, ...]:
+    """The node ids of ``count`` replicas of a server role, the first one first."""
+    return tuple(node_id(role, None, k) for k in range(1, count + 1))
+
+
+def server_replica(nid: str) -> tuple[Role, int] | None:
+    """``trust-server.2`` -> (trust-server, 2), ``trust-server`` -> (trust-server, 1); else None."""
+    name, dot, number = nid.partition(REPLICA_SEPARATOR)
+    try:
+        role = Role(name)
+    except ValueError:
+        return None
+    if role not in SERVER_ROLES:
+        return None
+    if not dot:
+        return role, 1
+    if not number.isdigit() or number.startswith("0") or int(number) < 2 or len(number) > 4:
+        return None
+    return role, int(number)

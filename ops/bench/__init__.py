@@ -225,14 +225,14 @@ def _spans(frames: list[Seen]) -> dict[str, int]:
     }
 
 
-async def payments(dep: Deployment, count: int) -> dict[str, Any]:
+async def payments(dep: Deployment, count: int, replicas: int = 1) -> dict[str, Any]:
     """Attested payments end to end: every node a process, each payment a real client process."""
     from ops.launcher import Launcher
     from ops.scenario import Scenario
     from ops.watch import EventWatcher
 
     device = dep.load_manifest().devices[0].device
-    async with Launcher(dep, log_level="warning") as launcher:
+    async with Launcher(dep, log_level="warning", replicas=replicas) as launcher:
         await launcher.wait_all_up()
         async with EventWatcher(dep, launcher.broker_url, every_frame=True) as watcher:
             scenario = Scenario(dep, launcher, watcher)
@@ -307,6 +307,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare", type=Path, metavar="FILE", help="load: show the result beside an earlier --save"
     )
     parser.add_argument("--payments", type=int, default=20, help="payments for `pay`")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="load, pay: N replicas of each server, each its own process (mosquitto)",
+    )
     parser.add_argument("--backend", choices=BACKENDS, default=None)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--n", type=int, default=2000, help="messages per micro batch")
@@ -317,6 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trustpay bench --json --save before.json && trustpay bench --compare before.json",
         "trustpay bench micro",
         "trustpay bench pay --payments 50 --backend amqtt --json",
+        "trustpay bench --replicas 2 --backend mosquitto   # two trust-servers, two payment-servers",
     )
 
 
@@ -332,12 +340,12 @@ def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="trustpay-bench-") as tmp:
         backend = args.backend or default_backend()
-        provision(Path(tmp) / "d", 1, backend=backend)
+        provision(Path(tmp) / "d", 1, backend=backend, replicas=args.replicas)
         dep = Deployment(Path(tmp) / "d")
         if args.what == "micro":
             result: dict[str, Any] = micro(dep, args.n)
         elif args.what == "pay":
-            result = asyncio.run(payments(dep, args.payments))
+            result = asyncio.run(payments(dep, args.payments, args.replicas))
         else:
             result = asyncio.run(round_trips(dep, args.rounds, backend))
     if args.json:
@@ -362,7 +370,7 @@ def _run_load(args: argparse.Namespace) -> int:
             dep = Deployment(args.reuse.resolve())
         else:
             backend = args.backend or default_backend()
-            provision(Path(tmp) / "d", args.devices, backend=backend)
+            provision(Path(tmp) / "d", args.devices, backend=backend, replicas=args.replicas)
             dep = Deployment(Path(tmp) / "d")
         costs = micro(dep, 500)
         result = asyncio.run(
@@ -376,13 +384,20 @@ def _run_load(args: argparse.Namespace) -> int:
                 crypto_us=(costs["ping.sign_us"], costs["ping.verify_us"]),
                 run_baseline=not args.no_baseline,
                 mqtt=args.mqtt,
+                replicas=args.replicas,
             )
         )
     result["machine"] = _machine()
     result["command"] = "trustpay bench " + " ".join(
         f"--{k.replace('_', '-')} {v}"
-        for k, v in (("devices", args.devices), ("concurrency", args.concurrency), ("seconds", args.seconds))
+        for k, v in (
+            ("devices", args.devices),
+            ("concurrency", args.concurrency),
+            ("seconds", args.seconds),
+            ("replicas", args.replicas),
+        )
     )
+    result["replicas"] = args.replicas
     if args.save:
         save(result, args.save)
     if args.json:

@@ -122,10 +122,16 @@ class _BenchClient(Client):
 
 
 async def _start_fleet(
-    dep: Deployment, name: str, roles: str, devices: int | None, broker_url: str, tg: asyncio.TaskGroup
+    dep: Deployment,
+    name: str,
+    roles: str,
+    devices: int | None,
+    broker_url: str,
+    tg: asyncio.TaskGroup,
+    extra: tuple[str, ...] = (),
 ) -> FleetProcess:
     argv = [sys.executable, "-m", "ops.cli", "fleet", "--deploy", str(dep.root), "--roles", roles]
-    argv += ["--broker", broker_url, "--log-level", "error", "--json"]
+    argv += ["--broker", broker_url, "--log-level", "error", "--json", *extra]
     if devices is not None:
         argv += ["--devices", str(devices)]
     dep.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -256,16 +262,20 @@ async def load(
     crypto_us: tuple[float, float],
     run_baseline: bool = True,
     mqtt: str | None = None,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     """The whole run: nodes up, warm-up, the measured window, the baseline; the result as a dict.
 
     ``mqtt``: the MQTT version every node and the baseline speak (default: the broker's best).
+    ``replicas``: of each server, each its own process (``trustpay up --replicas``).
     """
     from ops.broker_cmd import broker_for
 
     manifest = dep.load_manifest()
     if devices > len(manifest.devices):
         raise BenchError(f"--devices {devices}: the deployment has {len(manifest.devices)} devices")
+    if not 1 <= replicas <= manifest.replicas:
+        raise BenchError(f"--replicas {replicas}: the deployment has {manifest.replicas} per server")
     concurrency = max(1, min(concurrency, devices))
     names = [d.device for d in manifest.devices[:devices]]
     async with contextlib.AsyncExitStack() as stack:
@@ -275,17 +285,20 @@ async def load(
             url = f"mqtt://{broker.host}:{broker.port}?v={mqtt or broker.mqtt_version}"
         else:
             url = broker_url
+        running = broker.backend if broker is not None else manifest.broker.backend
         tg = await stack.enter_async_context(asyncio.TaskGroup())
         fleets: list[FleetProcess] = []
         try:
-            for name, roles, n in (
-                ("trust-server", "trust-server", None),
-                ("payment-server", "payment-server", None),
-                ("chip", "chip", devices),
-                ("trust-module", "trust-module", devices),
-            ):
-                fleets.append(await _start_fleet(dep, name, roles, n, url, tg))
-                if name in ("payment-server", "chip", "trust-module"):  # in the launcher's order
+            plan: list[tuple[str, str, int | None, tuple[str, ...]]] = [
+                (nid, role.value, None, _replica_args(k, replicas, running))
+                for role in (Role.TRUST_SERVER, Role.PAYMENT_SERVER)
+                for k, nid in enumerate(manifest.server_ids(role)[:replicas], start=1)
+            ]
+            plan += [("chip", "chip", devices, ()), ("trust-module", "trust-module", devices, ())]
+            last_server = plan[2 * replicas - 1][0]
+            for name, roles, n, extra in plan:
+                fleets.append(await _start_fleet(dep, name, roles, n, url, tg, extra))
+                if name in (last_server, "chip", "trust-module"):  # in the launcher's order
                     for fleet in fleets:
                         await _wait_up(fleet, dep)
             result = await _measure(
@@ -303,6 +316,13 @@ async def load(
         result["broker"] = broker.backend if broker is not None else url
         result["mqtt"] = url.rsplit("v=", 1)[-1] if "v=" in url else "auto"
     return result
+
+
+def _replica_args(replica: int, replicas: int, backend: str) -> tuple[str, ...]:
+    if replicas == 1:
+        return ()
+    split = ("--partition",) if backend != "mosquitto" else ()  # no $share there (ops.launcher)
+    return ("--replica", str(replica), "--replicas", str(replicas), *split)
 
 
 async def _baseline(

@@ -269,18 +269,26 @@ def node_stopped_counters(dep: Deployment, nid: str) -> list[dict[str, int]]:
 
 @contextlib.asynccontextmanager
 async def running_deployment(
-    tmp_path: Path, backend: str, *, tls: bool = False, clock_offsets: dict[str, int] | None = None
+    tmp_path: Path,
+    backend: str,
+    *,
+    tls: bool = False,
+    clock_offsets: dict[str, int] | None = None,
+    replicas: int = 1,
 ) -> AsyncIterator[E2E]:
     """Provision two devices, start everything, wait until both devices finished start-up.
 
     ``clock_offsets``: a device's chip and trust module run with their clock that far off (ms).
+    ``replicas``: of each server (``trustpay up --replicas``).
     """
     root = tmp_path / "deploy"
-    await asyncio.to_thread(provision, root, len(DEVICES), backend=backend, tls=tls)
+    await asyncio.to_thread(provision, root, len(DEVICES), backend=backend, tls=tls, replicas=replicas)
     dep = Deployment(root)
     async with contextlib.AsyncExitStack() as stack:
         launcher = await stack.enter_async_context(
-            Launcher(dep, backend=backend, log_level="warning", clock_offsets=clock_offsets)
+            Launcher(
+                dep, backend=backend, log_level="warning", clock_offsets=clock_offsets, replicas=replicas
+            )
         )
         watcher = await stack.enter_async_context(EventWatcher(dep, launcher.broker_url))
         scn = E2E(dep, launcher, watcher, tmp=tmp_path, stack=stack)

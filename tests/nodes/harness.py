@@ -63,9 +63,9 @@ def step_events(broker: FakeBroker) -> list[StepEvent]:
     return events
 
 
-def provisioned(tmp_path: Path, devices: int = 1) -> Deployment:
+def provisioned(tmp_path: Path, devices: int = 1, replicas: int = 1) -> Deployment:
     from ops.provision import provision
 
     out = tmp_path / "deploy"
-    provision(out, devices, broker_port=1, backend="amqtt")
+    provision(out, devices, broker_port=1, backend="amqtt", replicas=replicas)
     return Deployment(out)
