@@ -32,17 +32,14 @@ from protocol.certs import CertStore
 from protocol.envelope import Verifier
 from protocol.errors import TrustpayError
 from protocol.messages import Status, StepEvent
-from protocol.topics import CHANNEL_EVENTS, CHANNEL_STATUS, CLIENT_ID_SEPARATOR, PREFIX
+from protocol.topics import CHANNEL_EVENTS, CLIENT_ID_SEPARATOR, PREFIX, STATUS_FILTERS
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument
 from .monitor.model import Anchors
 
 HELP = "show every signed step event and status as it happens (verified, read-only)"
-FILTERS = tuple(
-    f"{PREFIX}/{scope}/{channel}"
-    for channel in (CHANNEL_EVENTS, CHANNEL_STATUS)
-    for scope in ("dev/+/+", "plat/+")
-)
+# step events, and every node's status (a server replica's on its own topic)
+FILTERS = (f"{PREFIX}/dev/+/+/{CHANNEL_EVENTS}", f"{PREFIX}/plat/+/{CHANNEL_EVENTS}", *STATUS_FILTERS)
 
 
 def public_anchors(dep: Deployment) -> Anchors:
