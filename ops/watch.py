@@ -193,6 +193,19 @@ class EventWatcher:
                 self._changed.clear()
                 await self._changed.wait()
 
+    async def wait_seen(self, predicate: Callable[[Seen], bool], timeout_s: float = 30.0) -> Seen:
+        """The first verified event or status (seen or yet to come) that satisfies ``predicate``."""
+        async with asyncio.timeout(timeout_s):
+            checked = 0
+            while True:  # bounded by the timeout; each turn waits for a new frame
+                seen = self.seen
+                for frame in seen[checked:]:
+                    if predicate(frame):
+                        return frame
+                checked = len(seen)
+                self._changed.clear()
+                await self._changed.wait()
+
 
 def describe(seen: Seen) -> str:
     if seen.event is None and seen.status is None:
