@@ -73,7 +73,7 @@ from .bus import Bus
 from .deployment import ComponentFiles, Deployment, canonical_json, load_json
 from .runtime import Node, NodeConfig
 from .sandbox import Sandbox
-from .store import JsonState, write_atomic
+from .store import JsonState
 
 PS = Role.PAYMENT_SERVER.value
 RECEIPTS_KEPT = 100
@@ -355,9 +355,12 @@ class Chip(Node):
             return PayResult("refused", "not_journalled", reason, req.order_id, b"", session)
         # the counter moves before the order leaves, so it is never reused
         path = self.dep.app_dir(self.device or "", req.app) / "dynamic.json"
-        await asyncio.to_thread(write_atomic, path, next_bytes, 0o644)
         self.data["pending"][req.order_id] = {"order": order.to_bytes().hex(), "session": session.hex()}
-        await self.store.save(self.data)
+        try:  # the counter, then the order held: one worker-thread hop
+            await self.store.save(self.data, first=(path, next_bytes, 0o644))
+        except BaseException:
+            self.data["pending"].pop(req.order_id, None)  # not held: never sent, not even when asked again
+            raise
         status = await self._send_order(req.order_id, order.to_bytes(), record_hash(order.data), session)
         receipt = bytes.fromhex(self.data["receipts"].get(req.order_id, ""))
         return PayResult(*status, req.order_id, receipt, session)

@@ -98,7 +98,14 @@ class JsonState:
             raise ConfigError(f"state file {self.path} is not a JSON object")
         return data
 
-    async def save(self, value: dict[str, Any]) -> None:
+    async def save(self, value: dict[str, Any], first: tuple[Path, bytes, int] | None = None) -> None:
+        """Write ``value``; ``first`` (path, bytes, mode) is written atomically before it, in the same
+        worker-thread hop (one thread round trip per payment step, not one per file)."""
         data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
         async with self._lock:  # two saves never interleave their renames
-            await asyncio.to_thread(write_atomic, self.path, data)
+            await asyncio.to_thread(self._write, data, first)
+
+    def _write(self, data: bytes, first: tuple[Path, bytes, int] | None) -> None:
+        if first is not None:
+            write_atomic(*first)
+        write_atomic(self.path, data)
