@@ -39,6 +39,7 @@ class _Writer:
     def __init__(self) -> None:
         self._lines: collections.deque[tuple[Path, str | None, threading.Event | None]] = collections.deque()
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # a close() is waiting: write now, gather no batch
         self._files: dict[Path, TextIO] = {}
         threading.Thread(target=self._drain, name="trustpay-log-writer", daemon=True).start()
 
@@ -58,14 +59,16 @@ class _Writer:
         """Return once every line written to ``path`` so far is on disk and the file is closed."""
         done = threading.Event()
         self._lines.append((path, None, done))
+        self._hurry.set()  # a fleet closes thousands of nodes' files one after another
         self._wake.set()
         done.wait(timeout=5)
 
     def _drain(self) -> None:
         while True:
             self._wake.wait()
-            time.sleep(self.BATCH_S)  # let a batch gather: one wake-up for it
-            # cleared before the batch is taken: a line added after this sets it again
+            self._hurry.wait(self.BATCH_S)  # let a batch gather (one wake-up for it), unless hurried
+            # cleared before the batch is taken: a line or close added after this sets them again
+            self._hurry.clear()
             self._wake.clear()
             self._write_batch()
 

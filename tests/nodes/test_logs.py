@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nodes.logs import NodeLogging
+import pytest
+
+from nodes.logs import NodeLogging, _Writer
 
 
 def test_every_line_of_every_node_reaches_its_file_in_order_by_close(tmp_path: Path) -> None:
@@ -29,3 +31,21 @@ def test_a_file_closed_and_written_again_is_appended_not_replaced(tmp_path: Path
         node.logger.warning("run", run=run)
         node.close()
     assert [json.loads(line)["run"] for line in path.read_text().splitlines()] == [0, 1]
+
+
+def test_close_writes_at_once_instead_of_waiting_for_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with a batch interval longer than close()'s own 5 s limit, only a hurried writer
+    # can have the lines in the files when close() returns (a fleet closes thousands)
+    writer = _Writer.shared()
+    monkeypatch.setattr(_Writer, "BATCH_S", 30.0)
+    try:
+        for i in range(3):
+            node = NodeLogging(f"dev-000{i}.tm", tmp_path / f"n{i}.log", console=None)
+            node.logger.info("stopping", i=i)
+            node.close()
+            assert json.loads((tmp_path / f"n{i}.log").read_text())["i"] == i
+    finally:
+        monkeypatch.undo()
+        writer._hurry.set()  # out of any long wait taken meanwhile
