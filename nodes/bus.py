@@ -279,6 +279,7 @@ class FakeBroker:
         self.tap: Callable[[str, bytes], list[bytes]] | None = None
         # (topic, the members' client ids) -> index of the member to get it
         self.pick: Callable[[str, list[str]], int] | None = None
+        self._publishes = asyncio.Event()  # set at every publish: what `published_at_least` waits on
 
     def subscribe(
         self, topic_filter: str, queue: asyncio.Queue[tuple[str, bytes]], client_id: str = ""
@@ -299,6 +300,7 @@ class FakeBroker:
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.published.append((topic, payload))
+        self._publishes.set()
         payloads = self.tap(topic, payload) if self.tap else [payload]
         if retain:
             self.retained[topic] = payload
@@ -324,6 +326,17 @@ class FakeBroker:
                 return
             await asyncio.sleep(0)
         raise TimeoutError("subscribers did not drain their queues")
+
+    async def published_at_least(self, pattern: str, count: int) -> list[tuple[str, bytes]]:
+        """Wait until ``count`` publishes matched ``pattern`` (bound it with ``asyncio.timeout``).
+
+        Woken by each publish, so it also waits out work done in threads (a database's
+        claim), which turns of the event loop alone do not.
+        """
+        while len(found := self.matching(pattern)) < count:
+            self._publishes.clear()
+            await self._publishes.wait()
+        return found
 
     def matching(self, pattern: str) -> list[tuple[str, bytes]]:
         return [(t, p) for t, p in self.published if fnmatch.fnmatchcase(t, pattern)]

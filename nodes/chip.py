@@ -24,6 +24,7 @@ the chip: no payment is lost, none is made twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 from collections import defaultdict
 from typing import Any
@@ -73,7 +74,7 @@ from .bus import Bus
 from .deployment import ComponentFiles, Deployment, canonical_json, load_json
 from .runtime import Node, NodeConfig
 from .sandbox import Sandbox
-from .store import JsonState, write_atomic
+from .store import JsonState, RecordLog, write_atomic
 
 PS = Role.PAYMENT_SERVER.value
 RECEIPTS_KEPT = 100
@@ -96,6 +97,8 @@ class Chip(Node):
         self.dep = deployment
         self.tm_id = node_id(Role.TRUST_MODULE, self.device)
         self.store = JsonState(self.config.state_dir / "chip.json")
+        # settled orders' receipts, for a client asking again: appended, not rewritten each payment
+        self.receipts = RecordLog(self.config.state_dir / "receipts.log", RECEIPTS_KEPT)
         self.data: dict[str, Any] = {}
         self.is_open = False
         self.payment_server: Certificate | None = None
@@ -133,9 +136,15 @@ class Chip(Node):
                 "reason": "not yet checked by the trust module",
                 "apps": {},
                 "pending": {},
-                "receipts": {},
             }
         )
+        self.receipts.load()
+        if "receipts" in self.data:  # kept in chip.json by earlier versions: moved to the log once
+            for order_id, blob in self.data.pop("receipts").items():
+                self.receipts.add(str(order_id), str(blob))
+            await self.store.save(
+                self.data, first=functools.partial(write_atomic, self.receipts.path, self.receipts.snapshot())
+            )
         if not self.data["apps"]:
             await self._install_from_packages()
         await self._refresh_payment_server()
@@ -270,9 +279,9 @@ class Chip(Node):
             blob, session = bytes.fromhex(entry["order"]), bytes.fromhex(entry["session"])
             order = open_record(Order, blob, ORDER_DOMAIN, self.keys.sign_public, "order")
             status = await self._send_order(order_id, blob, record_hash(order.data), session)
-            blob = bytes.fromhex(self.data["receipts"].get(order_id, ""))
+            blob = bytes.fromhex(self.receipts.records.get(order_id, ""))
             return PayResult(*status, order_id, blob, session)
-        stored = self.data["receipts"].get(order_id)
+        stored = self.receipts.records.get(order_id)
         if stored is None or self.payment_server is None:
             return None
         blob = bytes.fromhex(stored)
@@ -355,11 +364,14 @@ class Chip(Node):
             return PayResult("refused", "not_journalled", reason, req.order_id, b"", session)
         # the counter moves before the order leaves, so it is never reused
         path = self.dep.app_dir(self.device or "", req.app) / "dynamic.json"
-        await asyncio.to_thread(write_atomic, path, next_bytes, 0o644)
         self.data["pending"][req.order_id] = {"order": order.to_bytes().hex(), "session": session.hex()}
-        await self.store.save(self.data)
+        try:  # the counter, then the order held: one worker-thread hop
+            await self.store.save(self.data, first=functools.partial(write_atomic, path, next_bytes, 0o644))
+        except BaseException:
+            self.data["pending"].pop(req.order_id, None)  # not held: never sent, not even when asked again
+            raise
         status = await self._send_order(req.order_id, order.to_bytes(), record_hash(order.data), session)
-        receipt = bytes.fromhex(self.data["receipts"].get(req.order_id, ""))
+        receipt = bytes.fromhex(self.receipts.records.get(req.order_id, ""))
         return PayResult(*status, req.order_id, receipt, session)
 
     async def _run_app(
@@ -461,12 +473,10 @@ class Chip(Node):
         return receipt.status, receipt.code, receipt.reason or "payment confirmed"
 
     async def _settled(self, order_id: str, receipt: bytes) -> None:
+        """The order is no longer held; its receipt is durable before that is (one thread hop)."""
         self.data["pending"].pop(order_id, None)
-        if receipt:
-            self.data["receipts"][order_id] = receipt.hex()
-            while len(self.data["receipts"]) > RECEIPTS_KEPT:
-                self.data["receipts"].pop(next(iter(self.data["receipts"])))
-        await self.store.save(self.data)
+        write_receipt = self.receipts.add(order_id, receipt.hex()) if receipt else None
+        await self.store.save(self.data, first=write_receipt)
 
     async def _count_attempt(self, order_id: str) -> None:
         """A pending order whose receipts keep failing is given up after a few tries, loudly."""

@@ -72,6 +72,7 @@ from protocol.errors import (
 )
 from protocol.keys import KeyPair
 from protocol.messages import (
+    MAX_STEP_EVENTS,
     MESSAGE_TYPES,
     Body,
     Metrics,
@@ -80,6 +81,7 @@ from protocol.messages import (
     Refusal,
     Status,
     StepEvent,
+    StepEvents,
     shared_senders,
 )
 from protocol.replay import CLOCK_SKEW, ReplayGuard
@@ -311,6 +313,8 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._outbox: set[asyncio.Task[Any]] = set()
+        self._events: list[StepEvent] = []  # logged, not yet handed to the bus (step())
+        self._event_sender: asyncio.Task[Any] | None = None
         self._stop = asyncio.Event()
         self.finished = asyncio.Event()  # set once ``run`` has ended and released the identity
         self._lock_fd: int | None = None
@@ -684,12 +688,31 @@ class Node:
         self.counters[f"flow.{flow}.{step}.{outcome}"] += 1
         if session:
             self.step_clock.observe(session, step, time.monotonic_ns())
-        body = StepEvent(device, self.id, flow, step, outcome, reason, session, order_id)
-        topic = channel_topic(self.role, CHANNEL_EVENTS, self.device)
-        if self._tg is not None:
-            task = self.spawn(self.send(topic, "event", body), name=f"event:{step}")
+        if self._tg is None:
+            return
+        self._events.append(StepEvent(device, self.id, flow, step, outcome, reason, session, order_id))
+        if self._event_sender is None or self._event_sender.done():
+            task = self._event_sender = self.spawn(self._send_events(), name="events")
             self._outbox.add(task)
             task.add_done_callback(self._outbox.discard)
+
+    async def _send_events(self) -> None:
+        """Publish the logged step events in order: one at once, those logged meanwhile together.
+
+        The first event goes out as soon as it is logged (an ``event`` frame); the
+        events logged while a frame waits for its PUBACK go in the next frame, as
+        one ``events`` batch (at most ``MAX_STEP_EVENTS``). So a busy node pays one
+        signature, publish and acknowledgement per batch instead of per step, and
+        a quiet one waits for nothing.
+        """
+        topic = channel_topic(self.role, CHANNEL_EVENTS, self.device)
+        while self._events:  # bounded by what was logged: each turn sends at least one
+            batch = self._events[:MAX_STEP_EVENTS]
+            del self._events[: len(batch)]
+            if len(batch) == 1:
+                await self.send(topic, "event", batch[0])
+            else:
+                await self.send(topic, "events", StepEvents(tuple(batch)))
 
     # -- receiving ---------------------------------------------------------
     def _on_frame(self, topic: str, frame: bytes) -> None:

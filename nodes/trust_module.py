@@ -146,11 +146,15 @@ class TrustModule(Node):
         self.data["reports"].append({"at_ms": self.now_ms(), "step": step, "text": text, "delivered": False})
 
     # -- measuring -----------------------------------------------------------
-    async def _measure(self, component: str) -> Measurement:
-        if component == CLIENT:
-            files = await asyncio.to_thread(self.dep.read_client, self.device or "")
-        else:
-            files = await asyncio.to_thread(self.dep.read_app, self.device or "", component.split(":", 1)[1])
+    def _measure(self, component: str) -> Measurement | ConfigError | OSError:
+        """Read ``component`` from disk and measure it; in a worker thread (no state touched)."""
+        try:
+            if component == CLIENT:
+                files = self.dep.read_client(self.device or "")
+            else:
+                files = self.dep.read_app(self.device or "", component.split(":", 1)[1])
+        except (ConfigError, OSError) as exc:
+            return exc
         try:
             static = load_json(files.static, f"{component} static data")
             name, version = str(static["name"]), str(static["version"])
@@ -158,6 +162,9 @@ class TrustModule(Node):
             name, version = component.split(":", 1)[-1], "?"
         kind = CLIENT if component == CLIENT else APP
         return measure(kind, name, version, files.code, files.static, files.dynamic)
+
+    def _measure_all(self, components: list[str]) -> list[Measurement | ConfigError | OSError]:
+        return [self._measure(component) for component in components]
 
     def _allowed_dynamic(self, component: str) -> set[str]:
         allowed = set()
@@ -170,11 +177,17 @@ class TrustModule(Node):
 
     async def _check(self, component: str) -> Check:
         """Measure ``component`` and compare it with its release and its stored dynamic data."""
-        try:
-            m = await self._measure(component)
-        except (ConfigError, OSError) as exc:
+        return (await self._checks([component]))[0]
+
+    async def _checks(self, components: list[str]) -> list[Check]:
+        """:meth:`_check` for several components, read from disk in one worker-thread hop."""
+        found = await asyncio.to_thread(self._measure_all, components)
+        return [self._judge(component, m) for component, m in zip(components, found, strict=True)]
+
+    def _judge(self, component: str, m: Measurement | ConfigError | OSError) -> Check:
+        if not isinstance(m, Measurement):
             return Check(
-                False, f"{component} cannot be read: {exc}", measure(APP, component, "?", b"", b"", b"")
+                False, f"{component} cannot be read: {m}", measure(APP, component, "?", b"", b"", b"")
             )
         ok, reason = self.book.check(m)
         if ok:
@@ -453,8 +466,8 @@ class TrustModule(Node):
         except TrustpayError as exc:
             return self._unfinished("C2", "attestation did not complete", exc, session, order)
         log = MeasurementLog()
-        for component in [CLIENT] + [f"{APP}:{a}" for a in self.apps]:
-            check = await self._check(component)
+        components = [CLIENT] + [f"{APP}:{a}" for a in self.apps]
+        for component, check in zip(components, await self._checks(components), strict=True):
             if component == f"{APP}:{req.app}":
                 await self._same_as_chip(check.measurement, req, session)
             stored = self.data["measurements"].get(component, {}).get("dynamic")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import functools
+from collections.abc import Callable
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -105,9 +106,16 @@ def _install() -> tuple[tuple[str, bytes], ...]:
     return tuple(sorted(client_install_files().items()))
 
 
-def write_client_install(code_dir: Path) -> None:
-    """Install the client's modules in ``code_dir`` (a device's ``client/code``)."""
+def write_client_install(code_dir: Path, write: Callable[[Path, bytes], object] = write_file) -> None:
+    """Install the client's modules in ``code_dir`` (a device's ``client/code``) with ``write``.
+
+    ``write`` is the default atomic, fsynced writer; provisioning passes its
+    staging writer (synced once for the whole deployment).
+    """
+    made: set[Path] = set()  # each directory once, not once per file (1,000 devices: 27,000 mkdirs)
     for path, data in _install():
         target = code_dir / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_file(target, data)
+        if target.parent not in made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            made.add(target.parent)
+        write(target, data)

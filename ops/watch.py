@@ -31,7 +31,7 @@ from nodes.deployment import Deployment
 from protocol.certs import CertStore
 from protocol.envelope import Verifier
 from protocol.errors import TrustpayError
-from protocol.messages import Status, StepEvent
+from protocol.messages import Status, StepEvent, StepEvents
 from protocol.topics import CHANNEL_EVENTS, CLIENT_ID_SEPARATOR, PREFIX, STATUS_FILTERS
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument
@@ -160,19 +160,21 @@ class EventWatcher:
             self.rejected[exc.code] += 1
             return
         body = env.body
-        seen = Seen(
-            topic,
-            env.sender,
-            env.type,
-            env.session,
-            env.ts_ms,
-            body if isinstance(body, StepEvent) else None,
-            body if isinstance(body, Status) else None,
-        )
-        self.seen.append(seen)
+        # a batch of step events is seen as its events, one after another
+        for item in body.events if isinstance(body, StepEvents) else (body,):
+            seen = Seen(
+                topic,
+                env.sender,
+                env.type,
+                env.session,
+                env.ts_ms,
+                item if isinstance(item, StepEvent) else None,
+                item if isinstance(item, Status) else None,
+            )
+            self.seen.append(seen)
+            if self.on_seen is not None:
+                self.on_seen(seen)
         self._changed.set()
-        if self.on_seen is not None:
-            self.on_seen(seen)
 
     def mark(self) -> int:
         """A position in the event stream, for ``wait_for(..., since=...)``."""

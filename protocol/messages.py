@@ -71,6 +71,7 @@ class Status:
 LATENCY_BOUNDS_MS = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10000)
 MAX_COUNTERS = 200  # a Metrics body names at most this many counters ...
 MAX_LATENCIES = 64  # ... and this many step pairs, so it stays a few KB
+MAX_STEP_EVENTS = 32  # a StepEvents frame carries at most this many, so it stays a few KB
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,17 @@ class StepEvent:
     reason: str
     session: bytes
     order_id: str
+
+
+@dataclass(frozen=True)
+class StepEvents:
+    """Several step events of one node in one signed frame, in the order they happened.
+
+    A node publishes the events it logged while its previous event frame was
+    still on its way together: one publish (and one PUBACK) for the batch.
+    """
+
+    events: tuple[StepEvent, ...]  # at most MAX_STEP_EVENTS
 
 
 # -- A: start-up, trust module <-> chip --------------------------------------
@@ -377,6 +389,7 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
         MessageSpec("refusal", Refusal, ALL_LINKS, sealed=True),
         _spec("status", Status, channels=(CHANNEL_STATUS,)),
         _spec("event", StepEvent, channels=(CHANNEL_EVENTS,)),
+        _spec("events", StepEvents, channels=(CHANNEL_EVENTS,)),
         _spec("metrics", Metrics, channels=(CHANNEL_METRICS,)),
         # A
         _spec("chip.info", Empty, (TM, CHIP)),

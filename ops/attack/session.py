@@ -221,9 +221,11 @@ class Observer:
     def events(self, device: str | None, since: int = 0) -> list[dict[str, Any]]:
         """Verified step events of ``device`` (every device when None) from ``since`` on."""
         return [
-            s.obs.event
+            event
             for s in self.seen[since:]
-            if s.obs.event is not None and (device is None or s.obs.event["device"] == device)
+            if s.obs.event is not None
+            for event in s.obs.events or (s.obs.event,)  # a batch: each of its events
+            if device is None or event["device"] == device
         ]
 
 

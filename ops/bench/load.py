@@ -50,7 +50,7 @@ from .cpu import CpuMeter, rss_kib
 
 UP_TIMEOUT_S = 60.0
 # messages that are not part of a payment's hops: said apart, never counted as its link frames
-NOT_LINK = ("event", "metrics", "status", "pong", "ping")
+NOT_LINK = ("event", "events", "metrics", "status", "pong", "ping")
 
 
 class BenchError(TrustpayError):
@@ -242,11 +242,14 @@ def _message_stats(before: Counter[str], after: Counter[str], payments: int) -> 
     link = sum(v for k, v in out.items() if k not in NOT_LINK)
     per = max(payments, 1)
     inbound = sum(v for k, v in sent.items() if k.startswith("in."))
+    steps = sum(v for k, v in sent.items() if k.startswith("flow."))  # every step logged, batched or not
     return {
         "messages": total,
         "messages_per_payment": round(total / per, 2),
         "link_frames_per_payment": round(link / per, 2),
-        "step_events_per_payment": round(out.get("event", 0) / per, 2),
+        "step_events_per_payment": round(steps / per, 2),
+        # the frames they took: one per event, or one per batch (runtime.Node.step)
+        "step_event_frames_per_payment": round((out.get("event", 0) + out.get("events", 0)) / per, 2),
         "frames_received_per_payment": round(inbound / per, 2),
     }
 
@@ -309,7 +312,7 @@ async def load(
                 await _stop_fleet(fleet)
         if run_baseline:
             hops = max(2, round(result["link_frames_per_payment"]))
-            events = round(result["step_events_per_payment"])
+            events = round(result["step_event_frames_per_payment"])  # the baseline's one-way publishes
             result.update(await _baseline(dep, manifest, names, url, concurrency, seconds, hops, events))
             raw = result["baseline_payments_per_second"]
             result["baseline_ratio"] = round(result["payments_per_second"] / raw, 3) if raw else 0.0
@@ -464,7 +467,8 @@ def table(result: dict[str, Any]) -> str:
         f"latency             p50 {result['p50_ms']} ms   p95 {result['p95_ms']} ms   "
         f"p99 {result['p99_ms']} ms",
         f"messages/payment    {result['messages_per_payment']}   "
-        f"(link frames {result['link_frames_per_payment']}, step events {result['step_events_per_payment']})",
+        f"(link frames {result['link_frames_per_payment']}, step events {result['step_events_per_payment']} "
+        f"in {result['step_event_frames_per_payment']} frames)",
         f"broker              {result['broker_messages_per_second']} messages/s published",
         f"CPU/payment         {result['cpu_ms_per_payment']} ms, {result['cpu_cores_busy']} cores busy: "
         + ", ".join(f"{k} {v}" for k, v in result["cpu_ms_per_payment_by_role"].items()),

@@ -35,7 +35,7 @@ from typing import Any
 from protocol.certs import Certificate, CertStore, RevocationList
 from protocol.envelope import Envelope, SenderRevoked, Verifier, peek
 from protocol.errors import BadSignature, Duplicate, Rejected, TooLarge, TrustpayError, WrongTopic
-from protocol.messages import MESSAGE_TYPES, Metrics, Status, StepEvent
+from protocol.messages import MESSAGE_TYPES, Metrics, Status, StepEvent, StepEvents
 from protocol.replay import ReplayGuard
 from protocol.topics import (
     CHANNEL_CRL,
@@ -95,8 +95,9 @@ class Observation:
     size: int
     sealed: bool
     retained: bool
-    event: Json | None = None
+    event: Json | None = None  # of a batch (``events``), its last event
     status: Json | None = None
+    events: tuple[Json, ...] = ()  # every event of an ``events`` batch, in order
 
     @property
     def link(self) -> str:
@@ -125,6 +126,7 @@ class Observation:
             "retained": self.retained,
             "event": self.event,
             "status": self.status,
+            "events": list(self.events),
         }
 
 
@@ -310,6 +312,7 @@ class Monitor:
         body: object,
     ) -> Observation:
         spec = MESSAGE_TYPES.get(header.type) if header is not None else None
+        steps = _steps(body)
         return Observation(
             seq=self.seq,
             at_ms=at_ms,
@@ -328,8 +331,9 @@ class Monitor:
             size=len(frame),
             sealed=spec.sealed if spec is not None else False,
             retained=retained,
-            event=_body_json(body) if isinstance(body, StepEvent) else None,
+            event=_body_json(steps[-1]) if steps else None,
             status=_body_json(body) if isinstance(body, Status) else None,
+            events=tuple(_body_json(e) for e in steps) if isinstance(body, StepEvents) else (),
         )
 
     # -- state -------------------------------------------------------------------------
@@ -351,8 +355,9 @@ class Monitor:
             server.status, server.status_at_ms = body.state, body.at_ms
         elif isinstance(body, Status) and obs.device is not None:  # the topic's device: checked
             self.devices.setdefault(obs.device, DeviceState()).nodes[body.node] = body.state
-        if isinstance(body, StepEvent) and body.device:
-            self._on_step(body, obs.at_ms)
+        for event in _steps(body):
+            if event.device:
+                self._on_step(event, obs.at_ms)
         if isinstance(body, Metrics) and body.node == obs.sender:
             self.node_metrics[body.node] = body
 
@@ -454,6 +459,13 @@ def _code(exc: TrustpayError) -> str:
 def frame_digest(frame: bytes) -> bytes:
     """What tells two frames apart: the monitor's copies table and the attack toolkit's evidence."""
     return hashlib.blake2b(frame, digest_size=16).digest()
+
+
+def _steps(body: object) -> tuple[StepEvent, ...]:
+    """The step events a verified body carries: one, a batch's, or none."""
+    if isinstance(body, StepEvent):
+        return (body,)
+    return body.events if isinstance(body, StepEvents) else ()
 
 
 def _body_json(body: StepEvent | Status) -> Json:

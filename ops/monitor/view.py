@@ -72,9 +72,7 @@ def describe(obs: Observation) -> str:
     """One line for a person: verdict, link, type, who, and what the step or status says."""
     what = obs.reason if obs.verdict != OK else ""
     if obs.event is not None:
-        e = obs.event
-        order = f" order={e['order_id']}" if e["order_id"] else ""
-        what = f"{e['step']} {e['outcome']}: {e['reason']}{order}"
+        what = "; ".join(_step_text(e) for e in obs.events or (obs.event,))
     elif obs.status is not None:
         what = f"{obs.status['node']} {obs.status['state']}"
     where = obs.device or "platform"
@@ -82,6 +80,11 @@ def describe(obs: Observation) -> str:
         f"#{obs.seq:<6} {obs.verdict:<13} {where:<10} {obs.link:<14} {obs.type or '?':<14} "
         f"{obs.sender or '?':<18} {what}"
     ).rstrip()
+
+
+def _step_text(e: Json) -> str:
+    order = f" order={e['order_id']}" if e["order_id"] else ""
+    return f"{e['step']} {e['outcome']}: {e['reason']}{order}"
 
 
 def summary_lines(summary: Json) -> list[str]:

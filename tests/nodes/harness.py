@@ -14,7 +14,7 @@ from nodes.deployment import Deployment
 from nodes.logs import NodeLogging
 from nodes.runtime import Node, Settings
 from protocol.codec import unpack
-from protocol.messages import StepEvent
+from protocol.messages import StepEvent, StepEvents
 from protocol.schema import from_map
 
 N = TypeVar("N", bound=Node)
@@ -59,7 +59,10 @@ def step_events(broker: FakeBroker) -> list[StepEvent]:
     events = []
     for _topic, frame in broker.matching("tp/v1/*/ev"):
         fields = unpack(frame[:-64])
-        events.append(from_map(StepEvent, unpack(fields[11]), "event"))
+        if fields[1] == "events":  # several of one node, in the order they happened
+            events += from_map(StepEvents, unpack(fields[11]), "events").events
+        else:
+            events.append(from_map(StepEvent, unpack(fields[11]), "event"))
     return events
 
 

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ops.monitor import recording
 from ops.monitor.model import Anchors, Monitor, Observation, percentile
+from ops.monitor.view import describe
 from ops.monitor_cmd import serve_metrics
 from protocol.certs import sign_revocations
 from protocol.envelope import MAX_FRAME, sign_frame
@@ -28,6 +29,7 @@ from protocol.messages import (
     SessionDone,
     Status,
     StepEvent,
+    StepEvents,
 )
 from protocol.topics import (
     CHANNEL_EVENTS,
@@ -261,6 +263,31 @@ def test_step_events_fill_the_device_row_and_the_latencies() -> None:
     assert (row.last_order, row.last_order_step, row.last_order_outcome) == ("o-1", "C5", "confirmed")
     assert row.flows["C"].step == "C5"
     assert row.step_ms == {"C4": 11, "C5": 13}  # arrival gaps: 0 -> 11 -> 24
+
+
+def test_a_batch_of_step_events_counts_as_each_of_its_events_in_order() -> None:
+    m = monitor()
+    topic = channel_topic(Role.TRUST_MODULE, CHANNEL_EVENTS, "d1")
+    steps = [("C1", "ok", ""), ("C4", "trusted", ""), ("C7", "ok", "o-2")]
+    body = StepEvents(
+        tuple(StepEvent("d1", TM.name, "C", s, o, f"{s} reason", SESSION, order) for s, o, order in steps)
+    )
+    obs = m.observe(topic, sign(envelope(TM, "*", "events", body), topic, TM), NOW_MS)
+    assert (obs.verdict, obs.type) == ("ok", "events")
+    assert [e["step"] for e in obs.events] == ["C1", "C4", "C7"] and obs.event == obs.events[-1]
+    row = m.devices["d1"]
+    assert (row.trust, row.flows["C"].step, row.last_order) == ("trusted", "C7", "o-2")
+    assert describe(obs).endswith("C1 ok: C1 reason; C4 trusted: C4 reason; C7 ok: C7 reason order=o-2")
+
+
+def test_a_batch_signed_by_another_node_is_refused_whole() -> None:
+    topic = channel_topic(Role.TRUST_MODULE, CHANNEL_EVENTS, "d1")
+    body = StepEvents((StepEvent("d1", TM.name, "C", "C4", "trusted", "forged", SESSION, ""),))
+    forged = sign(envelope(TM, "*", "events", body), topic, dataclasses.replace(TM, keys=KeyPair.generate()))
+    m = monitor()
+    obs = m.observe(topic, forged, NOW_MS)
+    assert obs.verdict == "bad_signature" and obs.events == () and obs.event is None
+    assert "d1" not in m.devices
 
 
 def test_summary_counts_links_rejects_and_latency_percentiles() -> None:
