@@ -113,7 +113,10 @@ async def _kill_a_replica(tmp_path: Path, db: str) -> None:
         told = {r.result["order_id"]: r.result["status"] for _, _, r in runs if "order_id" in r.result}
         assert all(ledger[o].status == "confirmed" for o, s in told.items() if s == "confirmed")
         assert after_kill and all(r.code == 0 for r in after_kill), [r.result for r in after_kill]
-        assert len(confirmed) == len(runs)  # every payment went through in the end, once
+        outcomes = [(d, m, r.result.get("status"), r.result.get("code")) for d, m, r in runs]
+        stored = [(p.device, p.amount, p.status, p.code) for p in ledger.values()]
+        # every payment went through in the end, once
+        assert len(confirmed) == len(runs), (outcomes, stored)
         assert e2e.launcher.processes[PS1].is_up and not e2e.launcher.processes[PS2].running
         # its last will, on its own topic, says it is lost; the role's other replica is still online
         will = await e2e.watcher.wait_seen(lambda s: s.status is not None and s.status.will)
