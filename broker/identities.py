@@ -25,6 +25,7 @@ from protocol.topics import (
     acl_for,
     check_device_id,
     node_id,
+    server_replica,
 )
 
 # amqtt's TopicTabooPlugin lets the user "admin" touch every topic; whether or
@@ -79,13 +80,16 @@ class BrokerIdentity:
     ) -> BrokerIdentity:
         """The identity of a node, named by :func:`protocol.topics.node_id`.
 
-        A server replica's login (``payment-server.2``) gets exactly its role's rules.
+        A server replica's login (``payment-server.2``) gets its role's rules, but for
+        the status: it writes only its own (``acl_for``).
         """
         return cls(node_id(role, device, replica), password or new_password(), role, device)
 
     @property
     def acl(self) -> tuple[AclRule, ...]:
-        return acl_for(self.role, self.device)
+        replica = server_replica(self.username) if self.device is None else None
+        number = replica[1] if replica is not None and replica[0] is self.role else 1
+        return acl_for(self.role, self.device, number)
 
 
 def new_password() -> str:

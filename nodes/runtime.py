@@ -89,7 +89,6 @@ from protocol.topics import (
     CHANNEL_EVENTS,
     CHANNEL_METRICS,
     CHANNEL_OPS,
-    CHANNEL_STATUS,
     CRL_TOPIC,
     LINKS,
     SERVER_ROLES,
@@ -101,6 +100,7 @@ from protocol.topics import (
     partition_of,
     server_replica,
     share_group,
+    status_topic,
 )
 
 from .bus import Bus
@@ -637,12 +637,17 @@ class Node:
         return Status(self.id, self.role.value, state, self.now_ms(), VERSION, self.started_ms, will)
 
     async def publish_status(self, state: str) -> None:
-        topic = channel_topic(self.role, CHANNEL_STATUS, self.device)
+        topic = self._status_topic()
         await self.send(topic, "status", self._status(state), retain=True)
+
+    def _status_topic(self) -> str:
+        """This node's own status topic: a server replica's is its own, as a broker retains one per topic."""
+        replica = server_replica(self.id) if self.role in SERVER_ROLES else None
+        return status_topic(self.role, self.device, replica[1] if replica is not None else 1)
 
     def will(self) -> tuple[str, bytes]:
         """The signed 'offline' status the broker publishes if we vanish (made at connect time)."""
-        topic = channel_topic(self.role, CHANNEL_STATUS, self.device)
+        topic = self._status_topic()
         env = self._envelope("status", self._status("offline", will=True), "*", b"", b"", new_id())
         return topic, sign_frame(env, topic, self.keys)  # not counted as sent: it may never be
 

@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "trustpay chaos run lossy-radio",
         "trustpay chaos run kill-servers --payments 200 --devices 5 --seed 7 --dir ./chaos-runs/kill",
+        "trustpay chaos run kill-replica --db 'postgresql://postgres@127.0.0.1:5432/test?trustpay_schema=chaos1'",
         "trustpay chaos run --list",
     )
     add_json_argument(parser, "the report as one JSON object")
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, default=3, help="devices paying in parallel (default 3)")
     parser.add_argument(
         "--backend", choices=("mosquitto", "amqtt"), help="broker (default: the scenario's, else mosquitto)"
+    )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="the servers' database, postgresql://... (default: SQLite files in the run's deployment); "
+        "a scenario with replicas (kill-replica) is meant for it",
     )
     parser.add_argument(
         "--dir",
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("trustpay chaos run: --payments and --devices must be at least 1")
     sc = scenario(args.scenario)
     run_dir = args.dir or Path(tempfile.mkdtemp(prefix=f"trustpay-chaos-{sc.name}-"))
-    opts = RunOptions(sc, run_dir, args.seed, args.payments, args.devices, args.backend)
+    opts = RunOptions(sc, run_dir, args.seed, args.payments, args.devices, args.backend, args.db)
     report = asyncio.run(run_scenario(opts, ACTIONS))
     if args.json:
         print_json(report.as_json())

@@ -59,13 +59,12 @@ from nodes.deployment import Deployment, Manifest
 from protocol.envelope import Verifier
 from protocol.errors import ConfigError, TrustpayError
 from protocol.messages import Status
-from protocol.topics import CHANNEL_STATUS, PREFIX, SERVER_ROLES, Role, server_replica
+from protocol.topics import SERVER_ROLES, STATUS_FILTERS, Role, server_replica
 
 from .broker_cmd import broker_for
 from .parent_death import guarded
 from .watch import monitor_client, public_verifier
 
-STATUS_FILTERS = (f"{PREFIX}/plat/+/{CHANNEL_STATUS}", f"{PREFIX}/dev/+/+/{CHANNEL_STATUS}")
 TAIL_LINES = 12
 _TAIL_BYTES = 64 * 1024  # enough for TAIL_LINES lines; a long run's log is never read whole
 _SUBSCRIBE_TIMEOUT_S = 15.0

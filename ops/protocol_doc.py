@@ -220,6 +220,13 @@ def _policy() -> str:
 # -- topics --------------------------------------------------------------------------
 
 
+_REPLICA_PROBE = 7  # a replica number that appears nowhere else in a topic or node id
+
+
+def _replica_pattern(text: str) -> str:
+    return text.replace(f"/{_REPLICA_PROBE}", "/{k}").replace(f".{_REPLICA_PROBE}", ".{k}")
+
+
 def _channel_topic(role: Role, channel: str) -> str:
     return _device_pattern(topics.channel_topic(role, channel, _PROBE if role.on_device else None))
 
@@ -249,6 +256,13 @@ def render_topics() -> str:
             (_code(channel), _code(device_topic), _code(server_topic), ", ".join(_code(t) for t in types_))
         )
     out.append(_table(("channel", "device role", "server role", "message types"), rows))
+    replica_status = _replica_pattern(topics.status_topic(Role.TRUST_SERVER, None, _REPLICA_PROBE))
+    out += [
+        "",
+        "A broker retains one message per topic: replica k > 1 of a server keeps its status (and its "
+        f"last will) on {_code(replica_status.replace('/ts/', '/{role}/'))} (`status_topic`), signed by "
+        "that replica only; replica 1, like a lone server, on the role's.",
+    ]
     out += ["", "Operator topics (the operator writes; the node answers on its `ops` channel)", ""]
     rows = []
     for role in topics.NODE_ROLES:
@@ -276,6 +290,12 @@ def render_topics() -> str:
         writes = ", ".join(_code(_device_pattern(r.pattern)) for r in acl if r.access == "write") or "none"
         reads = ", ".join(_code(_device_pattern(r.pattern)) for r in acl if r.access == "read")
         rows.append((role.value, _code(_device_pattern(topics.node_id(role, device))), subs, writes, reads))
+    for role in topics.SERVER_ROLES:  # replica k > 1: the role's rules but for its own status topic
+        acl = topics.acl_for(role, None, _REPLICA_PROBE)
+        writes = ", ".join(_code(_replica_pattern(r.pattern)) for r in acl if r.access == "write")
+        reads = ", ".join(_code(r.pattern) for r in acl if r.access == "read")
+        nid = _replica_pattern(topics.node_id(role, None, _REPLICA_PROBE))
+        rows.append((f"{role.value} replica k > 1", _code(nid), "as its role (2.1)", writes, reads))
     out.append(_table(("role", "node id", "subscribes", "may write", "may read"), rows))
     return "\n".join(out)
 

@@ -2,7 +2,12 @@
 
 Expected are the manifest's two servers and each device's chip and trust module:
 exit status 0 only when all of them say "online". A device's client runs only
-while a user runs it, so its row is shown but never required. Every status
+while a user runs it, so its row is shown but never required. A deployment
+provisioned with replicas shows every replica of each server, each from its own
+status topic; the first is required, the others once they have run (`up
+--replicas` may run fewer than provisioned): a replica that stopped on purpose
+("offline") or never ran is not, one whose connection was lost (its last will)
+is. Every status
 frame is verified with the deployment's public certificates
 (:func:`ops.watch.public_verifier`); one that fails is shown as unverified, with
 its code, and never believed.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -32,7 +38,14 @@ from nodes.deployment import Deployment, Manifest
 from protocol.envelope import Verifier
 from protocol.errors import TransportError, TrustpayError
 from protocol.messages import Status
-from protocol.topics import CHANNEL_STATUS, PREFIX, SERVER_ROLES, Role, channel_topic
+from protocol.topics import (
+    CHANNEL_STATUS,
+    SERVER_ROLES,
+    STATUS_FILTERS,
+    Role,
+    channel_topic,
+    node_status_topic,
+)
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument
 from .watch import monitor_client, public_verifier
@@ -42,7 +55,6 @@ EXIT_STATUS = """exit status: 0 every server, chip and trust module is online; 1
 lost (its last will), missing or unverifiable, or the broker cannot be reached;
 2 the deployment or the command line is not usable"""
 EXIT_OK, EXIT_NOT_ONLINE = 0, 1
-STATUS_FILTERS = (f"{PREFIX}/plat/+/{CHANNEL_STATUS}", f"{PREFIX}/dev/+/+/{CHANNEL_STATUS}")
 # the monitor's own status topic: it never publishes, so this subscription only marks the end
 BARRIER = channel_topic(Role.MONITOR, CHANNEL_STATUS)
 _PROBE_TIMEOUT_S = 2.0  # amqtt never answers an MQTT 5 CONNECT: give up on it quickly
@@ -91,10 +103,11 @@ async def status(dep: Deployment, broker_url: str | None, timeout_s: float) -> l
     manifest = await asyncio.to_thread(dep.load_manifest)
     frames = await read_retained(dep, broker_url, timeout_s)
     verifier = await asyncio.to_thread(public_verifier, dep)
-    return [
+    rows = [
         judge(node, role, required, topic, frames.get(topic), verifier)
         for node, role, required, topic in expected(manifest)
     ]
+    return [optional_replica(r) for r in rows]
 
 
 def now_ms() -> int:
@@ -102,13 +115,31 @@ def now_ms() -> int:
 
 
 def expected(manifest: Manifest) -> list[tuple[str, Role, bool, str]]:
-    """(node id, role, required, status topic) of every node, servers first, clients not required."""
-    rows = [(manifest.servers[r.value], r, True, channel_topic(r, CHANNEL_STATUS)) for r in SERVER_ROLES]
+    """(node id, role, required, status topic) of every node, servers (each replica) first.
+
+    Clients are not required; a server's replicas after the first are, until
+    ``optional_replica`` has seen what their status says.
+    """
+    rows = [(nid, r, True, node_status_topic(nid)) for r in SERVER_ROLES for nid in manifest.server_ids(r)]
     for device in manifest.devices:
         for role in (Role.CHIP, Role.TRUST_MODULE, Role.CLIENT):
             topic = channel_topic(role, CHANNEL_STATUS, device.device)
             rows.append((device.node(role), role, role is not Role.CLIENT, topic))
     return rows
+
+
+def optional_replica(row: NodeStatus) -> NodeStatus:
+    """A second or later replica that never ran or was stopped on purpose is not required.
+
+    `up --replicas 1` on a deployment provisioned for more runs the first only; a
+    replica that vanished (its last will: "lost") or says nothing believable stays
+    required, so a crashed replica still fails the check while the others serve.
+    """
+    if row.node in {r.value for r in SERVER_ROLES} or Role(row.role) not in SERVER_ROLES:
+        return row
+    if row.state in ("missing", "offline"):
+        return dataclasses.replace(row, required=False)
+    return row
 
 
 def judge(
@@ -192,7 +223,11 @@ def _since(r: NodeStatus, now: int) -> str:
         return f"connection lost (its last will; it had connected {_duration(now - r.at_ms)} ago)"
     if r.state == "unverified":
         return r.problem
-    return "not running (optional: runs while a user uses it)" if not r.required else "no status ever seen"
+    if not r.required and r.role == Role.CLIENT.value:
+        return "not running (optional: runs while a user uses it)"
+    if not r.required:
+        return "not running (optional: a replica `up --replicas` did not start)"
+    return "no status ever seen"
 
 
 def _duration(ms: int) -> str:

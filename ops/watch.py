@@ -32,17 +32,14 @@ from protocol.certs import CertStore
 from protocol.envelope import Verifier
 from protocol.errors import TrustpayError
 from protocol.messages import Status, StepEvent, StepEvents
-from protocol.topics import CHANNEL_EVENTS, CHANNEL_STATUS, CLIENT_ID_SEPARATOR, PREFIX
+from protocol.topics import CHANNEL_EVENTS, CLIENT_ID_SEPARATOR, PREFIX, STATUS_FILTERS
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument
 from .monitor.model import Anchors
 
 HELP = "show every signed step event and status as it happens (verified, read-only)"
-FILTERS = tuple(
-    f"{PREFIX}/{scope}/{channel}"
-    for channel in (CHANNEL_EVENTS, CHANNEL_STATUS)
-    for scope in ("dev/+/+", "plat/+")
-)
+# step events, and every node's status (a server replica's on its own topic)
+FILTERS = (f"{PREFIX}/dev/+/+/{CHANNEL_EVENTS}", f"{PREFIX}/plat/+/{CHANNEL_EVENTS}", *STATUS_FILTERS)
 
 
 def public_anchors(dep: Deployment) -> Anchors:
@@ -195,6 +192,19 @@ class EventWatcher:
                     if predicate(event):
                         return event
                 checked = len(events)
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_seen(self, predicate: Callable[[Seen], bool], timeout_s: float = 30.0) -> Seen:
+        """The first verified event or status (seen or yet to come) that satisfies ``predicate``."""
+        async with asyncio.timeout(timeout_s):
+            checked = 0
+            while True:  # bounded by the timeout; each turn waits for a new frame
+                seen = self.seen
+                for frame in seen[checked:]:
+                    if predicate(frame):
+                        return frame
+                checked = len(seen)
                 self._changed.clear()
                 await self._changed.wait()
 

@@ -36,7 +36,7 @@ from .messages import MESSAGE_TYPES, Body, MessageSpec
 from .replay import OutsideWindow, ReplayGuard
 from .schema import from_map, to_map
 from .seal import seal, unseal
-from .topics import ParsedTopic, parse_topic
+from .topics import ParsedTopic, parse_topic, status_signer
 
 VERSION = 1
 FRAME_DOMAIN = b"trustpay-frame-v1\x00"
@@ -229,6 +229,9 @@ def _check_link(spec: MessageSpec, parsed: ParsedTopic, cert: Certificate, topic
         raise WrongRole(f"a {cert.role} certificate cannot send on {topic}")
     if parsed.src.on_device and cert.body.device != parsed.device:
         raise WrongTopic(f"{cert.subject} belongs to device {cert.body.device}, not {parsed.device}")
+    signer = status_signer(parsed)
+    if signer is not None and cert.subject != signer:
+        raise WrongTopic(f"{cert.subject} cannot sign {signer}'s status ({topic})")
 
 
 class Verifier:

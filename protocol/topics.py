@@ -7,7 +7,11 @@ Every topic names its scope, its sending role and its receiving end::
 
 ``dst`` is a role short name for a link, or one of the channels ``ev`` (signed
 step events), ``status`` (retained signed status), ``metrics`` (signed counters,
-every few seconds) and ``ops`` (replies to the operator). The operator writes
+every few seconds) and ``ops`` (replies to the operator). A broker keeps one
+retained message per topic, so each replica of a server keeps its status (and
+its last will) on a topic of its own: replica 1, like a lone server, on
+``tp/v1/plat/{short}/status``, replica ``k`` on ``tp/v1/plat/{short}/status/{k}``
+(``status_topic``). The operator writes
 to ``.../ops/{role}``, and publishes the root-signed revocation list, retained,
 on ``tp/v1/plat/ops/crl``, which every login may read. Because the device id and
 the sending role are in the topic, a broker ACL can confine each identity to
@@ -67,6 +71,12 @@ CHANNEL_CRL = "crl"
 # what each node publishes on under its own name (the CRL is the operator's alone)
 NODE_CHANNELS = (CHANNEL_EVENTS, CHANNEL_STATUS, CHANNEL_METRICS, CHANNEL_OPS)
 CRL_TOPIC = f"{PREFIX}/plat/{CHANNEL_OPS}/{CHANNEL_CRL}"  # the operator's only broadcast
+# every node's status: the devices', the servers' (replica 1) and their other replicas'
+STATUS_FILTERS = (
+    f"{PREFIX}/plat/+/{CHANNEL_STATUS}",
+    f"{PREFIX}/plat/+/{CHANNEL_STATUS}/+",
+    f"{PREFIX}/dev/+/+/{CHANNEL_STATUS}",
+)
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,33 @@ def channel_topic(role: Role, channel: str, device: str | None = None) -> str:
     return f"{_scope(role, device)}/{role.short}/{channel}"
 
 
+def status_topic(role: Role, device: str | None = None, replica: int = 1) -> str:
+    """Where one node keeps its retained, signed status, and the broker its last will.
+
+    Replica ``k`` > 1 of a server has a topic of its own, so that its status never
+    overwrites another replica's and its last will never says the role is gone.
+    """
+    base = channel_topic(role, CHANNEL_STATUS, device)
+    if replica == 1:
+        return base
+    node_id(role, device, replica)  # only servers have replicas, numbered from 1
+    if replica > MAX_REPLICA:
+        raise WrongTopic(f"replica numbers end at {MAX_REPLICA}, not {replica}")
+    return f"{base}/{replica}"
+
+
+def node_status_topic(nid: str) -> str:
+    """:func:`status_topic` of the node called ``nid`` (``trust-server.2``, ``dev-1.tm``)."""
+    replica = server_replica(nid)
+    if replica is not None:
+        return status_topic(replica[0], None, replica[1])
+    device, _, short = nid.rpartition(".")
+    role = _BY_SHORT.get(short)
+    if role is None or not role.on_device:
+        raise WrongTopic(f"{nid!r} is not a node id")
+    return status_topic(role, device)
+
+
 def operator_topic(role: Role, device: str | None = None) -> str:
     """Where the operator (health checks, releases) writes to a node."""
     return f"{_scope(role, device)}/{CHANNEL_OPS}/{role.short}"
@@ -156,6 +193,7 @@ class ParsedTopic:
     src: Role
     dst: Role | None  # None for a channel
     channel: str | None  # set for ev / status / metrics / ops
+    replica: int = 1  # a server's status topic: whose it is (the signer must be that replica)
 
 
 def parse_topic(topic: str) -> ParsedTopic:
@@ -168,6 +206,8 @@ def parse_topic(topic: str) -> ParsedTopic:
         device, src_s, dst_s = check_device_id(rest[1]), rest[2], rest[3]
     elif len(rest) == 3 and rest[0] == "plat":
         device, src_s, dst_s = None, rest[1], rest[2]
+    elif len(rest) == 4 and rest[0] == "plat" and rest[2] == CHANNEL_STATUS:
+        return _replica_status(topic, rest[1], rest[3])
     else:
         raise WrongTopic(f"{topic!r} has the wrong shape")
     src = _BY_SHORT.get(src_s)
@@ -190,6 +230,33 @@ def parse_topic(topic: str) -> ParsedTopic:
     if (src.on_device or dst.on_device) != (device is not None):
         raise WrongTopic(f"{topic!r}: link and scope disagree")
     return ParsedTopic(device, src, dst, None)
+
+
+def _replica_status(topic: str, src_s: str, number: str) -> ParsedTopic:
+    """``tp/v1/plat/{short}/status/{k}``: replica k's status, k from 2 (replica 1 has no suffix)."""
+    src = _BY_SHORT.get(src_s)
+    if src not in SERVER_ROLES:
+        raise WrongTopic(f"{topic!r}: only servers run replicas")
+    if not _replica_number(number):
+        raise WrongTopic(f"{topic!r}: replica {number!r} is not a number from 2 to {MAX_REPLICA}")
+    return ParsedTopic(None, src, None, CHANNEL_STATUS, int(number))
+
+
+def _replica_number(text: str) -> bool:
+    """Whether ``text`` numbers a second or later replica: 2 to MAX_REPLICA, ASCII digits, no 0 first."""
+    digits = text.isascii() and text.isdigit() and not text.startswith("0")
+    return digits and 2 <= int(text) <= MAX_REPLICA
+
+
+def status_signer(parsed: ParsedTopic) -> str | None:
+    """The only node that may sign on a server's status topic (None: any node of the role may).
+
+    A replica's login may write only its own status topic (``acl_for``), and the
+    signature must agree: no replica can say another is online, or offline.
+    """
+    if parsed.channel != CHANNEL_STATUS or parsed.src not in SERVER_ROLES:
+        return None
+    return node_id(parsed.src, None, parsed.replica)
 
 
 SHARE_PREFIX = "$share"
@@ -263,8 +330,11 @@ class AclRule:
     pattern: str
 
 
-def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
-    """The broker rules of one identity: its own device, its own direction."""
+def acl_for(role: Role, device: str | None = None, replica: int = 1) -> tuple[AclRule, ...]:
+    """The broker rules of one identity: its own device, its own direction.
+
+    The replicas of a server share its rules but for the status: each writes only its own.
+    """
     if role is Role.MONITOR:
         return (AclRule("read", f"{PREFIX}/#"),)
     if role is Role.OPERATOR:
@@ -275,6 +345,7 @@ def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
             AclRule("read", f"{PREFIX}/plat/+/ops"),
             AclRule("read", f"{PREFIX}/dev/+/+/status"),
             AclRule("read", f"{PREFIX}/plat/+/status"),
+            AclRule("read", f"{PREFIX}/plat/+/status/+"),
             AclRule("read", f"{PREFIX}/dev/+/+/ev"),
             AclRule("read", f"{PREFIX}/plat/+/ev"),
             AclRule("read", CRL_TOPIC),
@@ -283,7 +354,10 @@ def acl_for(role: Role, device: str | None = None) -> tuple[AclRule, ...]:
         raise WrongTopic(f"a {role.value} identity needs its device id: it may reach only its own device")
     dev = check_device_id(device) if role.on_device and device else "+"
     writes = [link_topic(link.src, link.dst, dev) for link in LINKS if link.src is role]
-    writes += [channel_topic(role, ch, dev) for ch in NODE_CHANNELS]
+    writes += [
+        status_topic(role, device, replica) if ch == CHANNEL_STATUS else channel_topic(role, ch, dev)
+        for ch in NODE_CHANNELS
+    ]
     reads = [f"{PREFIX}/dev/{dev}/+/{role.short}"]
     if not role.on_device:
         reads.append(f"{PREFIX}/plat/+/{role.short}")
@@ -316,6 +390,7 @@ def role_from_name(name: str) -> Role:
 
 
 REPLICA_SEPARATOR = "."  # trust-server.2: a server replica's id; never in a role name
+MAX_REPLICA = 9999  # the largest replica number a node id or a topic may carry
 
 
 def node_id(role: Role, device: str | None = None, replica: int = 1) -> str:
@@ -346,6 +421,6 @@ def server_replica(nid: str) -> tuple[Role, int] | None:
         return None
     if not dot:
         return role, 1
-    if not number.isdigit() or number.startswith("0") or int(number) < 2 or len(number) > 4:
+    if not _replica_number(number):
         return None
     return role, int(number)

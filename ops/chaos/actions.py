@@ -39,16 +39,25 @@ async def restart_broker(run: ChaosRun) -> None:
 
 
 async def kill_servers(run: ChaosRun) -> None:
-    """SIGKILL the payment-server, later the trust-server; `up` must bring each back."""
-    for share, nid in ((1, Role.PAYMENT_SERVER.value), (2, Role.TRUST_SERVER.value)):
+    """SIGKILL the payment-server, later the trust-server; `up` must bring each back.
+
+    With replicas, the last replica of each role is killed while the others serve:
+    they must stay up, untouched, and carry the payments meanwhile (the invariants).
+    """
+    for share, role in ((1, Role.PAYMENT_SERVER), (2, Role.TRUST_SERVER)):
         await run.wait_paid(share * _a_third(run))
         assert run.up is not None
+        *others, nid = run.servers(role)
+        spared = {other: run.current_pid(other) for other in others}
         pid = run.current_pid(nid)
         since = len(run.up.events)
         run.killed.add(pid)
         os.kill(pid, signal.SIGKILL)
         back = await run.up.until(since, UP_WAIT_S, event="up", node=nid)
         run.expect(back["pid"] != pid, f"{nid} killed (pid {pid}), `up` started it again (pid {back['pid']})")
+        if spared:
+            now = {other: run.current_pid(other) for other in spared}
+            run.expect(now == spared, f"the other replicas {sorted(spared)} ran on meanwhile: pids {now}")
         run.note(f"{nid} SIGKILLed (pid {pid}); back as pid {back['pid']}")
 
 
@@ -68,7 +77,7 @@ async def kill_up(run: ChaosRun) -> None:
         for fd in pidfds.values():
             os.close(fd)
     run.expect(
-        not left and len(started) >= 2 + 2 * len(run.devices),
+        not left and len(started) >= 2 * run.replicas + 2 * len(run.devices),
         f"`up` SIGKILLed: {len(started)} processes it started, {len(left)} still running {sorted(left)}",
     )
     await run.start_up()

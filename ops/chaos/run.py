@@ -50,7 +50,7 @@ from ops.up_process import UpRun, start_up
 from ops.watch import EventWatcher
 from protocol.errors import ConfigError, Refused, TrustpayError
 from protocol.messages import StepEvent
-from protocol.topics import MONITOR_PORT_OFFSET, Role, node_id
+from protocol.topics import MONITOR_PORT_OFFSET, SERVER_ROLES, Role, node_id, replica_ids
 
 from .fault_log import AppliedFault, FaultLog
 from .faults import Profile, profile_from
@@ -73,6 +73,7 @@ class RunOptions:
     payments: int = 12
     devices: int = 3
     backend: str | None = None  # the scenario's own wins
+    db: str | None = None  # the servers' database (`provision --db`); None: SQLite files
 
 
 @dataclass
@@ -98,6 +99,15 @@ class ChaosRun:
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
     # one client at a time per device, as on a phone (a second one is refused: identity_in_use)
     _in_use: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+
+    @property
+    def replicas(self) -> int:
+        """Replicas of each server role this run's `up` runs."""
+        return self.opts.scenario.replicas
+
+    def servers(self, role: Role) -> tuple[str, ...]:
+        """The node ids of ``role``'s replicas that `up` runs, the first one first."""
+        return replica_ids(role, self.replicas)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -157,7 +167,9 @@ async def run_scenario(opts: RunOptions, actions: dict[str, Action]) -> Report:
     backend = sc.backend or opts.backend
     root = opts.run_dir / "deploy"
     await asyncio.to_thread(opts.run_dir.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread(provision, root, opts.devices, backend=backend, force=True)
+    await asyncio.to_thread(
+        provision, root, opts.devices, backend=backend, force=True, db=opts.db, replicas=sc.replicas
+    )
     dep = Deployment(root)
     manifest = await asyncio.to_thread(dep.load_manifest)
     if manifest.broker.tls:
@@ -183,6 +195,10 @@ async def run_scenario(opts: RunOptions, actions: dict[str, Action]) -> Report:
         url = f"mqtt://127.0.0.1:{port}?v={broker.mqtt_version}"
         watcher = await stack.enter_async_context(EventWatcher(dep, url))
         run = ChaosRun(opts, dep, broker, proxy, url, [d.device for d in manifest.devices], watcher)
+        if sc.replicas > 1:
+            run.up_extra += ("--replicas", str(sc.replicas))
+            where = "PostgreSQL" if opts.db else "their shared SQLite files"
+            run.note(f"{sc.replicas} replicas of each server, on {where}")
         action = actions[sc.action] if sc.action else None
         prepare = getattr(action, "prepare", None)
         if prepare is not None:
@@ -341,7 +357,7 @@ def _held_by_chip(dep: Deployment, device: str) -> set[str]:
 
 async def _ping_all(run: ChaosRun) -> dict[str, str]:
     manifest = await asyncio.to_thread(run.dep.load_manifest)
-    nodes = list(manifest.servers.values())
+    nodes = [nid for role in SERVER_ROLES for nid in run.servers(role)]
     nodes += [d.node(role) for d in manifest.devices for role in (Role.CHIP, Role.TRUST_MODULE)]
     async with operator_node(run.dep, run.proxy_url) as op:
 

@@ -2,8 +2,8 @@
 
 A scenario is data: link faults for the proxy (:mod:`ops.chaos.faults`) and
 the name of an *action* (:mod:`ops.chaos.actions`) that plays out beside the
-payments: a broker restarted, servers killed, ``trustpay up`` killed, an app
-tampered with, an attacker replaying orders. The runner (:mod:`ops.chaos.run`)
+payments: a broker restarted, servers (or one replica of each) killed,
+``trustpay up`` killed, an app tampered with, an attacker replaying orders. The runner (:mod:`ops.chaos.run`)
 turns the faults off when the payments are done, lets the system settle and
 checks the invariants (:mod:`ops.chaos.invariants`).
 
@@ -39,6 +39,9 @@ class Scenario:
     rules: tuple[Rule, ...] = ()  # link faults while the payments run
     action: str = ""  # what else happens meanwhile (ops.chaos.actions), "" for nothing
     backend: str | None = None  # a broker this scenario needs; None: the deployment's default
+    # replicas of each server `up` runs (provisioned as many); with more than one, the run's
+    # --db (PostgreSQL, which replicas are for) if given, else the SQLite files they share
+    replicas: int = 1
     # refusal codes a device's payments may end with in this scenario, by device index (0-based);
     # any payment with another outcome than confirmed or these is reported, not hidden
     expected_refusals: dict[int, frozenset[str]] = field(default_factory=dict)
@@ -101,6 +104,14 @@ SCENARIOS: dict[str, Scenario] = {
             "kill-servers",
             "the payment-server, then the trust-server, are killed with SIGKILL; `up` restarts them",
             action="kill_servers",
+        ),
+        Scenario(
+            "kill-replica",
+            "two replicas of each server (on the run's --db, PostgreSQL): one payment-server and one "
+            "trust-server replica are killed with SIGKILL mid-stream; the others carry on, `up` "
+            "restarts them",
+            action="kill_servers",
+            replicas=2,
         ),
         Scenario(
             "kill-up",

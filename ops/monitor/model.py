@@ -46,6 +46,7 @@ from protocol.topics import (
     channel_topic,
     link_topic,
     parse_topic,
+    server_replica,
 )
 
 OK = "ok"
@@ -339,7 +340,7 @@ class Monitor:
     def _account(self, obs: Observation, body: object) -> None:
         # a rejected frame's type is anyone's text: only known types get a counter of their own
         self.links[(obs.link, obs.type if obs.type in MESSAGE_TYPES else "?")] += 1
-        claimed = self.servers.get(obs.sender or "")
+        claimed = self._server(obs.sender or "", verified=obs.verdict == OK)
         if obs.verdict != OK:
             self.rejects[obs.verdict] += 1
             if claimed is not None:
@@ -347,7 +348,7 @@ class Monitor:
             return
         if claimed is not None:
             claimed.sent += 1
-        if obs.recipient in self.servers:
+        if obs.recipient in self.servers:  # a request to the role (any replica) counts on the role's row
             self.servers[obs.recipient].received += 1
         if isinstance(body, Status) and body.node in self.servers:
             server = self.servers[body.node]
@@ -359,6 +360,14 @@ class Monitor:
                 self._on_step(event, obs.at_ms)
         if isinstance(body, Metrics) and body.node == obs.sender:
             self.node_metrics[body.node] = body
+
+    def _server(self, nid: str, verified: bool) -> ServerState | None:
+        """The row of server ``nid``: each role's first from the start, another replica once it
+        has sent a verified frame (so its certificate, not a forged header, makes its row)."""
+        row = self.servers.get(nid)
+        if row is None and verified and server_replica(nid) is not None:
+            row = self.servers[nid] = ServerState()
+        return row
 
     def _on_step(self, event: StepEvent, at_ms: int) -> None:
         device = self.devices.setdefault(event.device, DeviceState())

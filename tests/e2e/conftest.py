@@ -275,14 +275,16 @@ async def running_deployment(
     tls: bool = False,
     clock_offsets: dict[str, int] | None = None,
     replicas: int = 1,
+    db: str | None = None,
 ) -> AsyncIterator[E2E]:
     """Provision two devices, start everything, wait until both devices finished start-up.
 
     ``clock_offsets``: a device's chip and trust module run with their clock that far off (ms).
-    ``replicas``: of each server (``trustpay up --replicas``).
+    ``replicas``: of each server (``trustpay up --replicas``); ``db``: the servers' database
+    (``provision --db``), SQLite files when None.
     """
     root = tmp_path / "deploy"
-    await asyncio.to_thread(provision, root, len(DEVICES), backend=backend, tls=tls, replicas=replicas)
+    await asyncio.to_thread(provision, root, len(DEVICES), backend=backend, tls=tls, replicas=replicas, db=db)
     dep = Deployment(root)
     async with contextlib.AsyncExitStack() as stack:
         launcher = await stack.enter_async_context(

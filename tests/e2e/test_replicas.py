@@ -1,9 +1,16 @@
-"""Two replicas of each server on a real Mosquitto: one is SIGKILLed mid-stream, the other carries on."""
+"""Two replicas of each server on a real Mosquitto and PostgreSQL: one is SIGKILLed mid-stream.
+
+The replicas share a fresh PostgreSQL schema prefix of the test database (the
+reason replicas exist: one database for servers anywhere); the killed replica's
+last will lands on its own status topic, so `trustpay status` shows it lost while
+the role's other replica stays online.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 from collections import Counter
 from pathlib import Path
@@ -12,7 +19,9 @@ from typing import Any
 import pytest
 
 from ops.scenario import ClientRun
-from protocol.topics import Role
+from ops.status_cmd import all_online, status
+from protocol.topics import Role, status_topic
+from tests.storage import drop_schemas, pg_url
 
 from .conftest import DEVICES, HAVE_MOSQUITTO, chip_of, node_stopped_counters, running_deployment
 
@@ -23,6 +32,8 @@ pytestmark = [
 ]
 
 PS1, PS2 = Role.PAYMENT_SERVER.value, f"{Role.PAYMENT_SERVER.value}.2"
+TS1, TS2 = Role.TRUST_SERVER.value, f"{Role.TRUST_SERVER.value}.2"
+PS_STATUS = status_topic(Role.PAYMENT_SERVER)
 
 
 def chip_pending(dep: Any, device: str) -> dict[str, Any]:
@@ -33,7 +44,16 @@ def chip_pending(dep: Any, device: str) -> dict[str, Any]:
 async def test_a_payment_server_replica_killed_mid_stream_loses_nothing_and_doubles_nothing(
     tmp_path: Path,
 ) -> None:
-    async with running_deployment(tmp_path, "mosquitto", replicas=2) as e2e:
+    prefix = f"t{secrets.token_hex(6)}"
+    try:
+        await _kill_a_replica(tmp_path, pg_url(prefix))
+    finally:
+        await drop_schemas(prefix)
+
+
+async def _kill_a_replica(tmp_path: Path, db: str) -> None:
+    async with running_deployment(tmp_path, "mosquitto", replicas=2, db=db) as e2e:
+        assert e2e.dep.database("ledger").kind == "postgresql"  # one database for every replica
         assert set(e2e.launcher.servers) == {"trust-server", "trust-server.2", PS1, PS2}
         opening = await e2e.balances()
         # every payment a distinct amount, so a double charge could not hide behind another payment
@@ -76,10 +96,9 @@ async def test_a_payment_server_replica_killed_mid_stream_loses_nothing_and_doub
                 assert settled.outcome in ("ok", "refused"), settled
             assert chip_pending(e2e.dep, device) == {}
 
-        ledger = e2e.stored_payments()
+        ledger = {p.order_id: p for p in (await e2e.ledger()).payments}
         confirmed = [p for p in ledger.values() if p.status == "confirmed"]
-        # nothing doubled: no order twice, no app counter twice, no amount charged twice
-        assert len({p.order_blob for p in ledger.values()}) == len(ledger)
+        # nothing doubled: no app counter twice, no amount charged twice (order ids are the key)
         assert len({(p.device, p.app, p.counter) for p in confirmed}) == len(confirmed)
         charged = Counter((p.device, p.amount) for p in confirmed)
         assert all(n == 1 for n in charged.values()), charged
@@ -94,8 +113,18 @@ async def test_a_payment_server_replica_killed_mid_stream_loses_nothing_and_doub
         told = {r.result["order_id"]: r.result["status"] for _, _, r in runs if "order_id" in r.result}
         assert all(ledger[o].status == "confirmed" for o, s in told.items() if s == "confirmed")
         assert after_kill and all(r.code == 0 for r in after_kill), [r.result for r in after_kill]
-        assert len(confirmed) == len(runs)  # every payment went through in the end, once
+        outcomes = [(d, m, r.result.get("status"), r.result.get("code")) for d, m, r in runs]
+        stored = [(p.device, p.amount, p.status, p.code) for p in ledger.values()]
+        # every payment went through in the end, once
+        assert len(confirmed) == len(runs), (outcomes, stored)
         assert e2e.launcher.processes[PS1].is_up and not e2e.launcher.processes[PS2].running
+        # its last will, on its own topic, says it is lost; the role's other replica is still online
+        will = await e2e.watcher.wait_seen(lambda s: s.status is not None and s.status.will)
+        assert will.status is not None and will.status.node == PS2 and will.topic == f"{PS_STATUS}/2"
+        rows = {r.node: r for r in await status(e2e.dep, e2e.launcher.broker_url, 10.0)}
+        states = {nid: rows[nid].state for nid in (TS1, TS2, PS1, PS2)}
+        assert states == {TS1: "online", TS2: "online", PS1: "online", PS2: "lost"}
+        assert rows[PS2].required and not all_online(list(rows.values()))
     # the survivor executed orders (its counters, logged when it stopped)
     (survivor,) = node_stopped_counters(e2e.dep, PS1)
     assert survivor.get("in.pay.order", 0) > 0

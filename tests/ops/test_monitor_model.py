@@ -17,7 +17,7 @@ from ops.monitor.model import Anchors, Monitor, Observation, percentile
 from ops.monitor.view import describe
 from ops.monitor_cmd import serve_metrics
 from protocol.certs import sign_revocations
-from protocol.envelope import MAX_FRAME
+from protocol.envelope import MAX_FRAME, sign_frame
 from protocol.keys import KeyPair
 from protocol.messages import (
     Count,
@@ -206,6 +206,41 @@ def test_status_is_checked_by_signature_only_even_when_stamped_long_ago() -> Non
         "will": True,
     }
     assert (m.servers[TS.name].status, m.servers[TS.name].sent) == ("offline", 1)
+
+
+def test_each_server_replica_gets_its_own_row_from_its_own_status() -> None:
+    name = "trust-server.2"
+    keys = KeyPair.generate()
+    cert = PKI.issue_cert(name, TS.role, "", keys, PKI.platform, PKI.platform_keys)
+    chain = (cert.to_bytes(), PKI.platform.to_bytes())
+    m = monitor()
+    # a frame that fails (a forger's key under replica 3's name) makes no row
+    forged = dataclasses.replace(
+        envelope(
+            TS, "*", "status", Status("trust-server.3", TS.role, "online", NOW_MS, "0.1.0", NOW_MS, False)
+        ),
+        sender="trust-server.3",
+        chain=chain,
+    )
+    assert (
+        m.observe(
+            "tp/v1/plat/ts/status/3", sign_frame(forged, "tp/v1/plat/ts/status/3", keys), NOW_MS
+        ).verdict
+        != "ok"
+    )
+    assert set(m.servers) == {"trust-server", "payment-server"}
+    for nid, topic, state, signer in (
+        (TS.name, channel_topic(Role.TRUST_SERVER, CHANNEL_STATUS), "online", TS.keys),
+        (name, "tp/v1/plat/ts/status/2", "offline", keys),
+    ):
+        body = Status(nid, TS.role, state, NOW_MS, "0.1.0", NOW_MS - 5, state == "offline")
+        env = dataclasses.replace(
+            envelope(TS, "*", "status", body), sender=nid, chain=chain if nid == name else TS.chain
+        )
+        assert m.observe(topic, sign_frame(env, topic, signer), NOW_MS).verdict == "ok"
+    # replica 2's last will does not make the role look gone: replica 1 is still online
+    assert (m.servers[TS.name].status, m.servers[name].status) == ("online", "offline")
+    assert m.servers[name].sent == 1
 
 
 def test_step_events_fill_the_device_row_and_the_latencies() -> None:

@@ -42,8 +42,12 @@ def test_each_replica_has_its_own_signing_key_certificate_and_login_and_shares_t
     assert dep.load_broker_credentials("payment-server.2").username == "payment-server.2"
     acl = (dep.broker_dir / "mosquitto.acl").read_text().split("\n\n")
     rules = {block.splitlines()[0]: block.splitlines()[1:] for block in acl if block.startswith("user ")}
-    assert rules["user payment-server.2"] == rules["user payment-server"]
-    assert rules["user trust-server.2"] == rules["user trust-server"]
+    for role, short in (("payment-server", "ps"), ("trust-server", "ts")):
+        # the role's rules, but each replica writes only its own status (its retained status and will)
+        own, first = f"topic write tp/v1/plat/{short}/status/2", f"topic write tp/v1/plat/{short}/status"
+        replica, lone = rules[f"user {role}.2"], rules[f"user {role}"]
+        assert own in replica and first not in replica and first in lone and own not in lone
+        assert [r for r in replica if r != own] == [r for r in lone if r != first]
 
 
 def test_a_manifest_without_replicas_has_one_and_a_bad_count_is_refused(dep: Deployment) -> None:
@@ -84,10 +88,14 @@ def test_one_replica_is_revoked_alone(dep: Deployment) -> None:
     assert set(crl.body.serials) == {dep.load_public_cert("payment-server.2").serial}
 
 
-def test_a_replica_login_has_exactly_its_roles_rules() -> None:
+def test_a_replica_login_has_its_roles_rules_and_its_own_status() -> None:
     first, second = (
         BrokerIdentity.for_node(Role.PAYMENT_SERVER),
         BrokerIdentity.for_node(Role.PAYMENT_SERVER, replica=2),
     )
     assert (first.username, second.username) == ("payment-server", "payment-server.2")
-    assert second.acl == first.acl == acl_for(Role.PAYMENT_SERVER)
+    assert first.acl == acl_for(Role.PAYMENT_SERVER)
+    assert second.acl == acl_for(Role.PAYMENT_SERVER, None, 2) != first.acl
+    # a login named like another role's replica gets no replica's topic of that role
+    odd = BrokerIdentity("trust-server.2", "pw", Role.PAYMENT_SERVER)
+    assert odd.acl == first.acl

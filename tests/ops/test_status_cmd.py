@@ -13,7 +13,15 @@ import pytest
 from nodes.deployment import Deployment
 from ops.cli import main
 from ops.provision import provision
-from ops.status_cmd import EXIT_NOT_ONLINE, NodeStatus, all_online, expected, judge, render
+from ops.status_cmd import (
+    EXIT_NOT_ONLINE,
+    NodeStatus,
+    all_online,
+    expected,
+    judge,
+    optional_replica,
+    render,
+)
 from ops.watch import public_verifier
 from protocol.envelope import Envelope, new_id, sign_frame
 from protocol.keys import KeyPair
@@ -54,6 +62,43 @@ def test_every_server_chip_and_trust_module_is_expected_and_clients_are_optional
     assert required == {"trust-server", PS, "dev-0001.chip", "dev-0001.tm", "dev-0002.chip", "dev-0002.tm"}
     assert optional == {"dev-0001.client", "dev-0002.client"}
     assert ("dev-0002.tm", Role.TRUST_MODULE, True, "tp/v1/dev/dev-0002/tm/status") in rows
+
+
+def test_every_replica_is_shown_from_its_own_topic_and_a_crashed_one_fails_the_check(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    root = tmp_path_factory.mktemp("replicas") / "deploy"
+    provision(root, 1, broker_port=1, backend="amqtt", replicas=2)
+    rep = Deployment(root)
+    rows = expected(rep.load_manifest())
+    servers = [(node, topic) for node, role, _needed, topic in rows if role is Role.PAYMENT_SERVER]
+    assert servers == [(PS, PS_TOPIC), (f"{PS}.2", f"{PS_TOPIC}/2")]
+    verifier = public_verifier(rep)
+
+    def row(sender: str, topic: str, body: Status | None) -> NodeStatus:
+        chain = (rep.load_cert(sender).to_bytes(), rep.load_public("platform").to_bytes())
+        data = None
+        if body is not None:
+            env = Envelope("status", new_id(), sender, "*", b"", b"", now_ms(), 1, 1, chain, body)
+            data = sign_frame(env, topic, rep.load_keys(sender))
+        node = dict(servers)
+        nid = next(n for n, t in node.items() if t == topic)
+        return optional_replica(judge(nid, Role.PAYMENT_SERVER, True, topic, data, verifier))
+
+    ps2, topic2 = f"{PS}.2", f"{PS_TOPIC}/2"
+    assert row(ps2, topic2, status("online", node=ps2)).state == "online"
+    # a replica killed (its last will) stays required: the check fails although replica 1 serves
+    lost = row(ps2, topic2, status("offline", will=True, node=ps2))
+    assert (lost.state, lost.required) == ("lost", True)
+    assert not all_online([row(PS, PS_TOPIC, status("online")), lost])
+    # one `up --replicas 1` did not start, or that was stopped on purpose, is not required
+    assert not row(ps2, topic2, None).required
+    assert not row(ps2, topic2, status("offline", node=ps2)).required
+    # replica 1 is required whatever it says
+    assert row(PS, PS_TOPIC, None).required
+    # replica 2 cannot speak for replica 1 on its topic, even with its own genuine key
+    spoof = row(ps2, PS_TOPIC, status("online", node=ps2))
+    assert (spoof.state, spoof.required) == ("unverified", True) and spoof.problem.startswith("wrong_topic")
 
 
 def test_judge_believes_only_a_signed_status_of_the_node_itself(dep: Deployment) -> None:
