@@ -34,7 +34,12 @@ ClaimState = Literal["new", "answered", "busy"]
 NEW: Final = "new"
 ANSWERED: Final = "answered"
 BUSY: Final = "busy"
-LEASE_MS = 10_000  # longer than any handler takes (the sandbox's wall clock is 3 s)
+# Longer than a server's handler takes (milliseconds; a database lock waits at most 5 s),
+# and well inside a sender's request budget (4 x 3 s): a replica killed while holding a
+# request must leave time for the retries to find the lease expired and another replica
+# to take it over. Were a live holder slower than the lease, both would handle the request,
+# and the database's rules would let only one of them change anything.
+LEASE_MS = 6_000
 
 
 @dataclass(frozen=True)
