@@ -22,7 +22,8 @@ import shutil
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,21 @@ class E2E(Scenario):
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def assert_charged_once(confirmed: Sequence[Any], opening: dict[str, int], balances: dict[str, int]) -> None:
+    """Nothing doubled: no app counter used twice, no device charged one amount twice (every
+    payment of a test has its own amount), and the balances are the opening ones moved by
+    exactly the ``confirmed`` payments (ledger rows), so no money appeared or vanished."""
+    assert len({(p.device, p.app, p.counter) for p in confirmed}) == len(confirmed)
+    charged = Counter((p.device, p.amount) for p in confirmed)
+    assert all(n == 1 for n in charged.values()), charged
+    expected = dict(opening)
+    for p in confirmed:
+        expected[p.payer] -= p.amount
+        expected[p.payee] += p.amount
+    assert balances == expected
+    assert sum(balances.values()) == sum(opening.values())
 
 
 def node_stopped_counters(dep: Deployment, nid: str) -> list[dict[str, int]]:

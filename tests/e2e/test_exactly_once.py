@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 import uuid
-from collections import Counter
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from .conftest import (
     DEVICES,
     E2E,
     Capture,
+    assert_charged_once,
     chip_of,
     node_stopped_counters,
     now_ms,
@@ -192,19 +192,9 @@ async def test_payment_server_killed_mid_stream_loses_nothing_and_charges_nothin
 
     ledger = e2e.stored_payments()
     confirmed = [p for p in ledger.values() if p.status == "confirmed"]
-    # no order twice, no order executed under two ids, no app counter used twice
+    # no order twice, no order executed under two ids, no app counter used twice, no money made or lost
     assert len({p.order_blob for p in ledger.values()}) == len(ledger)
-    assert len({(p.device, p.app, p.counter) for p in confirmed}) == len(confirmed)
-    charged = Counter((p.device, p.amount) for p in confirmed)
-    assert all(n == 1 for n in charged.values()), charged
-    # the balances are the opening balances moved by exactly the confirmed payments
-    balances = await e2e.balances()
-    expected = dict(opening)
-    for p in confirmed:
-        expected[p.payer] -= p.amount
-        expected[p.payee] += p.amount
-    assert balances == expected
-    assert sum(balances.values()) == sum(opening.values())
+    assert_charged_once(confirmed, opening, await e2e.balances())
     # what the clients were told agrees with the ledger
     for order_id, said in status.items():
         if said == "confirmed":

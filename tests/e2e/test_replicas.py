@@ -12,7 +12,6 @@ import asyncio
 import json
 import secrets
 import signal
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,14 @@ from ops.status_cmd import all_online, status
 from protocol.topics import Role, status_topic
 from tests.storage import drop_schemas, pg_url
 
-from .conftest import DEVICES, HAVE_MOSQUITTO, chip_of, node_stopped_counters, running_deployment
+from .conftest import (
+    DEVICES,
+    HAVE_MOSQUITTO,
+    assert_charged_once,
+    chip_of,
+    node_stopped_counters,
+    running_deployment,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -98,16 +104,8 @@ async def _kill_a_replica(tmp_path: Path, db: str) -> None:
 
         ledger = {p.order_id: p for p in (await e2e.ledger()).payments}
         confirmed = [p for p in ledger.values() if p.status == "confirmed"]
-        # nothing doubled: no app counter twice, no amount charged twice (order ids are the key)
-        assert len({(p.device, p.app, p.counter) for p in confirmed}) == len(confirmed)
-        charged = Counter((p.device, p.amount) for p in confirmed)
-        assert all(n == 1 for n in charged.values()), charged
-        balances = await e2e.balances()
-        expected = dict(opening)
-        for p in confirmed:
-            expected[p.payer] -= p.amount
-            expected[p.payee] += p.amount
-        assert balances == expected and sum(balances.values()) == sum(opening.values())
+        # nothing doubled (order ids are the key), no money made or lost
+        assert_charged_once(confirmed, opening, await e2e.balances())
         # nothing lost: every payment a client heard confirmed is in the ledger, and the survivor
         # carried the payments made after the kill
         told = {r.result["order_id"]: r.result["status"] for _, _, r in runs if "order_id" in r.result}
