@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import itertools
 import random
 import socket
@@ -23,6 +24,8 @@ from typing import Protocol
 import aiomqtt
 import paho.mqtt.client as mqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from protocol.errors import TransportError
 
@@ -112,16 +115,11 @@ class MqttBus:
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         if version == "5":
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 3600  # keep the session (and queued QoS 1) for an hour
             return _Connection(
                 **common,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 clean_start=False,
-                properties=props,
+                properties=_session_properties(),
             )
         return _Connection(
             **common,
@@ -197,6 +195,9 @@ class MqttBus:
                 payload = message.payload
                 data = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
                 on_message(str(message.topic), data)
+                # not kept while waiting for the next: with its MQTT 5 properties (paho's tables
+                # per packet) the last message was ~3 KiB of every idle node of a fleet
+                del message, payload, data
             raise aiomqtt.MqttError("message stream ended")
         finally:
             # the reader sees the end first (or is cancelled for a dropped connection): from now on
@@ -242,6 +243,15 @@ class MqttBus:
             ) from exc
         finally:
             timer.cancel()
+
+
+@functools.cache
+def _session_properties() -> Properties:
+    """CONNECT's properties, one object for every connection of the process (paho only packs it:
+    one per connection was ~2 KiB of each fleet node, its name tables included)."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 3600  # keep the session (and queued QoS 1) for an hour
+    return props
 
 
 class _AckTimeout(Exception):
