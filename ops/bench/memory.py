@@ -24,6 +24,7 @@ from nodes.deployment import Deployment
 from protocol.topics import Role
 
 UP_TIMEOUT_S = 300.0
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout: file names in the report are relative to it
 
 
 def rss_kib() -> int:
@@ -110,7 +111,11 @@ def _top(stats: list[tracemalloc.StatisticDiff], nodes: int, count: int = 25) ->
         sizes[1] += stat.count_diff
     ranked = sorted(by_line.items(), key=lambda item: -item[1][0])[:count]
     return [
-        {"where": where, "kib_per_node": round(size / 1024 / nodes, 2), "objects_per_node": round(n / nodes, 1)}
+        {
+            "where": where,
+            "kib_per_node": round(size / 1024 / nodes, 2),
+            "objects_per_node": round(n / nodes, 1),
+        }
         for where, (size, n) in ranked
     ]
 
@@ -123,4 +128,5 @@ def _short(filename: str) -> str:
     for marker in ("/site-packages/", "/lib/python3."):
         if marker in filename:
             return filename.split(marker, 1)[1]
-    return filename.rsplit("/wt-", 1)[-1] if "/wt-" in filename else filename
+    root = f"{_ROOT}/"
+    return filename.removeprefix(root)
