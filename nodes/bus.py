@@ -88,7 +88,9 @@ class MqttBus:
     _client: _Connection | None = field(default=None, init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _version: str = field(default="", init=False)
-    _kick: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    # done when a publish finds the connection dead (no PUBACK in time): run drops it and reconnects;
+    # a future, not an Event: one per connection, and an Event allocates a deque for its waiters
+    _kick: asyncio.Future[None] | None = field(default=None, init=False)
     _closing: bool = field(default=False, init=False)
     connections: int = field(default=0, init=False)
     endpoint: tuple[str, int] = field(default=("", 0), init=False)  # the member connected to last
@@ -153,10 +155,10 @@ class MqttBus:
                     )
                     if self.on_connect is not None:
                         self.on_connect()
-                    self._kick = asyncio.Event()
+                    self._kick = kick = asyncio.get_running_loop().create_future()
                     async with asyncio.TaskGroup() as tg:
                         reader = tg.create_task(self._read(client, on_message), name=f"{self.client_id}:read")
-                        await self._kick.wait()
+                        await kick
                         reader.cancel()
                     self.log.warning("bus.reconnecting", reason="a publish was not acknowledged")
             except* aiomqtt.MqttError as group:
@@ -175,7 +177,7 @@ class MqttBus:
                 if self._client is not None:
                     self._client.end()
                 self._client = None
-                self._kick.set()
+                _drop(self._kick)
                 self._ready.clear()
                 connected.clear()
             if len(endpoints) > 1 and (attempt + 1) % len(endpoints):
@@ -222,7 +224,7 @@ class MqttBus:
         except aiomqtt.MqttError as exc:
             if client is self._client:  # the connection is going: the next publish waits for the new one
                 self._ready.clear()
-                kick.set()
+                _drop(kick)
             raise TransportError(f"publish to {topic} failed: {exc}") from exc
         # one timer instead of a timeout scope: it fails the future, it cancels nothing
         timer = asyncio.get_running_loop().call_later(self.ack_timeout_s, _expire, acked)
@@ -233,7 +235,7 @@ class MqttBus:
             # (seen with amqtt after a restart): drop it and reconnect.
             if client is self._client:  # the next publish waits for the new connection
                 self._ready.clear()
-            kick.set()
+            _drop(kick)
             raise TransportError(f"publish to {topic} not acknowledged in {self.ack_timeout_s} s") from exc
         except _ConnectionEnded as exc:
             # The connection ended first: no PUBACK can come on it any more, so waiting out
@@ -243,6 +245,12 @@ class MqttBus:
             ) from exc
         finally:
             timer.cancel()
+
+
+def _drop(kick: asyncio.Future[None] | None) -> None:
+    """Have ``run`` drop the connection ``kick`` belongs to (if it still runs)."""
+    if kick is not None and not kick.done():
+        kick.set_result(None)
 
 
 @functools.cache
