@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import itertools
 import random
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from protocol.errors import TransportError
 
@@ -81,15 +85,17 @@ class MqttBus:
     log: structlog.typing.FilteringBoundLogger = field(default_factory=structlog.get_logger)
     # filters a kept session may still hold from an earlier run in another mode: dropped at connect
     stale_filters: tuple[str, ...] = ()
-    _client: aiomqtt.Client | None = field(default=None, init=False)
+    _client: _Connection | None = field(default=None, init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _version: str = field(default="", init=False)
-    _kick: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    # done when a publish finds the connection dead (no PUBACK in time): run drops it and reconnects;
+    # a future, not an Event: one per connection, and an Event allocates a deque for its waiters
+    _kick: asyncio.Future[None] | None = field(default=None, init=False)
     _closing: bool = field(default=False, init=False)
     connections: int = field(default=0, init=False)
     endpoint: tuple[str, int] = field(default=("", 0), init=False)  # the member connected to last
 
-    def _make_client(self, version: str) -> aiomqtt.Client:
+    def _make_client(self, version: str) -> _Connection:
         will = None
         if self.will is not None:
             topic, payload = self.will()
@@ -111,19 +117,14 @@ class MqttBus:
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         if version == "5":
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 3600  # keep the session (and queued QoS 1) for an hour
-            return aiomqtt.Client(
-                **common,  # type: ignore[arg-type]
+            return _Connection(
+                **common,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 clean_start=False,
-                properties=props,
+                properties=_session_properties(),
             )
-        return aiomqtt.Client(
-            **common,  # type: ignore[arg-type]
+        return _Connection(
+            **common,
             protocol=aiomqtt.ProtocolVersion.V311,
             clean_session=False,
         )
@@ -154,10 +155,10 @@ class MqttBus:
                     )
                     if self.on_connect is not None:
                         self.on_connect()
-                    self._kick = asyncio.Event()
+                    self._kick = kick = asyncio.get_running_loop().create_future()
                     async with asyncio.TaskGroup() as tg:
                         reader = tg.create_task(self._read(client, on_message), name=f"{self.client_id}:read")
-                        await self._kick.wait()
+                        await kick
                         reader.cancel()
                     self.log.warning("bus.reconnecting", reason="a publish was not acknowledged")
             except* aiomqtt.MqttError as group:
@@ -173,8 +174,10 @@ class MqttBus:
                     # Until one connection works, alternate: amqtt refuses a v5 CONNECT.
                     version = "3.1.1" if version == "5" else "5"
             finally:
+                if self._client is not None:
+                    self._client.end()
                 self._client = None
-                self._kick.set()
+                _drop(self._kick)
                 self._ready.clear()
                 connected.clear()
             if len(endpoints) > 1 and (attempt + 1) % len(endpoints):
@@ -188,57 +191,126 @@ class MqttBus:
         """The node is stopping: the next disconnection ends ``run`` instead of reconnecting."""
         self._closing = True
 
-    async def _read(self, client: aiomqtt.Client, on_message: OnMessage) -> None:
-        async for message in client.messages:
-            payload = message.payload
-            on_message(str(message.topic), bytes(payload) if isinstance(payload, (bytes, bytearray)) else b"")
-        raise aiomqtt.MqttError("message stream ended")
+    async def _read(self, client: _Connection, on_message: OnMessage) -> None:
+        try:
+            async for message in client.messages:
+                payload = message.payload
+                data = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
+                on_message(str(message.topic), data)
+                # not kept while waiting for the next: with its MQTT 5 properties (paho's tables
+                # per packet) the last message was ~3 KiB of every idle node of a fleet
+                del message, payload, data
+            raise aiomqtt.MqttError("message stream ended")
+        finally:
+            # the reader sees the end first (or is cancelled for a dropped connection): from now on
+            # publishes wait for the next connection, and those waiting on this one fail now, not
+            # after the client's exit has run
+            if client is self._client:
+                self._ready.clear()
+            client.end()
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        try:
-            async with asyncio.timeout(self.publish_timeout_s):
-                await self._ready.wait()
-        except TimeoutError as exc:
-            raise TransportError(f"not connected to the broker for {self.publish_timeout_s} s") from exc
+        if not self._ready.is_set():  # the common case skips the timeout's setup
+            try:
+                async with asyncio.timeout(self.publish_timeout_s):
+                    await self._ready.wait()
+            except TimeoutError as exc:
+                raise TransportError(f"not connected to the broker for {self.publish_timeout_s} s") from exc
         client, kick = self._client, self._kick
         if client is None:
             raise TransportError("not connected to the broker")
         try:
-            async with asyncio.timeout(self.ack_timeout_s):
-                acked = await _unless_set(kick, client.publish(topic, payload, qos=1, retain=retain))
-        except TimeoutError as exc:
+            acked = client.send(topic, payload, retain)
+        except aiomqtt.MqttError as exc:
+            if client is self._client:  # the connection is going: the next publish waits for the new one
+                self._ready.clear()
+                _drop(kick)
+            raise TransportError(f"publish to {topic} failed: {exc}") from exc
+        # one timer instead of a timeout scope: it fails the future, it cancels nothing
+        timer = asyncio.get_running_loop().call_later(self.ack_timeout_s, _expire, acked)
+        try:
+            await acked
+        except _AckTimeout as exc:
             # A connection that takes publishes but acknowledges none is dead in one direction
             # (seen with amqtt after a restart): drop it and reconnect.
             if client is self._client:  # the next publish waits for the new connection
                 self._ready.clear()
-            kick.set()
+            _drop(kick)
             raise TransportError(f"publish to {topic} not acknowledged in {self.ack_timeout_s} s") from exc
-        except aiomqtt.MqttError as exc:
-            if client is self._client:  # the connection is going: the next publish waits for the new one
-                self._ready.clear()
-                kick.set()
-            raise TransportError(f"publish to {topic} failed: {exc}") from exc
-        if not acked:
-            # The reader saw the connection end first: no PUBACK can come on it any more, so
-            # waiting out ack_timeout_s would only hold up the caller's retry on the next one.
-            raise TransportError(f"publish to {topic}: the connection ended before its acknowledgement")
+        except _ConnectionEnded as exc:
+            # The connection ended first: no PUBACK can come on it any more, so waiting out
+            # ack_timeout_s would only hold up the caller's retry on the next one.
+            raise TransportError(
+                f"publish to {topic}: the connection ended before its acknowledgement"
+            ) from exc
+        finally:
+            timer.cancel()
 
 
-async def _unless_set(gone: asyncio.Event, publishing: Awaitable[None]) -> bool:
-    """True once ``publishing`` is done (its error raised); False if ``gone`` is set first."""
-    task = asyncio.ensure_future(publishing)
-    ended = asyncio.ensure_future(gone.wait())
-    try:
-        await asyncio.wait((task, ended), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        ended.cancel()
-        finished = task.done()
-        if not finished:
-            task.cancel()  # also when the caller is cancelled or timed out
-    if not finished:
-        return False
-    task.result()
-    return True
+def _drop(kick: asyncio.Future[None] | None) -> None:
+    """Have ``run`` drop the connection ``kick`` belongs to (if it still runs)."""
+    if kick is not None and not kick.done():
+        kick.set_result(None)
+
+
+@functools.cache
+def _session_properties() -> Properties:
+    """CONNECT's properties, one object for every connection of the process (paho only packs it:
+    one per connection was ~2 KiB of each fleet node, its name tables included)."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 3600  # keep the session (and queued QoS 1) for an hour
+    return props
+
+
+class _AckTimeout(Exception):
+    """A publish's PUBACK did not come within ``ack_timeout_s`` (translated in ``publish``)."""
+
+
+class _ConnectionEnded(Exception):
+    """The connection a publish went out on ended before its PUBACK (translated in ``publish``)."""
+
+
+def _expire(acked: asyncio.Future[None]) -> None:
+    if not acked.done():
+        acked.set_exception(_AckTimeout())
+
+
+class _Connection(aiomqtt.Client):
+    """One connection's aiomqtt client whose QoS 1 publish is a single future, resolved by its PUBACK.
+
+    aiomqtt's own publish adds an event, a ``wait_for`` task and a pending-call record per
+    message (and logs a warning for each beyond ten in flight); a node awaits thousands of
+    publishes, so it registers the future itself. The future fails at once when the
+    connection ends (``end``), since no PUBACK can come on it after that.
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        self.acks: dict[int, asyncio.Future[None]] = {}
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    def send(self, topic: str, payload: bytes, retain: bool) -> asyncio.Future[None]:
+        """Hand one QoS 1 message to paho; the future is done at its PUBACK."""
+        info = self._client.publish(topic, payload, 1, retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "could not publish")
+        # paho reads the PUBACK only from the loop's reader callback, so never before this line
+        acked: asyncio.Future[None] = self._loop.create_future()
+        self.acks[info.mid] = acked
+        return acked
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: object, mid: int, reason_code: object, properties: object
+    ) -> None:
+        acked = self.acks.pop(mid, None)
+        if acked is not None and not acked.done():  # done: its caller was cancelled or timed out
+            acked.set_result(None)
+
+    def end(self) -> None:
+        """The connection is over: fail every publish still waiting for its PUBACK."""
+        acks, self.acks = self.acks, {}
+        for acked in acks.values():
+            if not acked.done():
+                acked.set_exception(_ConnectionEnded())
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:

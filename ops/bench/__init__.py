@@ -7,6 +7,7 @@
   (median of several batches, microseconds per message).
 * ``rt``: request/response round trips on one broker, in one run: raw aiomqtt
   QoS 1 echo versus trustpay's signed, verified ping, and their ratio.
+* ``memory``: resident memory per device node in fleet mode (:mod:`ops.bench.memory`).
 
 Speed is reported, never asserted: absolute numbers drift, ratios travel.
 """
@@ -276,9 +277,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "what",
         nargs="?",
         default="load",
-        choices=["load", "micro", "rt", "pay"],
+        choices=["load", "micro", "rt", "pay", "memory"],
         help="load (default): attested payments from many devices against the raw-MQTT baseline; "
-        "micro: per-message costs; rt: round trips vs raw MQTT; pay: one device's payments, frame by frame",
+        "micro: per-message costs; rt: round trips vs raw MQTT; pay: one device's payments, frame by frame; "
+        "memory: resident memory per device in fleet mode",
     )
     parser.add_argument("--devices", type=int, default=100, metavar="N", help="devices paying (load)")
     parser.add_argument(
@@ -317,12 +319,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default=None)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--n", type=int, default=2000, help="messages per micro batch")
+    parser.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="memory: also trace Python allocations (tracemalloc, FRAMES deep) and list the largest",
+    )
     add_json_argument(parser, "the result as one JSON line (default: indented JSON)")
     add_examples(
         parser,
         "trustpay bench --devices 100 --concurrency 50 --seconds 10",
         "trustpay bench --json --save before.json && trustpay bench --compare before.json",
         "trustpay bench micro",
+        "trustpay bench memory --devices 200            # KiB of RSS per device, chips and trust modules",
         "trustpay bench pay --payments 50 --backend amqtt --json",
         "trustpay bench --replicas 2 --backend mosquitto   # two trust-servers, two payment-servers",
     )
@@ -335,6 +345,8 @@ def needs_deploy(args: argparse.Namespace) -> bool:
 def run(args: argparse.Namespace) -> int:
     if args.what == "load":
         return _run_load(args)
+    if args.what == "memory":
+        return _run_memory(args)
     from broker import default_backend
     from ops.provision import provision
 
@@ -407,6 +419,31 @@ def _run_load(args: argparse.Namespace) -> int:
     if earlier is not None:
         print(compare(result, earlier), file=sys.stderr if args.json else sys.stdout)
     return 0 if result["failed"] == 0 else 1
+
+
+def _run_memory(args: argparse.Namespace) -> int:
+    from broker import default_backend
+    from ops.provision import provision
+    from protocol.topics import Role
+
+    from .memory import memory
+
+    with tempfile.TemporaryDirectory(prefix="trustpay-bench-") as tmp:
+        if args.reuse:
+            dep = Deployment(args.reuse.resolve())
+        else:
+            provision(Path(tmp) / "d", args.devices, backend=args.backend or default_backend())
+            dep = Deployment(Path(tmp) / "d")
+        result = asyncio.run(memory(dep, args.devices, (Role.CHIP, Role.TRUST_MODULE), args.trace))
+    result["machine"] = _machine()
+    result["command"] = f"trustpay bench memory --devices {args.devices}" + (
+        f" --trace {args.trace}" if args.trace else ""
+    )
+    if args.json:
+        print_json(result)
+    else:
+        print(json.dumps(result, indent=2))
+    return 0 if not result["failed"] else 1
 
 
 def _machine() -> dict[str, Any]:

@@ -89,3 +89,37 @@ async def test_the_proxy_cutting_a_connection_after_delivering_a_publish_fails_i
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await running
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_publish_never_acknowledged_times_out_drops_the_connection_and_the_next_goes_on_a_new_one(
+    backend: str, tmp_path: Path
+) -> None:
+    """The fault proxy holds one PUBLISH far beyond the ack timeout (no PUBACK comes while the
+    connection stays up): only the bus's own ack timeout can end that publish, and it must then
+    drop the connection that looks alive and carry the next publish on a new one."""
+    cast = Cast()
+    held = WAIT_S * 1000  # ms: past the test's bound, so the PUBACK cannot end the publish
+    hold_once = Rule(Kind.DELAY, (UP,), Direction.TO_BROKER, limit=1, delay_ms=(held, held))
+    async with (
+        running_broker(backend, tmp_path / "b", cast) as broker,
+        ChaosProxy(broker.host, broker.port, Profile((hold_once,))) as proxy,
+    ):
+        login = cast["dev-a.tm"]
+        address = BrokerAddress("127.0.0.1", proxy.port, login.username, login.password, broker.mqtt_version)
+        bus = MqttBus(address, login.username, ack_timeout_s=0.5, publish_timeout_s=WAIT_S)
+        connected = asyncio.Event()
+        running = asyncio.create_task(bus.run((), lambda topic, payload: None, connected))
+        try:
+            async with asyncio.timeout(WAIT_S):
+                await connected.wait()
+                with pytest.raises(TransportError, match=r"not acknowledged in 0\.5 s"):
+                    await bus.publish(UP, b"held past the ack timeout")
+                await bus.publish(UP, b"on the next connection")
+            assert proxy.log.counts["delay"] == 1
+            assert bus.connections == 2
+        finally:
+            bus.close()
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running

@@ -65,3 +65,21 @@ async def test_a_small_load_run_counts_confirmed_payments_and_their_messages(tmp
     assert json.loads(saved.read_text())["payments"] == result["payments"]
     assert "attested payments" in table(result) and "ratio" in table(result)
     assert "payments_per_second" in compare(result, {**result, "payments_per_second": 1.0})
+
+
+async def test_the_memory_measure_counts_every_node_of_the_fleet_and_names_where_python_memory_went(
+    tmp_path: Path,
+) -> None:
+    """Two devices' chips and trust modules up in this process, one KiB figure per node and per
+    device, and the traced growth attributed to lines of ours (no size asserted: machine-bound)."""
+    from ops.bench.memory import memory
+    from protocol.topics import Role
+
+    provision(tmp_path / "d", 2, backend=BACKEND)
+    result = await memory(Deployment(tmp_path / "d"), 2, (Role.CHIP, Role.TRUST_MODULE), trace=8)
+    assert result["nodes"] == 4 and result["failed"] == []
+    assert result["rss_after_kib"] > 0 and result["kib_per_device"] == pytest.approx(
+        2 * result["kib_per_node"], abs=0.2
+    )
+    assert result["python_kib_per_node"] > 0
+    assert any(entry["where"].startswith(("nodes/", "protocol/", "ops/")) for entry in result["top"])
