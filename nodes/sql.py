@@ -37,6 +37,7 @@ SQLITE: Final = "sqlite"
 POSTGRESQL: Final = "postgresql"
 SCHEMA_PARAM = "trustpay_schema"
 DEFAULT_PREFIX = "trustpay"
+WAL_ATTEMPTS = 200  # switching a new SQLite file to WAL, while another connection is setting it up
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # becomes part of an SQL identifier: nothing else gets in
 
 
@@ -160,7 +161,7 @@ class SqliteConn:
         try:
             await db.execute("PRAGMA foreign_keys = ON")
             if not self.readonly:
-                await db.execute("PRAGMA journal_mode = WAL")  # readers (the CLI) never block the server
+                await self._enter_wal(db)
                 await db.execute("PRAGMA synchronous = FULL")  # a commit is on disk before we answer
                 async with db.execute("PRAGMA user_version") as cur:
                     held = (await cur.fetchone() or (0,))[0]
@@ -177,6 +178,26 @@ class SqliteConn:
             await db.close()
             raise sqlite_error(exc, self.path, self.errors) from exc
         self._db = db
+
+    async def _enter_wal(self, db: aiosqlite.Connection) -> None:
+        """WAL journal, so readers (the CLI) never block the server.
+
+        Switching a new file to WAL needs it to itself, and SQLite refuses at once
+        ("database is locked", no busy wait) while another connection is in a
+        transaction: replicas starting together on one file did, one in 25 here. So
+        the switch is retried for up to the busy timeout; once one connection made the
+        file WAL (it stays so), the others' switch has nothing left to do.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.busy_timeout_s
+        for attempt in range(1, WAL_ATTEMPTS + 1):  # bounded, and by the deadline
+            try:
+                await db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == WAL_ATTEMPTS or loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(min(0.005 * attempt, 0.1))
 
     async def close(self) -> None:
         db, self._db = self._db, None
