@@ -213,6 +213,18 @@ async def serve(
         await runner.cleanup()
 
 
+def _one_event_each(obs: Json) -> list[Json]:
+    """A frame carrying a batch of step events, as one observation per event.
+
+    The page draws one note per observation, in the flow of that event's session;
+    a batch (``events``) may hold steps of several sessions, each drawn where it belongs.
+    """
+    events = obs.get("events") or []
+    if len(events) < 2:
+        return [obs]
+    return [{**obs, "event": event, "events": [event]} for event in events]
+
+
 class WebOutput:
     """The monitor command's output with ``--web``: every observation goes to the pages.
 
@@ -225,7 +237,8 @@ class WebOutput:
         self.feed, self.then = feed, then
 
     def show(self, item: Observation | Dropped) -> None:
-        self.feed.publish(item.to_json())
+        for one in _one_event_each(item.to_json()):
+            self.feed.publish(one)
 
     def tick(self) -> None:
         pass

@@ -14,7 +14,8 @@ import pytest
 
 from nodes.deployment import Deployment
 from nodes.ledger import PaymentRecord, ledger_at
-from ops.monitor.web import CLIENT_QUEUE, WebFeed, check_host, serve
+from ops.monitor.model import Json
+from ops.monitor.web import CLIENT_QUEUE, WebFeed, WebOutput, check_host, serve
 from ops.provision import provision
 from protocol.errors import ConfigError
 
@@ -151,3 +152,32 @@ async def test_ledger_totals_come_from_the_real_ledger(tmp_path: Path) -> None:
     assert summary["total"] == summary["payers"] + summary["merchants"] == 200_000
     balances = {a["account"]: a["balance"] for a in summary["accounts"]}
     assert balances["dev-0001:wallet"] == 100_000 - 1_250
+
+
+class _Quiet:
+    def show(self, item: object) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def finish(self, summary: Json) -> None: ...
+
+
+class _Item:
+    def __init__(self, obs: Json) -> None:
+        self.obs = obs
+
+    def to_json(self) -> Json:
+        return self.obs
+
+
+def test_a_frame_of_batched_step_events_reaches_the_page_as_one_observation_per_event() -> None:
+    # the page draws one note per observation, in its event's session: a batch drawn as its
+    # last event alone lost the others (an A3 refusal batched behind A2 never showed)
+    feed = WebFeed()
+    a2 = {"step": "A2", "session": "s1", "outcome": "done"}
+    a3 = {"step": "A3", "session": "s2", "outcome": "refused"}
+    out = WebOutput(feed, _Quiet())
+    out.show(_Item({"type": "events", "event": a3, "events": [a2, a3], "size": 900}))
+    out.show(_Item({"type": "event", "event": a2, "events": [], "size": 400}))
+    shown = [(o["type"], o["event"]["step"], o["size"]) for o in map(json.loads, feed.history)]
+    assert shown == [("events", "A2", 900), ("events", "A3", 900), ("event", "A2", 400)]
