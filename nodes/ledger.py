@@ -131,8 +131,7 @@ CREATE TABLE IF NOT EXISTS app_accounts (
     PRIMARY KEY (device, app)
 )$strict;
 CREATE TABLE IF NOT EXISTS payments (
-    $seq_column
-    order_id TEXT NOT NULL,
+    ${{seq_column}}order_id TEXT NOT NULL,
     device TEXT NOT NULL,
     app TEXT NOT NULL,
     payer TEXT NOT NULL,

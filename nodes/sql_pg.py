@@ -38,7 +38,7 @@ LOCK_TIMEOUT_MS = 5_000  # like SQLite's busy timeout: a stuck writer makes us f
 
 PG_DIALECT = Dialect(
     int="BIGINT", blob="BYTEA", strict="", identity="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-    seq_column="seq BIGINT GENERATED ALWAYS AS IDENTITY,", seq="seq", binary=' COLLATE "C"',
+    seq_column="seq BIGINT GENERATED ALWAYS AS IDENTITY,\n    ", seq="seq", binary=' COLLATE "C"',
 )  # fmt: skip
 _VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 
