@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from protocol.errors import TrustpayError
 
-from .sql import POSTGRESQL, Conn, DbUrl, Failures, SqlReplies, Tx, parse_db_url
+from .sql import POSTGRESQL, Conn, DbUrl, Failures, SqlReplies, Tx, parse_db_url, write
 
 if TYPE_CHECKING:
     from .deployment import Manifest
@@ -302,27 +302,27 @@ class Ledger:
 
     async def store_grant(self, device: str, intent_hash: bytes, verdict: bytes, expires_ms: int) -> None:
         """Record a grant; a repeated grant may extend an unused one but never revives a used one."""
-        async with self._conn.tx() as tx:
-            await tx.execute(
-                "INSERT INTO grants (intent_hash, device, verdict_blob, expires_ms) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (intent_hash) DO UPDATE SET device = excluded.device, "
-                "verdict_blob = excluded.verdict_blob, expires_ms = excluded.expires_ms "
-                "WHERE grants.used_ms IS NULL AND excluded.expires_ms > grants.expires_ms",
-                intent_hash,
-                device,
-                verdict,
-                expires_ms,
-            )
+        await write(
+            self._conn,
+            "INSERT INTO grants (intent_hash, device, verdict_blob, expires_ms) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (intent_hash) DO UPDATE SET device = excluded.device, "
+            "verdict_blob = excluded.verdict_blob, expires_ms = excluded.expires_ms "
+            "WHERE grants.used_ms IS NULL AND excluded.expires_ms > grants.expires_ms",
+            intent_hash,
+            device,
+            verdict,
+            expires_ms,
+        )
 
     async def prune_grants(self, now_ms: int, limit: int) -> int:
         """Forget up to ``limit`` grants that expired unused (a used one stays with its payment)."""
-        async with self._conn.tx() as tx:
-            return await tx.execute(
-                "DELETE FROM grants WHERE intent_hash IN (SELECT intent_hash FROM grants "
-                "WHERE used_ms IS NULL AND expires_ms < ? LIMIT ?)",
-                now_ms,
-                limit,
-            )
+        return await write(
+            self._conn,
+            "DELETE FROM grants WHERE intent_hash IN (SELECT intent_hash FROM grants "
+            "WHERE used_ms IS NULL AND expires_ms < ? LIMIT ?)",
+            now_ms,
+            limit,
+        )
 
     async def account_view(
         self, device: str, app: str, limit: int

@@ -339,6 +339,12 @@ class SqliteConn:
                 raise sqlite_error(exc, self.path, self.errors) from exc
 
 
+async def write(conn: Conn, sql: str, *args: Any) -> int:
+    """One statement in a write transaction of its own; how many rows it changed."""
+    async with conn.tx() as tx:
+        return await tx.execute(sql, *args)
+
+
 # The reply log of a role's replicas (nodes.replies): a row per (sender, message id); a NULL frame is a
 # request held but not yet answered. A claim is one conditional upsert, so two claimants never both win.
 REPLIES = """
@@ -385,20 +391,20 @@ class SqlReplies:
         return Claim(BUSY)
 
     async def answer(self, sender: str, message_id: bytes, topic: str, frame: bytes, now_ms: int) -> None:
-        async with self._conn.tx() as tx:
-            await tx.execute(
-                "INSERT INTO replies (sender, message_id, holder, claimed_ms, topic, frame) "
-                "VALUES (?, ?, '', ?, ?, ?) "
-                "ON CONFLICT (sender, message_id) DO UPDATE SET topic = excluded.topic,"
-                " frame = excluded.frame",
-                sender, message_id, now_ms, topic, frame,
-            )  # fmt: skip
+        await write(
+            self._conn,
+            "INSERT INTO replies (sender, message_id, holder, claimed_ms, topic, frame) "
+            "VALUES (?, ?, '', ?, ?, ?) "
+            "ON CONFLICT (sender, message_id) DO UPDATE SET topic = excluded.topic,"
+            " frame = excluded.frame",
+            sender, message_id, now_ms, topic, frame,
+        )  # fmt: skip
 
     async def prune(self, before_ms: int, limit: int) -> int:
-        async with self._conn.tx() as tx:
-            return await tx.execute(
-                "DELETE FROM replies WHERE (sender, message_id) IN (SELECT sender, message_id FROM replies "
-                "WHERE claimed_ms < ? LIMIT ?)",
-                before_ms,
-                limit,
-            )
+        return await write(
+            self._conn,
+            "DELETE FROM replies WHERE (sender, message_id) IN (SELECT sender, message_id FROM replies "
+            "WHERE claimed_ms < ? LIMIT ?)",
+            before_ms,
+            limit,
+        )

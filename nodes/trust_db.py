@@ -25,7 +25,7 @@ from typing import Any
 from protocol.errors import ConfigError, Rejected, TrustpayError
 from protocol.records import Release, record_hash
 
-from .sql import POSTGRESQL, Conn, DbUrl, Failures, SqlReplies, parse_db_url
+from .sql import POSTGRESQL, Conn, DbUrl, Failures, SqlReplies, parse_db_url, write
 
 SCHEMA_VERSION = 2  # 2: nonces and attestations bind the payment's intent hash
 ACTIVE, REVOKED = "active", "revoked"
@@ -216,15 +216,13 @@ class TrustDb:
         """Raises DeviceUnknown for a device never registered."""
         if status not in (ACTIVE, REVOKED):
             raise ConfigError(f"device status must be {ACTIVE!r} or {REVOKED!r}, not {status!r}")
-        async with self._conn.tx() as tx:
-            changed = await tx.execute("UPDATE devices SET status = ? WHERE device = ?", status, device)
+        changed = await write(self._conn, "UPDATE devices SET status = ? WHERE device = ?", status, device)
         if changed != 1:
             raise DeviceUnknown(f"device {device} is not registered with the trust-server")
 
     async def add_release(self, release: Release, blob: bytes) -> bool:
         """Store a verified release record; False when this exact record was already held."""
-        async with self._conn.tx() as tx:
-            return await tx.execute(INSERT_RELEASE, *release_args(release, blob)) == 1
+        return await write(self._conn, INSERT_RELEASE, *release_args(release, blob)) == 1
 
     async def releases(self) -> list[Release]:
         """Every release record, oldest first; on equal times a withdrawal comes last, so it wins."""
@@ -237,16 +235,15 @@ class TrustDb:
     async def issue_nonce(
         self, nonce: bytes, device: str, intent_hash: bytes, issued_ms: int, expires_ms: int
     ) -> None:
-        async with self._conn.tx() as tx:
-            await tx.execute(
-                "INSERT INTO nonces (nonce, device, intent_hash, issued_ms, expires_ms)"
-                " VALUES (?, ?, ?, ?, ?)",
-                nonce,
-                device,
-                intent_hash,
-                issued_ms,
-                expires_ms,
-            )
+        await write(
+            self._conn,
+            "INSERT INTO nonces (nonce, device, intent_hash, issued_ms, expires_ms) VALUES (?, ?, ?, ?, ?)",
+            nonce,
+            device,
+            intent_hash,
+            issued_ms,
+            expires_ms,
+        )
 
     async def consume_nonce(self, nonce: bytes, device: str, now_ms: int) -> NonceRow:
         """Mark ``nonce`` used by ``device`` now, or raise why it cannot be (single use, atomic)."""
@@ -268,10 +265,11 @@ class TrustDb:
         """Forget up to ``limit`` (-1: all) challenges that expired unanswered; answered ones
         stay with their attestation. A limit keeps each run of the periodic prune short."""
         expired = "SELECT nonce FROM nonces WHERE used_ms IS NULL AND expires_ms < ?"
-        async with self._conn.tx() as tx:
-            if limit < 0:
-                return await tx.execute(f"DELETE FROM nonces WHERE nonce IN ({expired})", now_ms)
-            return await tx.execute(f"DELETE FROM nonces WHERE nonce IN ({expired} LIMIT ?)", now_ms, limit)
+        if limit < 0:
+            return await write(self._conn, f"DELETE FROM nonces WHERE nonce IN ({expired})", now_ms)
+        return await write(
+            self._conn, f"DELETE FROM nonces WHERE nonce IN ({expired} LIMIT ?)", now_ms, limit
+        )
 
     async def record_attestation(
         self, nonce: NonceRow, status: str, reason: str, verdict: bytes, at_ms: int, passed: bool
@@ -294,8 +292,7 @@ class TrustDb:
         return int(row[0])
 
     async def mark_granted(self, attestation_id: int, at_ms: int) -> None:
-        async with self._conn.tx() as tx:
-            await tx.execute("UPDATE attestations SET granted_ms = ? WHERE id = ?", at_ms, attestation_id)
+        await write(self._conn, "UPDATE attestations SET granted_ms = ? WHERE id = ?", at_ms, attestation_id)
 
     async def attestations(self, device: str) -> list[AttestationRow]:
         rows = await self._conn.all(
@@ -310,15 +307,15 @@ class TrustDb:
 
     async def note_platform(self, fingerprint: bytes, serial: int, cert: bytes, now_ms: int) -> None:
         """Remember a platform certificate we have held, so C1 can tell 'superseded' from 'unknown'."""
-        async with self._conn.tx() as tx:
-            await tx.execute(
-                "INSERT INTO platform_certs (fingerprint, serial, cert, first_seen_ms) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (fingerprint) DO NOTHING",
-                fingerprint,
-                serial,
-                cert,
-                now_ms,
-            )
+        await write(
+            self._conn,
+            "INSERT INTO platform_certs (fingerprint, serial, cert, first_seen_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (fingerprint) DO NOTHING",
+            fingerprint,
+            serial,
+            cert,
+            now_ms,
+        )
 
     async def platform_serial(self, fingerprint: bytes) -> int | None:
         row = await self._conn.one("SELECT serial FROM platform_certs WHERE fingerprint = ?", fingerprint)
@@ -330,14 +327,14 @@ class TrustDb:
         return (int(row[0]), bytes(row[1])) if row else None
 
     async def store_crl(self, number: int, crl: bytes, now_ms: int) -> None:
-        async with self._conn.tx() as tx:
-            await tx.execute(
-                "INSERT INTO revocations (number, crl, installed_ms) VALUES (?, ?, ?)"
-                " ON CONFLICT (number) DO NOTHING",
-                number,
-                crl,
-                now_ms,
-            )
+        await write(
+            self._conn,
+            "INSERT INTO revocations (number, crl, installed_ms) VALUES (?, ?, ?)"
+            " ON CONFLICT (number) DO NOTHING",
+            number,
+            crl,
+            now_ms,
+        )
 
 
 def trust_db_at(url: str | Path | DbUrl) -> TrustDb:
