@@ -7,11 +7,13 @@ the embedded SQLite default (one process). PostgreSQL URLs may carry
 ``PREFIX_ledger`` and ``PREFIX_trust`` (default prefix ``trustpay``), so both
 roles can share one database and tests on one database stay apart.
 
-The SQLite half of the storage lives here too: one aiosqlite connection per
+The stores (``nodes.ledger``, ``nodes.trust_db``) and the reply log
+(:class:`SqlReplies`) are written once, against :class:`Tx`: SQL with ``?``
+placeholders, DDL with ``$int``/``$blob``/... filled in by the back end's
+:class:`Dialect`. The SQLite back end lives here: one aiosqlite connection per
 store (its own thread, so no query blocks the loop), every unit of work one
-``BEGIN IMMEDIATE ... COMMIT`` under a lock, and the reply log
-(:class:`nodes.replies.Replies`) as a ``replies`` table. The PostgreSQL half
-is ``nodes.sql_pg``, imported only when a URL asks for it.
+``BEGIN IMMEDIATE ... COMMIT`` under a lock. The PostgreSQL one is
+``nodes.sql_pg``, imported only when a URL asks for it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import asyncio
 import contextlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from string import Template
+from typing import Any, Final, Literal, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiosqlite
@@ -114,6 +117,68 @@ class Failures:
     unavailable: type[TrustpayError]  # the database cannot be reached or opened
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """What the stores' SQL leaves to the back end: column types in DDL, and how rows are ordered."""
+
+    int: str  # a 64-bit integer column
+    blob: str
+    strict: str  # after a table's closing parenthesis: SQLite's type checking
+    identity: str  # an id column the database numbers
+    seq_column: str  # a column that orders rows by insertion, where the table has none of its own
+    seq: str  # that order in ORDER BY
+    binary: str  # after a TEXT column in ORDER BY: compare bytes, not the locale's collation
+
+    def ddl(self, text: str) -> str:
+        return Template(text).substitute(
+            int=self.int,
+            blob=self.blob,
+            strict=self.strict,
+            identity=self.identity,
+            seq_column=self.seq_column,
+        )
+
+
+SQLITE_DIALECT = Dialect(
+    int="INTEGER", blob="BLOB", strict=" STRICT", identity="INTEGER PRIMARY KEY AUTOINCREMENT",
+    seq_column="", seq="rowid", binary="",
+)  # fmt: skip
+
+
+class Tx(Protocol):
+    """One open transaction; SQL with ``?`` placeholders, driver errors surface at the end of ``tx``."""
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; how many rows it changed."""
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    async def fetchone(self, sql: str, *args: Any) -> Any: ...
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Any]: ...
+
+
+class Conn(Protocol):
+    """A store's connection (``SqliteConn``, ``nodes.sql_pg.PgConn``): units of work, typed errors only."""
+
+    dialect: Dialect
+    readonly: bool
+
+    async def open(self, schema: str, version: int, marker: str) -> bool:
+        """Connect; a writer creates ``schema`` (idempotent). A reader opens only a store a writer
+        made (its ``marker`` table): False, and nothing open, when there is none."""
+
+    async def close(self) -> None: ...
+
+    def tx(self, *, read: bool = False) -> AbstractAsyncContextManager[Tx]:
+        """A write transaction, or a consistent ``read`` of several statements."""
+
+    async def one(self, sql: str, *args: Any) -> Any:
+        """One read statement on its own."""
+
+    async def all(self, sql: str, *args: Any) -> list[Any]: ...
+
+
 def sqlite_error(exc: sqlite3.Error | OSError, where: object, errors: Failures) -> TrustpayError:
     if isinstance(exc, sqlite3.IntegrityError):
         return errors.conflict(
@@ -129,8 +194,31 @@ def sqlite_error(exc: sqlite3.Error | OSError, where: object, errors: Failures) 
     return errors.failed(f"{errors.what} {where} failed: {text}; nothing was changed")
 
 
+class SqliteTx:
+    """:class:`Tx` on an aiosqlite connection inside ``BEGIN ... COMMIT``."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self._db.execute(sql, args) as cur:
+            return cur.rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._db.executemany(sql, rows)
+
+    async def fetchone(self, sql: str, *args: Any) -> Any:
+        async with self._db.execute(sql, args) as cur:
+            return await cur.fetchone()
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Any]:
+        return list(await self._db.execute_fetchall(sql, args))
+
+
 class SqliteConn:
     """One aiosqlite connection with its lock: a store's SQLite connection, shared with its reply log."""
+
+    dialect = SQLITE_DIALECT
 
     def __init__(self, path: Path, errors: Failures, *, readonly: bool = False, busy_timeout_s: float = 5.0):
         self.path = Path(path)
@@ -140,11 +228,17 @@ class SqliteConn:
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
 
-    async def open(self, schema: str, version: int) -> None:
-        """Connect; a writer also creates ``schema`` (idempotent) and stamps ``version``.
+    def __str__(self) -> str:
+        return str(self.path)
+
+    async def open(self, schema: str, version: int, marker: str) -> bool:
+        """Connect; a writer also creates ``schema`` (idempotent) and stamps ``version``; a reader
+        finds no store (False) where no file is: a writer creates the file with its tables.
 
         An older or newer schema is refused: provisioning again is the upgrade path.
         """
+        if self.readonly and not await asyncio.to_thread(self.path.is_file):
+            return False
         if self.readonly:
             target: str | Path = self.path.absolute().as_uri() + "?mode=ro"
         else:
@@ -172,12 +266,14 @@ class SqliteConn:
                         "provision the deployment again (or run the trustpay that wrote it)"
                     )
                 await db.executescript(
-                    f"BEGIN IMMEDIATE;\n{schema}\n{REPLIES_SQLITE}\nPRAGMA user_version = {version};\nCOMMIT;"
+                    f"BEGIN IMMEDIATE;\n{self.dialect.ddl(schema + REPLIES)}\n"
+                    f"PRAGMA user_version = {version};\nCOMMIT;"
                 )
         except sqlite3.Error as exc:
             await db.close()
             raise sqlite_error(exc, self.path, self.errors) from exc
         self._db = db
+        return True
 
     async def _enter_wal(self, db: aiosqlite.Connection) -> None:
         """WAL journal, so readers (the CLI) never block the server.
@@ -206,9 +302,10 @@ class SqliteConn:
                 await db.close()
 
     @asynccontextmanager
-    async def tx(self, mode: str = "IMMEDIATE") -> AsyncIterator[aiosqlite.Connection]:
-        """One transaction: commits if the block ends, rolls back whatever"
-        " else happens (even cancellation)."""
+    async def tx(self, *, read: bool = False) -> AsyncIterator[Tx]:
+        """One transaction: commits if the block ends, rolls back whatever else happens (even
+        cancellation). A write takes the write lock up front (a payment reads, then writes what it read)."""
+        mode = "DEFERRED" if read else "IMMEDIATE"
         db = self._db
         if db is None:
             raise self.errors.failed(f"{self.errors.what} {self.path} is not open")
@@ -218,7 +315,7 @@ class SqliteConn:
             except sqlite3.Error as exc:
                 raise sqlite_error(exc, self.path, self.errors) from exc
             try:
-                yield db
+                yield SqliteTx(db)
                 await db.execute("COMMIT")
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have rolled back already
@@ -227,84 +324,87 @@ class SqliteConn:
                     raise sqlite_error(exc, self.path, self.errors) from exc
                 raise
 
-    async def one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    async def one(self, sql: str, *args: Any) -> Any:
         """One read statement on its own (SQLite runs it as its own transaction)."""
-        return next(iter(await self.all(sql, params)), None)
+        return next(iter(await self.all(sql, *args)), None)
 
-    async def all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    async def all(self, sql: str, *args: Any) -> list[Any]:
         db = self._db
         if db is None:
             raise self.errors.failed(f"{self.errors.what} {self.path} is not open")
         async with self._lock:
             try:
-                return list(await db.execute_fetchall(sql, params))
+                return list(await db.execute_fetchall(sql, args))
             except sqlite3.Error as exc:
                 raise sqlite_error(exc, self.path, self.errors) from exc
 
 
+async def write(conn: Conn, sql: str, *args: Any) -> int:
+    """One statement in a write transaction of its own; how many rows it changed."""
+    async with conn.tx() as tx:
+        return await tx.execute(sql, *args)
+
+
 # The reply log of a role's replicas (nodes.replies): a row per (sender, message id); a NULL frame is a
 # request held but not yet answered. A claim is one conditional upsert, so two claimants never both win.
-REPLIES_SQLITE = """
+REPLIES = """
 CREATE TABLE IF NOT EXISTS replies (
     sender TEXT NOT NULL,
-    message_id BLOB NOT NULL,
+    message_id $blob NOT NULL,
     holder TEXT NOT NULL,
-    claimed_ms INTEGER NOT NULL,
+    claimed_ms $int NOT NULL,
     topic TEXT NOT NULL DEFAULT '',
-    frame BLOB,
+    frame $blob,
     PRIMARY KEY (sender, message_id)
-) STRICT;
+)$strict;
 CREATE INDEX IF NOT EXISTS replies_by_age ON replies (claimed_ms);
 """
+# the casts: PostgreSQL infers no type for a parameter in arithmetic on excluded.*
 CLAIM_SQL = (
-    "INSERT INTO replies (sender, message_id, holder, claimed_ms)"
-    " VALUES ({0}, {1}, {2}, {3}) "
+    "INSERT INTO replies (sender, message_id, holder, claimed_ms) VALUES (?, ?, ?, CAST(? AS {int})) "
     "ON CONFLICT (sender, message_id) DO UPDATE SET holder = excluded.holder,"
     " claimed_ms = excluded.claimed_ms "
-    "WHERE replies.frame IS NULL AND replies.claimed_ms <= excluded.claimed_ms - {4} RETURNING holder"
-)
-HELD_SQL = "SELECT topic, frame FROM replies WHERE sender = {0} AND message_id = {1}"
-ANSWER_SQL = (
-    "INSERT INTO replies (sender, message_id, holder, claimed_ms, topic, frame) "
-    "VALUES ({0}, {1}, '', {2}, {3}, {4}) "
-    "ON CONFLICT (sender, message_id) DO UPDATE SET topic = excluded.topic, frame = excluded.frame"
+    "WHERE replies.frame IS NULL AND replies.claimed_ms <= excluded.claimed_ms - CAST(? AS {int})"
+    " RETURNING holder"
 )
 
 
-def held_claim(row: Any) -> Claim:
-    """What a claim that did not win finds: the stored answer, or a holder still at work."""
-    if row is not None and row[1] is not None:
-        return Claim(ANSWERED, str(row[0]), bytes(row[1]))
-    return Claim(BUSY)
+class SqlReplies:
+    """:class:`nodes.replies.Replies` in a store's database (its ``replies`` table)."""
 
-
-class SqliteReplies:
-    """:class:`nodes.replies.Replies` in a store's SQLite database (its ``replies`` table)."""
-
-    def __init__(self, conn: SqliteConn, lease_ms: int = LEASE_MS) -> None:
+    def __init__(self, conn: Conn, lease_ms: int = LEASE_MS) -> None:
         self._conn = conn
         self.lease_ms = lease_ms
+        self._claim = CLAIM_SQL.format(int=conn.dialect.int)
 
     async def claim(self, sender: str, message_id: bytes, holder: str, now_ms: int) -> Claim:
-        async with self._conn.tx() as db:
-            async with db.execute(
-                CLAIM_SQL.format("?", "?", "?", "?", "?"), (sender, message_id, holder, now_ms, self.lease_ms)
-            ) as cur:
-                if await cur.fetchone() is not None:
-                    return Claim(NEW)
-            async with db.execute(HELD_SQL.format("?", "?"), (sender, message_id)) as cur:
-                return held_claim(await cur.fetchone())
+        # one statement: a concurrent claim waits on the row, then re-checks the WHERE and gets nothing
+        async with self._conn.tx() as tx:
+            if await tx.fetchone(self._claim, sender, message_id, holder, now_ms, self.lease_ms) is not None:
+                return Claim(NEW)
+            row = await tx.fetchone(
+                "SELECT topic, frame FROM replies WHERE sender = ? AND message_id = ?", sender, message_id
+            )
+        # what a claim that did not win finds: the stored answer, or a holder still at work
+        if row is not None and row[1] is not None:
+            return Claim(ANSWERED, str(row[0]), bytes(row[1]))
+        return Claim(BUSY)
 
     async def answer(self, sender: str, message_id: bytes, topic: str, frame: bytes, now_ms: int) -> None:
-        async with self._conn.tx() as db:
-            await db.execute(
-                ANSWER_SQL.format("?", "?", "?", "?", "?"), (sender, message_id, now_ms, topic, frame)
-            )
+        await write(
+            self._conn,
+            "INSERT INTO replies (sender, message_id, holder, claimed_ms, topic, frame) "
+            "VALUES (?, ?, '', ?, ?, ?) "
+            "ON CONFLICT (sender, message_id) DO UPDATE SET topic = excluded.topic,"
+            " frame = excluded.frame",
+            sender, message_id, now_ms, topic, frame,
+        )  # fmt: skip
 
     async def prune(self, before_ms: int, limit: int) -> int:
-        async with self._conn.tx() as db:
-            cur = await db.execute(
-                "DELETE FROM replies WHERE rowid IN (SELECT rowid FROM replies WHERE claimed_ms < ? LIMIT ?)",
-                (before_ms, limit),
-            )
-            return cur.rowcount
+        return await write(
+            self._conn,
+            "DELETE FROM replies WHERE (sender, message_id) IN (SELECT sender, message_id FROM replies "
+            "WHERE claimed_ms < ? LIMIT ?)",
+            before_ms,
+            limit,
+        )

@@ -1,4 +1,4 @@
-"""What the PostgreSQL stores share: a small asyncpg pool in one schema, and the reply log.
+"""The PostgreSQL back end of the stores: a small asyncpg pool in one schema.
 
 Each role keeps its tables in its own schema (``DbUrl.schema``), created at
 open under an advisory lock so replicas starting together do not race the
@@ -12,37 +12,34 @@ errors (:class:`nodes.sql.Failures`): a key or CHECK violation, a serialization
 failure or a deadlock is a *conflict* (another writer got there first; the
 caller retries), a lock or statement timeout is *busy*, a lost or refused
 connection is *unavailable*.
+
+The stores' SQL is written once with ``?`` placeholders (``nodes.sql.Tx``);
+:func:`numbered` turns each statement into PostgreSQL's ``$1..$n`` once.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+import itertools
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
 
 from protocol.errors import ConfigError, TrustpayError
 
-from .replies import LEASE_MS, NEW, Claim
-from .sql import ANSWER_SQL, CLAIM_SQL, HELD_SQL, DbUrl, Failures, held_claim
+from .sql import REPLIES, DbUrl, Dialect, Failures, Tx
 
 POOL_MIN, POOL_MAX = 1, 4  # one server process runs few transactions at once; replicas add their own
 LOCK_TIMEOUT_MS = 5_000  # like SQLite's busy timeout: a stuck writer makes us fail, not hang
 
-REPLIES_PG = """
-CREATE TABLE IF NOT EXISTS replies (
-    sender TEXT NOT NULL,
-    message_id BYTEA NOT NULL,
-    holder TEXT NOT NULL,
-    claimed_ms BIGINT NOT NULL,
-    topic TEXT NOT NULL DEFAULT '',
-    frame BYTEA,
-    PRIMARY KEY (sender, message_id)
-);
-CREATE INDEX IF NOT EXISTS replies_by_age ON replies (claimed_ms);
-"""
+PG_DIALECT = Dialect(
+    int="BIGINT", blob="BYTEA", strict="", identity="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    seq_column="seq BIGINT GENERATED ALWAYS AS IDENTITY,\n    ", seq="seq", binary=' COLLATE "C"',
+)  # fmt: skip
 _VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 
 
@@ -64,10 +61,45 @@ def pg_error(exc: BaseException, where: object, errors: Failures) -> TrustpayErr
 
 
 _FOREIGN = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_PLACEHOLDER = re.compile(r"\?")  # the stores' SQL holds no ? in a string literal
+
+
+@lru_cache(maxsize=512)
+def numbered(sql: str) -> str:
+    """``?`` placeholders as ``$1..$n``; the stores' statements are few, so each is translated once."""
+    n = itertools.count(1)
+    return _PLACEHOLDER.sub(lambda _: f"${next(n)}", sql)
+
+
+def rows_changed(status: str) -> int:
+    """The row count of a command status ("UPDATE 1", "INSERT 0 1", "DELETE 3")."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+class PgTx:
+    """:class:`nodes.sql.Tx` on an asyncpg connection inside a transaction."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return rows_changed(await self._conn.execute(numbered(sql), *args))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._conn.executemany(numbered(sql), list(rows))
+
+    async def fetchone(self, sql: str, *args: Any) -> Any:
+        return await self._conn.fetchrow(numbered(sql), *args)
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Any]:
+        return list(await self._conn.fetch(numbered(sql), *args))
 
 
 class PgConn:
     """A store's pool on one schema; ``tx`` is the unit of work, translated errors only."""
+
+    dialect = PG_DIALECT
 
     def __init__(
         self, url: DbUrl, role: str, errors: Failures, *, readonly: bool = False, pool_max: int = POOL_MAX
@@ -79,8 +111,12 @@ class PgConn:
         self.pool_max = pool_max
         self._pool: asyncpg.Pool | None = None
 
-    async def open(self, schema_sql: str, version: int) -> None:
-        """Connect; a writer creates the schema and its tables (idempotent), a reader creates nothing."""
+    def __str__(self) -> str:
+        return f"{self.url} (schema {self.schema})"
+
+    async def open(self, schema_sql: str, version: int, marker: str) -> bool:
+        """Connect; a writer creates the schema and its tables (idempotent), a reader creates nothing
+        and finds no store (False, nothing open) where the schema holds no ``marker`` table."""
         settings = {"search_path": self.schema, "lock_timeout": str(LOCK_TIMEOUT_MS)}
         if self.readonly:
             settings["default_transaction_read_only"] = "on"
@@ -100,6 +136,10 @@ class PgConn:
                 raise pg_error(exc, self.url, self.errors) from exc
             raise
         self._pool = pool
+        if self.readonly and not await self.has_table(marker):
+            await self.close()
+            return False
+        return True
 
     async def _create(self, conn: Any, schema_sql: str, version: int) -> None:
         # the key of the advisory lock: this schema's name, so only openers of the same schema wait
@@ -109,7 +149,7 @@ class PgConn:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
             await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            await conn.execute(f"{_VERSION_TABLE};\n{schema_sql}\n{REPLIES_PG}")
+            await conn.execute(f"{_VERSION_TABLE};\n{self.dialect.ddl(schema_sql + REPLIES)}")
             held = await conn.fetchval("SELECT max(version) FROM schema_version")
             if held is None:
                 await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
@@ -122,8 +162,8 @@ class PgConn:
 
     async def has_table(self, table: str) -> bool:
         """Whether this schema holds ``table`` (a reader's check that a writer ever created the store)."""
-        async with self.tx() as conn:
-            return await conn.fetchval("SELECT to_regclass($1)", f'"{self.schema}".{table}') is not None
+        row = await self.one("SELECT to_regclass(?)", f'"{self.schema}".{table}')
+        return row is not None and row[0] is not None
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -131,60 +171,26 @@ class PgConn:
             await pool.close()
 
     @asynccontextmanager
-    async def tx(self, *, isolation: str = "read_committed", readonly: bool = False) -> AsyncIterator[Any]:
-        """One transaction on a pooled connection: committed if the block ends, else rolled back."""
+    async def tx(self, *, read: bool = False) -> AsyncIterator[Tx]:
+        """One transaction on a pooled connection: committed if the block ends, else rolled back.
+
+        Writes run at READ COMMITTED: a conditional update re-checks its WHERE on the row a
+        concurrent writer just committed, so the loser's says no. A ``read`` is REPEATABLE READ,
+        so its statements agree with each other."""
+        isolation = "repeatable_read" if read else "read_committed"
         pool = self._pool
         if pool is None:
             raise self.errors.failed(f"{self.errors.what} at {self.url} is not open")
         try:
-            async with pool.acquire() as conn, conn.transaction(isolation=isolation, readonly=readonly):
-                yield conn
+            async with pool.acquire() as conn, conn.transaction(isolation=isolation, readonly=read):
+                yield PgTx(conn)
         except _FOREIGN as exc:
             raise pg_error(exc, self.url, self.errors) from exc
 
     async def one(self, sql: str, *args: Any) -> Any:
-        async with self.tx() as conn:
-            return await conn.fetchrow(sql, *args)
+        async with self.tx() as tx:
+            return await tx.fetchone(sql, *args)
 
     async def all(self, sql: str, *args: Any) -> list[Any]:
-        async with self.tx() as conn:
-            return list(await conn.fetch(sql, *args))
-
-
-class PgReplies:
-    """:class:`nodes.replies.Replies` in a store's PostgreSQL schema (its ``replies`` table)."""
-
-    def __init__(self, conn: PgConn, lease_ms: int = LEASE_MS) -> None:
-        self._conn = conn
-        self.lease_ms = lease_ms
-
-    async def claim(self, sender: str, message_id: bytes, holder: str, now_ms: int) -> Claim:
-        # one statement: a concurrent claim waits on the row, then re-checks the WHERE and gets nothing
-        async with self._conn.tx() as conn:
-            won = await conn.fetchrow(
-                CLAIM_SQL.format("$1", "$2", "$3", "$4::bigint", "$5::bigint"),
-                sender,
-                message_id,
-                holder,
-                now_ms,
-                self.lease_ms,
-            )
-            if won is not None:
-                return Claim(NEW)
-            return held_claim(await conn.fetchrow(HELD_SQL.format("$1", "$2"), sender, message_id))
-
-    async def answer(self, sender: str, message_id: bytes, topic: str, frame: bytes, now_ms: int) -> None:
-        async with self._conn.tx() as conn:
-            await conn.execute(
-                ANSWER_SQL.format("$1", "$2", "$3", "$4", "$5"), sender, message_id, now_ms, topic, frame
-            )
-
-    async def prune(self, before_ms: int, limit: int) -> int:
-        async with self._conn.tx() as conn:
-            status = await conn.execute(
-                "DELETE FROM replies WHERE (sender, message_id) IN (SELECT sender, message_id FROM replies "
-                "WHERE claimed_ms < $1 LIMIT $2)",
-                before_ms,
-                limit,
-            )
-        return int(status.split()[-1])
+        async with self.tx() as tx:
+            return await tx.fetchall(sql, *args)
