@@ -97,6 +97,7 @@ from protocol.topics import (
     inbound_filters,
     link_topic,
     operator_topic,
+    parse_topic,
     partition_of,
     server_replica,
     share_group,
@@ -306,8 +307,8 @@ class Node:
         # Plain topics every replica reads although the frames on them are for one (answers):
         # a frame addressed to another replica is dropped from its header, before any crypto.
         self._replica_topics: frozenset[str] = frozenset()
-        # A partitioned replica: (its index, replicas, short names of the senders whose requests split)
-        self._partition: tuple[int, int, frozenset[str]] | None = None
+        # A partitioned replica: (its index, replicas, the senders whose requests split)
+        self._partition: tuple[int, int, frozenset[Role]] | None = None
         self._lanes: dict[str, asyncio.Queue[Received]] = {}
         self._slots = asyncio.Semaphore(self.settings.max_handlers)
         self._tg: asyncio.TaskGroup | None = None
@@ -380,7 +381,7 @@ class Node:
             )
             replica = server_replica(self.id)
             if not self.settings.shared and replica is not None:
-                self._partition = (replica[1] - 1, self.settings.replicas, frozenset(r.short for r in shared))
+                self._partition = (replica[1] - 1, self.settings.replicas, shared)
         self.log.info("node.starting", role=self.role.value, epoch=self.epoch)
         # after every (re)connection: the broker may have published our last will meanwhile
         self.bus.on_connect = self._announce
@@ -793,16 +794,19 @@ class Node:
         """
         assert self._partition is not None
         index, count, senders = self._partition
-        parts = topic.split("/")
-        if len(parts) == 6 and parts[2] == "dev" and parts[4] in senders:
-            key = parts[3]
-        elif len(parts) == 5 and parts[2] == "plat" and parts[3] in senders:
+        try:
+            parsed = parse_topic(topic)
+        except Rejected:
+            return True  # let the verifier say why the topic is wrong
+        if parsed.dst is not self.role or parsed.src not in senders:
+            return True
+        if parsed.device is not None:
+            key = parsed.device
+        else:
             header = peek(frame)
             if header is None:
                 return True  # let the verifier say why it is malformed
             key = header.sender
-        else:
-            return True
         return partition_of(key, count) == index
 
     def _on_revocations(self, topic: str, frame: bytes) -> None:
