@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from protocol.errors import TransportError
+from protocol.topics import split_shared
 
 OnMessage = Callable[[str, bytes], None]
 WillFactory = Callable[[], tuple[str, bytes]]
@@ -322,14 +323,6 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if i >= len(t_parts) or (part != "+" and part != t_parts[i]):
             return False
     return len(f_parts) == len(t_parts)
-
-
-def split_shared(topic_filter: str) -> tuple[str | None, str]:
-    """``$share/{group}/{filter}`` -> (group, filter); a plain filter -> (None, filter)."""
-    if not topic_filter.startswith("$share/"):
-        return None, topic_filter
-    _, group, rest = topic_filter.split("/", 2)
-    return group, rest
 
 
 class FakeBroker:

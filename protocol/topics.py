@@ -290,6 +290,14 @@ def shared_filter(group: str, topic_filter: str) -> str:
     return f"{SHARE_PREFIX}/{group}/{topic_filter}"
 
 
+def split_shared(topic_filter: str) -> tuple[str | None, str]:
+    """The inverse of ``shared_filter``: (group, filter); a plain filter -> (None, filter)."""
+    if not topic_filter.startswith(SHARE_PREFIX + "/"):
+        return None, topic_filter
+    _, group, rest = topic_filter.split("/", 2)
+    return group, rest
+
+
 def inbound_filters(
     role: Role,
     device: str | None = None,
