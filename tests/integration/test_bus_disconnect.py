@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,23 @@ from .broker_harness import BACKENDS, WAIT_S, Cast, running_broker
 UP = link_topic(Role.TRUST_MODULE, Role.TRUST_SERVER, "dev-a")
 
 
+@contextlib.asynccontextmanager
+async def connected_bus(address: BrokerAddress, client_id: str, **timeouts: float) -> AsyncIterator[MqttBus]:
+    """A bus subscribed to nothing, running and connected; closed and awaited at the end."""
+    bus = MqttBus(address, client_id, **timeouts)
+    connected = asyncio.Event()
+    running = asyncio.create_task(bus.run((), lambda topic, payload: None, connected))
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await connected.wait()
+        yield bus
+    finally:
+        bus.close()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_publish_waiting_for_its_ack_fails_as_soon_as_the_connection_ends(
     backend: str, tmp_path: Path
@@ -33,14 +51,9 @@ async def test_a_publish_waiting_for_its_ack_fails_as_soon_as_the_connection_end
         login = cast["dev-a.tm"]
         address = BrokerAddress(broker.host, broker.port, login.username, login.password, broker.mqtt_version)
         slow = WAIT_S * 6  # no timeout of its own may end the publish within the test's bound
-        bus = MqttBus(
+        async with connected_bus(
             address, login.username, ack_timeout_s=slow, publish_timeout_s=slow, backoff_initial_s=WAIT_S
-        )
-        connected = asyncio.Event()
-        running = asyncio.create_task(bus.run((), lambda topic, payload: None, connected))
-        try:
-            async with asyncio.timeout(WAIT_S):
-                await connected.wait()
+        ) as bus:
             assert broker.pid is not None
             os.kill(broker.pid, signal.SIGSTOP)  # it takes the PUBLISH into its socket but cannot answer
             publishing = asyncio.create_task(bus.publish(UP, b"in flight"))
@@ -50,11 +63,6 @@ async def test_a_publish_waiting_for_its_ack_fails_as_soon_as_the_connection_end
             async with asyncio.timeout(WAIT_S):
                 with pytest.raises(TransportError, match="the connection ended before its acknowledgement"):
                     await publishing
-        finally:
-            bus.close()
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -73,22 +81,13 @@ async def test_the_proxy_cutting_a_connection_after_delivering_a_publish_fails_i
         login = cast["dev-a.tm"]
         address = BrokerAddress("127.0.0.1", proxy.port, login.username, login.password, broker.mqtt_version)
         slow = WAIT_S * 6  # no timeout of its own may end the publish within the test's bound
-        bus = MqttBus(address, login.username, ack_timeout_s=slow, publish_timeout_s=slow)
-        connected = asyncio.Event()
-        running = asyncio.create_task(bus.run((), lambda topic, payload: None, connected))
-        try:
+        async with connected_bus(address, login.username, ack_timeout_s=slow, publish_timeout_s=slow) as bus:
             async with asyncio.timeout(WAIT_S):
-                await connected.wait()
                 with pytest.raises(TransportError, match="the connection ended before its acknowledgement"):
                     await bus.publish(UP, b"delivered, never acknowledged")
                 await bus.publish(UP, b"on the next connection")  # waits for the reconnect, then goes
             assert proxy.log.counts["disconnect"] == 1
             assert bus.connections == 2
-        finally:
-            bus.close()
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,19 +106,10 @@ async def test_a_publish_never_acknowledged_times_out_drops_the_connection_and_t
     ):
         login = cast["dev-a.tm"]
         address = BrokerAddress("127.0.0.1", proxy.port, login.username, login.password, broker.mqtt_version)
-        bus = MqttBus(address, login.username, ack_timeout_s=0.5, publish_timeout_s=WAIT_S)
-        connected = asyncio.Event()
-        running = asyncio.create_task(bus.run((), lambda topic, payload: None, connected))
-        try:
+        async with connected_bus(address, login.username, ack_timeout_s=0.5, publish_timeout_s=WAIT_S) as bus:
             async with asyncio.timeout(WAIT_S):
-                await connected.wait()
                 with pytest.raises(TransportError, match=r"not acknowledged in 0\.5 s"):
                     await bus.publish(UP, b"held past the ack timeout")
                 await bus.publish(UP, b"on the next connection")
             assert proxy.log.counts["delay"] == 1
             assert bus.connections == 2
-        finally:
-            bus.close()
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
