@@ -242,7 +242,7 @@ class Client(Node):
             return Outcome(
                 exit_code, f"Payment of {asked} {result.status} ({result.code}): {result.reason}", data
             )
-        receipt = self._open_receipt(result.receipt)
+        receipt = await asyncio.to_thread(self._open_receipt, result.receipt)  # reads the deployment
         if receipt is None:
             why = "the receipt does not verify"
             return Outcome(
@@ -289,6 +289,7 @@ class Client(Node):
         return self.peers.get(self.chip_id) or self.dep.load_cert(self.chip_id)
 
     def _open_receipt(self, blob: bytes) -> Receipt | None:
+        """In a worker thread: the deployment's files are read afresh (a rotation or a new replica)."""
         # each replica of the payment-server signs with its own key: the receipt is good if one made it
         try:
             servers = self.dep.load_manifest().server_ids(Role.PAYMENT_SERVER)
