@@ -96,12 +96,12 @@ from protocol.topics import (
     channel_topic,
     inbound_filters,
     link_topic,
+    node_status_topic,
     operator_topic,
     parse_topic,
     partition_of,
     server_replica,
     share_group,
-    status_topic,
 )
 
 from .bus import Bus
@@ -643,8 +643,7 @@ class Node:
 
     def _status_topic(self) -> str:
         """This node's own status topic: a server replica's is its own, as a broker retains one per topic."""
-        replica = server_replica(self.id) if self.role in SERVER_ROLES else None
-        return status_topic(self.role, self.device, replica[1] if replica is not None else 1)
+        return node_status_topic(self.id)
 
     def will(self) -> tuple[str, bytes]:
         """The signed 'offline' status the broker publishes if we vanish (made at connect time)."""
