@@ -178,9 +178,7 @@ def _record_line(key: str, value: str) -> bytes:
 def _append(path: Path, line: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        view = memoryview(line)
-        while view:  # os.write may write less than asked
-            view = view[os.write(fd, view) :]
+        _write_all(fd, line, 0o600)
         os.fsync(fd)
     finally:
         os.close(fd)
