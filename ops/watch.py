@@ -31,7 +31,7 @@ from nodes.deployment import Deployment
 from protocol.certs import CertStore
 from protocol.envelope import Verifier
 from protocol.errors import TrustpayError
-from protocol.messages import Status, StepEvent, StepEvents
+from protocol.messages import Status, StepEvent, StepEvents, reported_by
 from protocol.topics import CHANNEL_EVENTS, CLIENT_ID_SEPARATOR, PREFIX, STATUS_FILTERS
 
 from .cli_common import add_deploy_argument, add_examples, add_json_argument
@@ -155,13 +155,16 @@ class EventWatcher:
     def _on_frame(self, topic: str, frame: bytes) -> None:
         assert self._verifier is not None
         try:
-            env = self._verifier.open(frame, topic, time.time_ns() // 1_000_000).envelope
+            received = self._verifier.open(frame, topic, time.time_ns() // 1_000_000)
         except TrustpayError as exc:
             self.rejected[exc.code] += 1
             return
-        body = env.body
+        env, body = received.envelope, received.envelope.body
         # a batch of step events is seen as its events, one after another
         for item in body.events if isinstance(body, StepEvents) else (body,):
+            if isinstance(item, StepEvent) and not reported_by(item, env.sender, received.topic.device):
+                self.rejected["foreign_event"] += 1
+                continue
             seen = Seen(
                 topic,
                 env.sender,

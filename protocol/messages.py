@@ -435,6 +435,16 @@ MESSAGE_TYPES: dict[str, MessageSpec] = {
     )
 }
 
+def reported_by(event: StepEvent, sender: str, device: str | None) -> bool:
+    """Whether ``sender``'s verified frame on ``device``'s topic (None: the platform) may carry ``event``.
+
+    A node reports only its own steps, and a device's node only its own device's: the
+    signature covers the frame, not the names inside it, so without this a hostile device
+    could write steps (a "contraindicated" C4, say) into another device's history.
+    """
+    return event.node == sender and (device is None or event.device == device)
+
+
 # The answer each request across a server's links gets (any request may get an error or a
 # refusal instead). Every type on a link to or from a server is one side of a pair here
 # (tests/protocol/test_replica_topics.py checks it), so which links a server's replicas

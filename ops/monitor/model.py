@@ -35,7 +35,7 @@ from typing import Any
 from protocol.certs import Certificate, CertStore, RevocationList
 from protocol.envelope import Envelope, SenderRevoked, Verifier, peek
 from protocol.errors import BadSignature, Duplicate, Rejected, TooLarge, TrustpayError, WrongTopic
-from protocol.messages import MESSAGE_TYPES, Metrics, Status, StepEvent, StepEvents
+from protocol.messages import MESSAGE_TYPES, Metrics, Status, StepEvent, StepEvents, reported_by
 from protocol.replay import ReplayGuard
 from protocol.topics import (
     CHANNEL_CRL,
@@ -356,7 +356,7 @@ class Monitor:
         elif isinstance(body, Status) and obs.device is not None:  # the topic's device: checked
             self.devices.setdefault(obs.device, DeviceState()).nodes[body.node] = body.state
         for event in _steps(body):
-            if event.device:
+            if event.device and reported_by(event, obs.sender or "", obs.device):
                 self._on_step(event, obs.at_ms)
         if isinstance(body, Metrics) and body.node == obs.sender:
             self.node_metrics[body.node] = body

@@ -13,7 +13,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from ops.monitor import recording
-from ops.monitor.model import Anchors, Monitor, Observation, percentile
+from ops.monitor.model import Anchors, DeviceState, Monitor, Observation, percentile
 from ops.monitor.view import describe
 from ops.monitor_cmd import serve_metrics
 from protocol.certs import sign_revocations
@@ -288,6 +288,22 @@ def test_a_batch_signed_by_another_node_is_refused_whole() -> None:
     obs = m.observe(topic, forged, NOW_MS)
     assert obs.verdict == "bad_signature" and obs.events == () and obs.event is None
     assert "d1" not in m.devices
+
+
+def test_a_device_node_cannot_report_steps_of_another_device_or_node() -> None:
+    # signed by d1's trust module on d1's topic, but naming d2, or naming d1's chip
+    topic = channel_topic(Role.TRUST_MODULE, CHANNEL_EVENTS, "d1")
+    body = StepEvents(
+        (
+            StepEvent("d2", TM.name, "C", "C4", "contraindicated", "forged", SESSION, ""),
+            StepEvent("d1", CHIP.name, "C", "C4", "contraindicated", "forged", SESSION, ""),
+        )
+    )
+    m = monitor()
+    obs = m.observe(topic, sign(envelope(TM, "*", "events", body), topic, TM), NOW_MS)
+    assert obs.verdict == "ok"  # the frame is the trust module's own; the names in it are not believed
+    assert "d2" not in m.devices
+    assert "C" not in m.devices.get("d1", DeviceState()).flows
 
 
 def test_summary_counts_links_rejects_and_latency_percentiles() -> None:
