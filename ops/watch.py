@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import aiomqtt
 
@@ -39,6 +39,8 @@ from .monitor.model import Anchors
 
 HELP = "show every signed step event and status as it happens (verified, read-only)"
 # step events, and every node's status (a server replica's on its own topic)
+T = TypeVar("T")
+
 FILTERS = (f"{PREFIX}/dev/+/+/{CHANNEL_EVENTS}", f"{PREFIX}/plat/+/{CHANNEL_EVENTS}", *STATUS_FILTERS)
 
 
@@ -187,30 +189,25 @@ class EventWatcher:
         self, predicate: Callable[[StepEvent], bool], timeout_s: float = 30.0, since: int = 0
     ) -> StepEvent:
         """The first event from position ``since`` on (seen or yet to come) that satisfies ``predicate``."""
-        async with asyncio.timeout(timeout_s):
-            checked = since
-            while True:  # bounded by the timeout; each turn waits for a new frame
-                events = self.events
-                for event in events[checked:]:
-                    if predicate(event):
-                        return event
-                checked = len(events)
-                self._changed.clear()
-                await self._changed.wait()
+        return await self._first(lambda: self.events, predicate, timeout_s, since)
 
     async def wait_seen(self, predicate: Callable[[Seen], bool], timeout_s: float = 30.0) -> Seen:
         """The first verified event or status (seen or yet to come) that satisfies ``predicate``."""
+        return await self._first(lambda: self.seen, predicate, timeout_s, 0)
+
+    async def _first(
+        self, items: Callable[[], list[T]], predicate: Callable[[T], bool], timeout_s: float, since: int
+    ) -> T:
         async with asyncio.timeout(timeout_s):
-            checked = 0
+            checked = since
             while True:  # bounded by the timeout; each turn waits for a new frame
-                seen = self.seen
-                for frame in seen[checked:]:
-                    if predicate(frame):
-                        return frame
-                checked = len(seen)
+                current = items()
+                for item in current[checked:]:
+                    if predicate(item):
+                        return item
+                checked = len(current)
                 self._changed.clear()
                 await self._changed.wait()
-
 
 def describe(seen: Seen) -> str:
     if seen.event is None and seen.status is None:
