@@ -51,6 +51,30 @@ def add_clock_offset_argument(parser: argparse.ArgumentParser, effect: str) -> N
     )
 
 
+def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--replica K``, ``--replicas N``, ``--partition``: which server replica a process runs, and how."""
+    parser.add_argument(
+        "--replica",
+        type=int,
+        default=1,
+        metavar="K",
+        help="servers: replica K of the role (1: the role's name)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="servers: N replicas of each role run at once (they share its requests through $share)",
+    )
+    parser.add_argument(
+        "--partition",
+        action="store_true",
+        help="servers with --replicas: split the devices between the replicas instead of $share "
+        "(brokers without shared subscriptions: amqtt, NATS)",
+    )
+
+
 def add_examples(parser: argparse.ArgumentParser, *lines: str) -> None:
     """Show ``lines`` (command lines, each with an optional ``# why``) under ``--help``."""
     parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in lines)

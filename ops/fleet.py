@@ -48,7 +48,7 @@ from nodes.runtime import Node, Settings
 from protocol.errors import ConfigError, TrustpayError
 from protocol.topics import DEVICE_ROLES, SERVER_ROLES, Role, role_from_name
 
-from .cli_common import add_deploy_argument, add_examples, add_json_argument
+from .cli_common import add_deploy_argument, add_examples, add_json_argument, add_replica_arguments
 
 HELP = "run many nodes (the device nodes of N devices, or servers) in one process, each its own node"
 RESTART_INITIAL_S = 0.5
@@ -330,13 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="console log level (each node's JSON log file gets everything)",
     )
-    parser.add_argument("--replica", type=int, default=1, metavar="K", help="servers: host replica K of each")
-    parser.add_argument(
-        "--replicas", type=int, default=1, metavar="N", help="servers: N replicas of each role run at once"
-    )
-    parser.add_argument(
-        "--partition", action="store_true", help="servers: split the devices between replicas, not $share"
-    )
+    add_replica_arguments(parser)
     add_json_argument(parser, "one JSON object per line for each event (up, failed, counters, stopped)")
     add_examples(
         parser,
@@ -399,9 +393,7 @@ async def _run(dep: Deployment, manifest: Manifest, ids: list[str], args: argpar
     for sig in (signal.SIGINT, signal.SIGTERM):  # one handler for the whole process, stopping every node
         loop.add_signal_handler(sig, fleet.stop)
     # SIGUSR1: the counters so far, as one line (``trustpay bench`` reads them before and after a run)
-    loop.add_signal_handler(
-        signal.SIGUSR1, lambda: emit({"event": "counters", "counters": fleet.counters()})
-    )
+    loop.add_signal_handler(signal.SIGUSR1, lambda: emit({"event": "counters", "counters": fleet.counters()}))
     try:
         counters = await fleet.run()
     finally:

@@ -21,6 +21,7 @@ from .cli_common import (
     add_deploy_argument,
     add_examples,
     add_json_argument,
+    add_replica_arguments,
     print_json,
 )
 from .roles import resolve_node_id, run_node
@@ -51,22 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="servers: also serve the node's counters to Prometheus on 127.0.0.1:P/metrics",
     )
-    parser.add_argument(
-        "--replica", type=int, default=1, metavar="K", help="servers: run replica K (K=1: the role's name)"
-    )
-    parser.add_argument(
-        "--replicas",
-        type=int,
-        default=1,
-        metavar="N",
-        help="servers: N replicas of this role run at once (they share its requests through $share)",
-    )
-    parser.add_argument(
-        "--partition",
-        action="store_true",
-        help="servers with --replicas: split the devices between the replicas instead of $share "
-        "(brokers without shared subscriptions: amqtt, NATS)",
-    )
+    add_replica_arguments(parser)
     add_clock_offset_argument(parser, "the node stamps and checks every frame with it")
     parser.add_argument(
         "--db",
