@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,16 +24,10 @@ from typing import Any
 from nodes.deployment import Deployment
 from protocol.topics import Role
 
+from .cpu import rss_kib
+
 UP_TIMEOUT_S = 300.0
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout: file names in the report are relative to it
-
-
-def rss_kib() -> int:
-    """This process's resident memory (KiB)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _prepare(roles: Sequence[Role]) -> None:
@@ -54,7 +49,7 @@ async def memory(dep: Deployment, devices: int, roles: Sequence[Role], trace: in
         url = f"mqtt://{broker.host}:{broker.port}?v={broker.mqtt_version}"
         fleet = Fleet(dep, ids, url, manifest=manifest)
         gc.collect()
-        before = rss_kib()
+        before = rss_kib(os.getpid())
         if trace:
             tracemalloc.start(trace)
         first = tracemalloc.take_snapshot() if trace else None
@@ -68,7 +63,7 @@ async def memory(dep: Deployment, devices: int, roles: Sequence[Role], trace: in
                     await running  # it ended before coming up: its error
                     raise RuntimeError("the fleet ended before it came up")
             gc.collect()
-            after = rss_kib()
+            after = rss_kib(os.getpid())
             top: list[dict[str, Any]] = []
             if first is not None:
                 last = tracemalloc.take_snapshot()
